@@ -1,0 +1,14 @@
+"""copa_fast: fused kernels for CoPA (Tian et al., NeurIPS 2024) few-shot adaptation.
+
+Public API: symmetric_ce, symmetric_ce_with_stats, copa_loss, CoPAHead, adapt, adapt_many,
+available_backends, class_means; the readable oracle lives in copa_fast.reference.
+"""
+
+from . import reference
+from .api import (AdaptResult, CoPAHead, adapt, class_means, copa_loss, symmetric_ce,
+                  symmetric_ce_with_stats)
+from .backends import available_backends
+
+__all__ = ["AdaptResult", "CoPAHead", "adapt", "available_backends", "class_means", "copa_loss",
+           "reference", "symmetric_ce", "symmetric_ce_with_stats"]
+__version__ = "0.1.0"

@@ -1,0 +1,27 @@
+"""Loads the compiled extension (copa_fast._C) once; the package still imports without it."""
+
+from __future__ import annotations
+
+import torch
+
+_STATE = {"loaded": None, "error": None}
+
+
+def loaded() -> bool:
+    if _STATE["loaded"] is None:
+        try:
+            from . import _C  # noqa: F401  (registers torch.ops.copa_fast.symmetric_ce)
+
+            _STATE["loaded"] = True
+        except ImportError as exc:  # built without a compiler, or torch changed under it
+            _STATE["loaded"], _STATE["error"] = False, str(exc)
+    return _STATE["loaded"]
+
+
+def load_error() -> str | None:
+    loaded()
+    return _STATE["error"]
+
+
+def has_cuda_kernels() -> bool:
+    return loaded() and torch._C._dispatch_has_kernel_for_dispatch_key("copa_fast::symmetric_ce", "CUDA")

@@ -1,0 +1,110 @@
+"""Input validation of the public API (DESIGN §5): runs before any kernel, raises ValueError or
+TypeError whose message names the argument, what was expected and what was received.
+
+Checks that need the data (label range, empty classes, finiteness) synchronise with the device;
+``check_inputs=False`` skips them (for CUDA-graph capture). The kernels stay memory-safe then: a
+label outside 0..C-1 yields NaN, never an out-of-bounds access.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def tensor(name: str, t, rank: int, *, dtypes=FLOAT_DTYPES, what="floating") -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected a {what} tensor ({', '.join(str(d) for d in dtypes)}), got {t.dtype}")
+    if t.dim() != rank:
+        raise ValueError(f"{name}: expected a {rank}-D tensor, got shape {tuple(t.shape)}")
+    if rank and t.shape[0] == 0:
+        raise ValueError(f"{name}: expected at least one row, got shape {tuple(t.shape)}")
+    if rank == 2 and t.shape[1] == 0:
+        raise ValueError(f"{name}: expected at least one column, got shape {tuple(t.shape)}")
+
+
+def same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected a tensor on {ref.device} (as {ref_name}), got {t.device}")
+
+
+def same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} (as {ref_name}), got {t.dtype}")
+
+
+def finite(name: str, t: torch.Tensor) -> None:
+    # min and max propagate NaN and expose +-Inf: one pass, no N x D temporary.
+    lo, hi = torch.aminmax(t.detach())
+    if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+        raise ValueError(f"{name}: expected finite values, found NaN or Inf")
+
+
+def labels(name: str, y, n: int, ref: torch.Tensor, num_classes: int | None, *, check_values: bool) -> int:
+    """Validates (N,) integer labels; returns the number of classes C (max label + 1 when not given).
+
+    With ``check_values`` every label must lie in 0..C-1 and every class must have a sample.
+    """
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of integer class indices, got {type(y).__name__}")
+    if y.dtype not in LABEL_DTYPES:
+        raise TypeError(f"{name}: expected an integer tensor (int64 or int32), got {y.dtype}")
+    if y.dim() != 1 or y.shape[0] != n:
+        raise ValueError(f"{name}: expected shape ({n},) (one label per row), got {tuple(y.shape)}")
+    same_device(name, y, "the features", ref)
+    if num_classes is not None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+            raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
+    if not check_values:
+        if num_classes is None:
+            raise ValueError("num_classes: required when check_inputs=False (it cannot be read from the "
+                             "labels without a device synchronisation)")
+        return int(num_classes)
+    lo, hi = (int(v) for v in torch.aminmax(y))
+    if lo < 0:
+        raise ValueError(f"{name}: expected class indices >= 0, got {lo}")
+    c = hi + 1 if num_classes is None else int(num_classes)
+    if hi >= c:
+        raise ValueError(f"{name}: expected class indices in 0..{c - 1}, got {hi}")
+    counts = torch.bincount(y.long(), minlength=c)
+    empty = (counts == 0).nonzero().flatten()
+    if empty.numel():
+        raise ValueError(f"{name}: every class in 0..{c - 1} needs at least one sample; "
+                         f"class {int(empty[0])} has none ({empty.numel()} empty in all)")
+    return c
+
+
+def tau(t, *, check_values: bool) -> None:
+    if isinstance(t, bool):
+        raise TypeError("tau: expected a float or a 1-element floating tensor, got bool")
+    if isinstance(t, torch.Tensor):
+        if not t.is_floating_point():
+            raise TypeError(f"tau: expected a floating tensor, got {t.dtype}")
+        if t.numel() != 1:
+            raise ValueError(f"tau: expected one element, got shape {tuple(t.shape)}")
+        if check_values:
+            _tau_value(float(t.detach()))
+        return
+    if not isinstance(t, numbers.Real):
+        raise TypeError(f"tau: expected a float or a 1-element floating tensor, got {type(t).__name__}")
+    _tau_value(float(t))
+
+
+def _tau_value(v: float) -> None:
+    if not math.isfinite(v):
+        raise ValueError(f"tau: expected a finite value, got {v}")
+    if v > 80.0:
+        raise ValueError(f"tau: expected at most 80 (exp(tau) overflows float32 beyond ~88), got {v}")
+
+
+def reduction(r) -> None:
+    if r not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {r!r}")

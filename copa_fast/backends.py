@@ -1,0 +1,86 @@
+"""Backend discovery and selection.
+
+Backends: ``reference`` (the published N x N form in eager PyTorch, any device, any dtype),
+``cpu`` (the C++ kernel, CPU tensors), ``triton`` (CUDA tensors; CPU tensors too when
+TRITON_INTERPRET=1), ``cuda`` (the CUDA C++ kernels, CUDA tensors). ``backend=None`` picks the
+fastest one for the tensors' device; the environment variable COPA_FAST_BACKEND overrides that
+default (an explicit ``backend=`` argument still wins).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from . import _extension
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+ENV_VAR = "COPA_FAST_BACKEND"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # a broken triton install must not break the package
+        return False
+    return True
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available_backends() -> list[str]:
+    """The backends usable on this machine, in the order listed in BACKENDS."""
+    out = ["reference"]
+    if _extension.loaded():
+        out.append("cpu")
+    if _triton_importable() and (torch.cuda.is_available() or triton_interpreted()):
+        out.append("triton")
+    if _extension.has_cuda_kernels() and torch.cuda.is_available():
+        out.append("cuda")
+    return out
+
+
+def _runs_on(name: str, device: torch.device) -> bool:
+    if name == "reference":
+        return True
+    if name == "cpu":
+        return device.type == "cpu"
+    if name == "cuda":
+        return device.type == "cuda"
+    return device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
+
+
+def default_backend(device: torch.device) -> str:
+    avail = available_backends()
+    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
+    return next(b for b in order if b in avail)
+
+
+def resolve(backend: str | None, device: torch.device) -> str:
+    """Returns the backend to run on tensors of ``device``; raises ValueError naming the problem."""
+    source = "backend"
+    if backend is None:
+        env = os.environ.get(ENV_VAR)
+        if not env:
+            return default_backend(device)
+        backend, source = env, f"{ENV_VAR} (environment)"
+    if backend not in BACKENDS:
+        raise ValueError(f"{source}: expected one of {BACKENDS} or None, got {backend!r}")
+    if backend not in available_backends():
+        why = {
+            "cpu": f"the C++ extension is not built ({_extension.load_error()})",
+            "triton": "triton needs a CUDA GPU, or TRITON_INTERPRET=1 for CPU tensors",
+            "cuda": "the CUDA kernels need a CUDA build of copa_fast and a GPU",
+        }.get(backend, "")
+        raise ValueError(f"{source}: {backend!r} is not available here ({why}); "
+                         f"available: {available_backends()}")
+    if not _runs_on(backend, device):
+        raise ValueError(f"{source}: {backend!r} does not run on {device.type} tensors; "
+                         f"move the tensors or pick another backend")
+    return backend

@@ -1,0 +1,100 @@
+"""Registration of the symmetric-CE operators: fake kernels, autograd, the Triton custom op.
+
+Every backend's op has one schema:
+
+    symmetric_ce(z, q, labels, tau, weights, fused_grad) -> (loss, losses, pred, dz, dq, dtau)
+
+z (N, D), q (C, D): raw rows (normalised inside); labels (N,) int; tau: 1-element tensor, the
+logit scale is exp(tau); weights (N,) or None (= 1/N): loss = sum_i weights_i * losses_i.
+pred (N,) int64 is argmax_c cos(z_i, q_c). With ``fused_grad`` the op also returns the gradient
+of ``loss`` w.r.t. z, q and tau, computed while the forward's intermediates are at hand, and the
+backward only scales it by grad_output. Without it, dz/dq/dtau are empty and the backward calls
+the op again with ``weights = grad_losses + grad_loss * weights``: that path serves per-sample
+losses (reduction="none").
+
+``copa_fast::symmetric_ce`` is the C++ op (CPU kernel, and CUDA kernel where built);
+``copa_fast::symmetric_ce_triton`` is the Triton one (CUDA tensors, or CPU tensors under
+TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _extension
+
+SCE_CPP = "copa_fast::symmetric_ce"
+SCE_TRITON = "copa_fast::symmetric_ce_triton"
+
+
+def _fake(z, q, labels, tau, weights, fused_grad):
+    torch._check(z.dim() == 2, lambda: f"z: expected 2-D, got {z.dim()}-D")
+    torch._check(q.dim() == 2, lambda: f"q: expected 2-D, got {q.dim()}-D")
+    torch._check(q.shape[1] == z.shape[1], lambda: "q: expected as many columns as z")
+    torch._check(labels.dim() == 1 and labels.shape[0] == z.shape[0],
+                 lambda: "labels: expected one entry per row of z")
+    n, d = z.shape
+    c = q.shape[0]
+    grad_shape = (lambda *s: s) if fused_grad else (lambda *s: (0,))
+    return (z.new_empty(()), z.new_empty((n,)), labels.new_empty((n,), dtype=torch.int64),
+            z.new_empty(grad_shape(n, d)), z.new_empty(grad_shape(c, d)), z.new_empty(grad_shape()))
+
+
+def _make_autograd(qualname):
+    def setup_context(ctx, inputs, output):
+        z, q, labels, tau, weights, fused_grad = inputs
+        _, _, pred, dz, dq, dtau = output
+        ctx.mark_non_differentiable(pred, dz, dq, dtau)
+        ctx.fused = fused_grad
+        ctx.tau_meta = (tau.shape, tau.dtype)
+        if fused_grad:
+            ctx.save_for_backward(dz, dq, dtau)
+        else:
+            ctx.save_for_backward(z, q, labels, tau, weights)
+
+    def backward(ctx, g_loss, g_losses, _g_pred, _g_dz, _g_dq, _g_dtau):
+        tau_shape, tau_dtype = ctx.tau_meta
+        if ctx.fused:
+            dz, dq, dtau = ctx.saved_tensors
+            dz, dq, dtau = g_loss * dz, g_loss * dq, g_loss * dtau
+        else:
+            z, q, labels, tau, weights = ctx.saved_tensors
+            w = weights if weights is not None else torch.full_like(g_losses, 1.0 / z.shape[0])
+            op = getattr(torch.ops.copa_fast, qualname.split("::")[1]).default
+            _, _, _, dz, dq, dtau = op(z, q, labels, tau, g_losses + g_loss * w, True)
+        dtau = dtau.reshape(tau_shape).to(tau_dtype) if ctx.needs_input_grad[3] else None
+        return (dz if ctx.needs_input_grad[0] else None, dq if ctx.needs_input_grad[1] else None,
+                None, dtau, None, None)
+
+    torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+
+
+# --- the C++ op (CPU, and CUDA where built) -----------------------------------------------------
+if _extension.loaded():
+    torch.library.register_fake(SCE_CPP)(_fake)
+    _make_autograd(SCE_CPP)
+
+
+def cpp_op():
+    return torch.ops.copa_fast.symmetric_ce.default
+
+
+# --- the Triton op --------------------------------------------------------------------------------
+@torch.library.custom_op(SCE_TRITON, mutates_args=())
+def symmetric_ce_triton(z: torch.Tensor, q: torch.Tensor, labels: torch.Tensor, tau: torch.Tensor,
+                        weights: Optional[torch.Tensor], fused_grad: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                   torch.Tensor]:
+    from ..triton import symmetric_ce as kernels
+
+    return kernels.symmetric_ce(z, q, labels, tau, weights, fused_grad)
+
+
+symmetric_ce_triton.register_fake(_fake)
+_make_autograd(SCE_TRITON)
+
+
+def triton_op():
+    return torch.ops.copa_fast.symmetric_ce_triton.default

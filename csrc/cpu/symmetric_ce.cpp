@@ -1,0 +1,197 @@
+// CPU kernel of copa_fast::symmetric_ce: the symmetric cross-entropy of CoPA in its exact N x C form
+// (DESIGN §2), forward and — when asked — the gradient, in one call. Vendor GEMMs (at::mm) do the
+// N x C x D products; everything else is fused row- or column-parallel loops. No N x N buffer.
+//
+// Schema (shared with the CUDA kernel):
+//   symmetric_ce(Tensor z, Tensor q, Tensor labels, Tensor tau, Tensor? weights, bool fused_grad)
+//     -> (Tensor loss, Tensor losses, Tensor pred, Tensor dz, Tensor dq, Tensor dtau)
+// z (N, D) and q (C, D) are raw (un-normalised) rows; labels (N,) int32/int64; tau a 1-element
+// tensor (the logit scale is exp(tau)); weights (N,) per-sample loss weights, None = 1/N.
+// loss = sum_i w_i l_i, losses = l (N,), pred = argmax_c cos(z_i, q_c). With fused_grad the
+// gradient of `loss` w.r.t. z, q and tau is returned too; otherwise dz, dq, dtau are empty.
+// A label outside 0..C-1 never causes an out-of-bounds access: its row's loss and gradient are NaN.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../symmetric_ce_checks.h"
+
+namespace copa_fast {
+namespace {
+
+constexpr double kNormEps = 1e-12;
+
+// Row normalisation as F.normalize: x / max(||x||, eps). Vectorised ATen passes; returns (xn, norms).
+std::pair<at::Tensor, at::Tensor> normalize_rows(const at::Tensor& x) {
+  at::Tensor norms = at::linalg_vector_norm(x, 2, {1});
+  return {x / norms.clamp_min(kNormEps).unsqueeze(1), norms};
+}
+
+// g <- d(normalised)/d(raw)^T g, matching F.normalize: (g - xn <xn, g>) / ||x|| where ||x|| > eps,
+// and g / eps where the norm was clamped (the clamp passes no gradient to the norm).
+at::Tensor normalize_backward(const at::Tensor& g, const at::Tensor& xn, const at::Tensor& norms) {
+  const at::Tensor live = norms.gt(kNormEps);
+  const at::Tensor dots = (g * xn).sum(1).mul_(live);
+  const at::Tensor inv = norms.clamp_min(kNormEps).reciprocal();
+  return (g - xn * dots.unsqueeze(1)).mul_(inv.unsqueeze(1));
+}
+
+template <typename T>
+std::vector<at::Tensor> symmetric_ce_cpu_impl(const at::Tensor& z_in, const at::Tensor& q_in,
+                                              const at::Tensor& labels_in, double tau,
+                                              const c10::optional<at::Tensor>& weights_in,
+                                              bool fused_grad) {
+  const at::Tensor z = z_in.contiguous();
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor labels = labels_in.to(at::kLong).contiguous();
+  const int64_t N = z.size(0), C = q.size(0);
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const T s = T(std::exp(T(tau)));
+
+  const auto [zn, znorm] = normalize_rows(z);
+  const auto [qn, qnorm] = normalize_rows(q);
+
+  at::Tensor S = at::mm(zn, qn.t());
+  S.mul_(s);
+  const T* Sp = S.data_ptr<T>();
+  const int64_t* y = labels.data_ptr<int64_t>();
+
+  // Per-sample weights and their per-class sums; invalid labels are left out of every count.
+  std::vector<double> w(N, 1.0 / double(N));
+  if (weights_in.has_value()) {
+    const at::Tensor wt = weights_in->to(at::kDouble).contiguous();
+    const double* wp = wt.data_ptr<double>();
+    std::copy(wp, wp + N, w.begin());
+  }
+  std::vector<double> counts(C, 0.0), wsum(C, 0.0);
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t c = y[i];
+    if (c >= 0 && c < C) {
+      counts[c] += 1.0;
+      wsum[c] += w[i];
+    }
+  }
+
+  at::Tensor R = at::empty({N}, z.options());
+  at::Tensor L = at::empty({C}, z.options());
+  at::Tensor pred = at::empty({N}, labels.options());
+  T* Rp = R.data_ptr<T>();
+  T* Lp = L.data_ptr<T>();
+  int64_t* predp = pred.data_ptr<int64_t>();
+
+  // Row log-sum-exp over the N expanded columns: class c appears counts[c] times.
+  at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const T* Si = Sp + i * C;
+      T m = -std::numeric_limits<T>::infinity();
+      T best = -std::numeric_limits<T>::infinity();
+      int64_t arg = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        if (counts[c] > 0 && Si[c] > m) m = Si[c];
+        if (Si[c] > best) { best = Si[c]; arg = c; }
+      }
+      double acc = 0;
+      for (int64_t c = 0; c < C; ++c)
+        if (counts[c] > 0) acc += counts[c] * double(std::exp(Si[c] - m));
+      Rp[i] = T(double(m) + std::log(acc));
+      predp[i] = arg;
+    }
+  });
+
+  // Column log-sum-exp over all rows, on a transposed copy so each class reads contiguous memory.
+  const at::Tensor ST = S.t().contiguous();
+  const T* STp = ST.data_ptr<T>();
+  at::parallel_for(0, C, 4, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      const T* col = STp + c * N;
+      T m = -std::numeric_limits<T>::infinity();
+      for (int64_t i = 0; i < N; ++i) m = std::max(m, col[i]);
+      double acc = 0;
+      for (int64_t i = 0; i < N; ++i) acc += double(std::exp(col[i] - m));
+      Lp[c] = T(double(m) + std::log(acc));
+    }
+  });
+
+  at::Tensor losses = at::empty({N}, z.options());
+  T* lp = losses.data_ptr<T>();
+  double total = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t c = y[i];
+    lp[i] = (c >= 0 && c < C) ? T(0.5) * (Rp[i] + Lp[c] - 2 * Sp[i * C + c]) : nan;
+    total += w[i] * double(lp[i]);
+  }
+  at::Tensor loss = at::full({}, total, z.options());
+
+  at::Tensor dz, dq, dtau;
+  if (fused_grad) {
+    at::Tensor G = at::empty({N, C}, z.options());
+    T* Gp = G.data_ptr<T>();
+    std::vector<double> dtau_rows(N, 0.0);
+    at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t yi = y[i];
+        const T* Si = Sp + i * C;
+        T* Gi = Gp + i * C;
+        if (yi < 0 || yi >= C) {
+          for (int64_t c = 0; c < C; ++c) Gi[c] = nan;
+          dtau_rows[i] = double(nan);
+          continue;
+        }
+        double acc = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          // exp in the working precision (float exp is several times cheaper than double).
+          double g = 0.5 * (w[i] * counts[c] * double(std::exp(Si[c] - Rp[i])) +
+                            wsum[c] * double(std::exp(Si[c] - Lp[c])));
+          if (c == yi) g -= w[i];
+          Gi[c] = T(g);
+          acc += g * double(Si[c]);
+        }
+        dtau_rows[i] = acc;
+      }
+    });
+    double dt = 0;
+    for (int64_t i = 0; i < N; ++i) dt += dtau_rows[i];
+    dtau = at::full({}, dt, z.options());
+    G.mul_(s);
+    dz = normalize_backward(at::mm(G, qn), zn, znorm);
+    dq = normalize_backward(at::mm(G.t(), zn), qn, qnorm);
+  } else {
+    dz = at::empty({0}, z.options());
+    dq = at::empty({0}, z.options());
+    dtau = at::empty({0}, z.options());
+  }
+  return {loss, losses, pred, dz, dq, dtau};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> symmetric_ce_cpu(
+    const at::Tensor& z, const at::Tensor& q, const at::Tensor& labels, const at::Tensor& tau,
+    const c10::optional<at::Tensor>& weights, bool fused_grad) {
+  check_symmetric_ce_args(z, q, labels, tau, weights);
+  CHECK_ARG(z.device().is_cpu(), "z: expected a CPU tensor, got ", z.device());
+  const double t = tau.to(at::kCPU).to(at::kDouble).item<double>();
+  std::vector<at::Tensor> out;
+  if (z.scalar_type() == at::kDouble) {
+    out = symmetric_ce_cpu_impl<double>(z, q, labels, t, weights, fused_grad);
+  } else {
+    out = symmetric_ce_cpu_impl<float>(z, q, labels, t, weights, fused_grad);
+  }
+  return {out[0], out[1], out[2], out[3], out[4], out[5]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(copa_fast, m) {
+  m.def(
+      "symmetric_ce(Tensor z, Tensor q, Tensor labels, Tensor tau, Tensor? weights, bool fused_grad)"
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(copa_fast, CPU, m) { m.impl("symmetric_ce", &symmetric_ce_cpu); }
+
+}  // namespace copa_fast

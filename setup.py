@@ -1,0 +1,65 @@
+"""Build of copa_fast: the C++ CPU kernels always, the CUDA kernels where a CUDA torch and nvcc exist.
+
+Environment: COPA_FAST_CUDA=0 skips the CUDA build, =1 requires it; TORCH_CUDA_ARCH_LIST (default
+"8.0;9.0") picks the targets; MAX_JOBS bounds parallel compilation (ninja).
+Install with ``pip install --no-build-isolation .`` so that the extension is compiled against the
+torch that is installed, not a different one in an isolated build environment.
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _extensions():
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("copa_fast: torch is not installed; building the pure-Python package only "
+              "(install torch first, then reinstall with --no-build-isolation)", file=sys.stderr)
+        return [], {}
+
+    sources = [os.path.relpath(p, ROOT) for p in
+               sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) +
+                      glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
+    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    want = os.environ.get("COPA_FAST_CUDA", "auto")
+    have_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if want == "1" and not have_cuda:
+        raise RuntimeError("COPA_FAST_CUDA=1 but torch has no CUDA or nvcc was not found")
+    if want != "0" and have_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        cu = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) +
+                                                      glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))]
+        ext = cpp_extension.CUDAExtension(
+            "copa_fast._C", sources + cu,
+            extra_compile_args={"cxx": cxx + ["-DCOPA_FAST_WITH_CUDA"],
+                                "nvcc": ["-O3", "-std=c++17", "-lineinfo", "-DCOPA_FAST_WITH_CUDA"]},
+            extra_link_args=["-fopenmp"])
+    else:
+        if want != "0":
+            print("copa_fast: no CUDA torch or nvcc found; building the CPU extension only", file=sys.stderr)
+        ext = cpp_extension.CppExtension("copa_fast._C", sources, extra_compile_args={"cxx": cxx},
+                                         extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="copa_fast",
+    version="0.1.0",
+    description="Fused kernels for CoPA few-shot adaptation (symmetric CE over two linear adapters)",
+    packages=find_packages(include=["copa_fast", "copa_fast.*"]),
+    package_data={"copa_fast": ["data/*.npz"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    python_requires=">=3.10",
+    install_requires=["numpy"],
+    entry_points={"console_scripts": ["copa-fast=copa_fast.cli:main"]},
+)
