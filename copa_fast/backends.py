@@ -9,7 +9,6 @@ default (an explicit ``backend=`` argument still wins).
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -20,14 +19,19 @@ BACKENDS = ("reference", "cpu", "triton", "cuda")
 ENV_VAR = "COPA_FAST_BACKEND"
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON = {}
+
+
 def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # a broken triton install must not break the package
-        return False
-    return True
+    if "ok" not in _TRITON:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _TRITON["ok"] = True
+        except Exception:  # a broken triton install must not break the package
+            _TRITON["ok"] = False
+    return _TRITON["ok"]
 
 
 def triton_interpreted() -> bool:
@@ -36,6 +40,12 @@ def triton_interpreted() -> bool:
 
 def available_backends() -> list[str]:
     """The backends usable on this machine, in the order listed in BACKENDS."""
+    return list(_available())
+
+
+# torch.compile treats the answer as a constant of the traced graph (no graph break).
+@torch.compiler.assume_constant_result
+def _available() -> tuple:
     out = ["reference"]
     if _extension.loaded():
         out.append("cpu")
@@ -43,7 +53,7 @@ def available_backends() -> list[str]:
         out.append("triton")
     if _extension.has_cuda_kernels() and torch.cuda.is_available():
         out.append("cuda")
-    return out
+    return tuple(out)
 
 
 def _runs_on(name: str, device: torch.device) -> bool:

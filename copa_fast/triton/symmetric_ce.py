@@ -1,0 +1,305 @@
+"""Triton kernels of copa_fast::symmetric_ce_triton: the exact N x C form (DESIGN §2), tiled.
+
+Four launches, no host synchronisation, fixed-order reductions (bitwise deterministic):
+
+1. ``_prep``    row norms and normalised rows of z and q; per-class counts n_c and weight sums.
+2. ``_scores``  S = exp(tau) * zn qn^T tile by tile (written once, N x C), row log-sum-exp over
+                the N expanded columns (R_i = log sum_c n_c exp(S_ic)) and the row argmax.
+3. ``_colstats`` column log-sum-exp L_c = log sum_i exp(S_ic), two-level max shift (online).
+4. ``_grads``   per-sample losses, then (fused_grad) G = dloss/dS recomputed tile by tile from S, R,
+                L and the dz = s G qn, dq = s G^T zn products with the normalisation backward.
+Per-block partial sums of the loss and of dloss/dtau are summed in a fixed order afterwards.
+
+Maxima are exact (never a fixed shift), so any tau up to 80 is safe. Labels outside 0..C-1 are
+masked: their rows get NaN, never an out-of-bounds access. Extra memory: O((N + C) D + N C).
+fp32 by default uses IEEE fp32 products (no TF32); ``precision="tf32"`` opts in.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+NORM_EPS: tl.constexpr = 1e-12
+
+
+@triton.jit
+def _normalize_block(src, dst, nrm_out, blk, rows_total, D, BR: tl.constexpr, BD: tl.constexpr,
+                     ACC: tl.constexpr):
+    rows = blk * BR + tl.arange(0, BR)
+    rmask = rows < rows_total
+    ss = tl.zeros((BR,), dtype=ACC)
+    for d0 in range(0, D, BD):
+        cols = d0 + tl.arange(0, BD)
+        m = rmask[:, None] & (cols[None, :] < D)
+        x = tl.load(src + rows[:, None] * D + cols[None, :], mask=m, other=0.0).to(ACC)
+        ss += tl.sum(x * x, axis=1)
+    nrm = tl.sqrt(ss)
+    tl.store(nrm_out + rows, nrm, mask=rmask)
+    inv = 1.0 / tl.maximum(nrm, NORM_EPS)
+    for d0 in range(0, D, BD):
+        cols = d0 + tl.arange(0, BD)
+        m = rmask[:, None] & (cols[None, :] < D)
+        x = tl.load(src + rows[:, None] * D + cols[None, :], mask=m, other=0.0).to(ACC)
+        tl.store(dst + rows[:, None] * D + cols[None, :], x * inv[:, None], mask=m)
+
+
+@triton.jit
+def _prep(z_ptr, q_ptr, zn_ptr, qn_ptr, znorm_ptr, qnorm_ptr, y_ptr, w_ptr, cnt_ptr, wsum_ptr,
+          N, C, D, HAS_W: tl.constexpr, NBZ, NBQ,
+          BR: tl.constexpr, BD: tl.constexpr, BI: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+    pid = tl.program_id(0)
+    if pid < NBZ:
+        _normalize_block(z_ptr, zn_ptr, znorm_ptr, pid, N, D, BR, BD, ACC)
+    elif pid < NBZ + NBQ:
+        _normalize_block(q_ptr, qn_ptr, qnorm_ptr, pid - NBZ, C, D, BR, BD, ACC)
+    else:
+        # per-class counts and weight sums of a block of classes: a masked compare over all labels
+        # (no atomics, so the sums are bitwise reproducible)
+        cls = (pid - NBZ - NBQ) * BC + tl.arange(0, BC)
+        cmask = cls < C
+        cnt = tl.zeros((BC,), dtype=ACC)
+        ws = tl.zeros((BC,), dtype=ACC)
+        for i0 in range(0, N, BI):
+            idx = i0 + tl.arange(0, BI)
+            imask = idx < N
+            y = tl.load(y_ptr + idx, mask=imask, other=-1)
+            hit = (y[:, None] == cls[None, :]) & imask[:, None]
+            one = tl.where(hit, 1.0, 0.0).to(ACC)
+            cnt += tl.sum(one, axis=0)
+            if HAS_W:
+                w = tl.load(w_ptr + idx, mask=imask, other=0.0).to(ACC)
+                ws += tl.sum(one * w[:, None], axis=0)
+        if not HAS_W:
+            ws = cnt / N
+        tl.store(cnt_ptr + cls, cnt, mask=cmask)
+        tl.store(wsum_ptr + cls, ws, mask=cmask)
+
+
+@triton.jit
+def _scores(zn_ptr, qn_ptr, cnt_ptr, tau_ptr, S_ptr, R_ptr, pred_ptr, N, C, D,
+            BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BN + tl.arange(0, BN)
+    rmask = rows < N
+    scale = tl.exp(tl.load(tau_ptr).to(ACC))
+    neg_inf = float("-inf")
+    m_row = tl.full((BN,), neg_inf, dtype=ACC)
+    sum_row = tl.zeros((BN,), dtype=ACC)
+    best = tl.full((BN,), neg_inf, dtype=ACC)
+    arg = tl.zeros((BN,), dtype=tl.int64)
+    for c0 in range(0, C, BC):
+        cls = c0 + tl.arange(0, BC)
+        cmask = cls < C
+        acc = tl.zeros((BN, BC), dtype=ACC)
+        for d0 in range(0, D, BD):
+            cols = d0 + tl.arange(0, BD)
+            dmask = cols < D
+            a = tl.load(zn_ptr + rows[:, None] * D + cols[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+            b = tl.load(qn_ptr + cls[:, None] * D + cols[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
+            acc += tl.dot(a, tl.trans(b), input_precision=PREC, out_dtype=ACC)
+        s = acc * scale
+        both = rmask[:, None] & cmask[None, :]
+        tl.store(S_ptr + rows[:, None] * C + cls[None, :], s, mask=both)
+        cnt = tl.load(cnt_ptr + cls, mask=cmask, other=0.0)
+        # row argmax over all classes (first index on ties)
+        s_all = tl.where(cmask[None, :], s, neg_inf)
+        tmax = tl.max(s_all, axis=1)
+        targ = tl.argmax(s_all, axis=1).to(tl.int64) + c0
+        better = tmax > best
+        arg = tl.where(better, targ, arg)
+        best = tl.where(better, tmax, best)
+        # online log-sum-exp over classes that have samples, weighted by their counts
+        live = cmask[None, :] & (cnt[None, :] > 0)
+        s_live = tl.where(live, s, neg_inf)
+        m_new = tl.maximum(m_row, tl.max(s_live, axis=1))
+        m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
+        p = tl.where(live, cnt[None, :] * tl.exp(s_live - m_safe[:, None]), 0.0)
+        sum_row = sum_row * tl.exp(m_row - m_safe) + tl.sum(p, axis=1)
+        m_row = m_new
+    tl.store(R_ptr + rows, m_row + tl.log(tl.where(rmask, sum_row, 1.0)), mask=rmask)
+    tl.store(pred_ptr + rows, arg, mask=rmask)
+
+
+@triton.jit
+def _colstats(S_ptr, L_ptr, N, C, BN: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+    pid = tl.program_id(0)
+    cls = pid * BC + tl.arange(0, BC)
+    cmask = cls < C
+    neg_inf = float("-inf")
+    m_col = tl.full((BC,), neg_inf, dtype=ACC)
+    sum_col = tl.zeros((BC,), dtype=ACC)
+    for i0 in range(0, N, BN):
+        rows = i0 + tl.arange(0, BN)
+        m = (rows[:, None] < N) & cmask[None, :]
+        s = tl.load(S_ptr + rows[:, None] * C + cls[None, :], mask=m, other=neg_inf).to(ACC)
+        m_new = tl.maximum(m_col, tl.max(s, axis=0))
+        m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
+        sum_col = sum_col * tl.exp(m_col - m_safe) + tl.sum(tl.exp(s - m_safe[None, :]), axis=0)
+        m_col = m_new
+    tl.store(L_ptr + cls, m_col + tl.log(tl.where(cmask, sum_col, 1.0)), mask=cmask)
+
+
+@triton.jit
+def _g_tile(S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, rows, cls, N, C,
+            HAS_W: tl.constexpr, ACC: tl.constexpr):
+    """G = dloss/dS on a (rows x cls) tile, and S there; masked entries give 0 (NaN for bad labels)."""
+    rmask = rows < N
+    cmask = cls < C
+    both = rmask[:, None] & cmask[None, :]
+    s = tl.load(S_ptr + rows[:, None] * C + cls[None, :], mask=both, other=0.0).to(ACC)
+    r = tl.load(R_ptr + rows, mask=rmask, other=0.0).to(ACC)
+    y = tl.load(y_ptr + rows, mask=rmask, other=0)
+    valid = (y >= 0) & (y < C)
+    if HAS_W:
+        w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(ACC)
+    else:
+        w = tl.where(rmask, 1.0, 0.0).to(ACC) / N
+    lc = tl.load(L_ptr + cls, mask=cmask, other=0.0).to(ACC)
+    cnt = tl.load(cnt_ptr + cls, mask=cmask, other=0.0).to(ACC)
+    ws = tl.load(wsum_ptr + cls, mask=cmask, other=0.0).to(ACC)
+    g = 0.5 * (w[:, None] * cnt[None, :] * tl.exp(s - r[:, None]) + ws[None, :] * tl.exp(s - lc[None, :]))
+    g = g - tl.where(y[:, None] == cls[None, :], w[:, None], 0.0)
+    g = tl.where(valid[:, None], g, float("nan"))
+    g = tl.where(both, g, 0.0)
+    return g, s
+
+
+@triton.jit
+def _grads(zn_ptr, qn_ptr, znorm_ptr, qnorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr,
+           tau_ptr, losses_ptr, ploss_ptr, pdtau_ptr, dz_ptr, dq_ptr, N, C, D, NBZ,
+           HAS_W: tl.constexpr, FUSED: tl.constexpr,
+           BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    scale = tl.exp(tl.load(tau_ptr).to(ACC))
+    if pid < NBZ:
+        rows = pid * BN + tl.arange(0, BN)
+        rmask = rows < N
+        y = tl.load(y_ptr + rows, mask=rmask, other=0)
+        valid = (y >= 0) & (y < C)
+        yc = tl.where(valid, y, 0)
+        r = tl.load(R_ptr + rows, mask=rmask, other=0.0).to(ACC)
+        lc = tl.load(L_ptr + yc, mask=rmask, other=0.0).to(ACC)
+        st = tl.load(S_ptr + rows * C + yc, mask=rmask, other=0.0).to(ACC)
+        loss = tl.where(valid, 0.5 * (r + lc - 2.0 * st), float("nan"))
+        tl.store(losses_ptr + rows, loss, mask=rmask)
+        if HAS_W:
+            w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(ACC)
+        else:
+            w = tl.where(rmask, 1.0, 0.0).to(ACC) / N
+        tl.store(ploss_ptr + pid, tl.sum(tl.where(rmask, w * loss, 0.0), axis=0))
+        if FUSED:
+            # dz = s * G qn, D chunk by D chunk; dtau = sum G * S on the first chunk only
+            dot = tl.zeros((BN,), dtype=ACC)
+            dtau = tl.zeros((BN,), dtype=ACC)
+            for d0 in range(0, D, BD):
+                cols = d0 + tl.arange(0, BD)
+                dmask = cols < D
+                acc = tl.zeros((BN, BD), dtype=ACC)
+                for c0 in range(0, C, BC):
+                    cls = c0 + tl.arange(0, BC)
+                    g, s = _g_tile(S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, rows, cls, N, C,
+                                   HAS_W, ACC)
+                    if d0 == 0:
+                        dtau += tl.sum(g * s, axis=1)
+                    b = tl.load(qn_ptr + cls[:, None] * D + cols[None, :],
+                                mask=(cls[:, None] < C) & dmask[None, :], other=0.0)
+                    acc += tl.dot(g.to(b.dtype), b, input_precision=PREC, out_dtype=ACC)
+                acc = acc * scale
+                m2 = rmask[:, None] & dmask[None, :]
+                zn = tl.load(zn_ptr + rows[:, None] * D + cols[None, :], mask=m2, other=0.0).to(ACC)
+                dot += tl.sum(acc * zn, axis=1)
+                tl.store(dz_ptr + rows[:, None] * D + cols[None, :], acc, mask=m2)
+            tl.store(pdtau_ptr + pid, tl.sum(dtau, axis=0))
+            _norm_backward(dz_ptr, zn_ptr, znorm_ptr, rows, rmask, dot, D, BD, ACC)
+    else:
+        if FUSED:
+            cls = (pid - NBZ) * BC + tl.arange(0, BC)
+            cmask = cls < C
+            dot = tl.zeros((BC,), dtype=ACC)
+            for d0 in range(0, D, BD):
+                cols = d0 + tl.arange(0, BD)
+                dmask = cols < D
+                acc = tl.zeros((BC, BD), dtype=ACC)
+                for i0 in range(0, N, BN):
+                    rows = i0 + tl.arange(0, BN)
+                    g, s = _g_tile(S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, rows, cls, N, C,
+                                   HAS_W, ACC)
+                    a = tl.load(zn_ptr + rows[:, None] * D + cols[None, :],
+                                mask=(rows[:, None] < N) & dmask[None, :], other=0.0)
+                    acc += tl.dot(tl.trans(g.to(a.dtype)), a, input_precision=PREC, out_dtype=ACC)
+                acc = acc * scale
+                m2 = cmask[:, None] & dmask[None, :]
+                qn = tl.load(qn_ptr + cls[:, None] * D + cols[None, :], mask=m2, other=0.0).to(ACC)
+                dot += tl.sum(acc * qn, axis=1)
+                tl.store(dq_ptr + cls[:, None] * D + cols[None, :], acc, mask=m2)
+            _norm_backward(dq_ptr, qn_ptr, qnorm_ptr, cls, cmask, dot, D, BD, ACC)
+
+
+@triton.jit
+def _norm_backward(g_ptr, xn_ptr, norm_ptr, rows, rmask, dot, D, BD: tl.constexpr, ACC: tl.constexpr):
+    """In place: g <- (g - xn <xn, g>) / ||x|| (g / eps where the norm was clamped), as F.normalize."""
+    nrm = tl.load(norm_ptr + rows, mask=rmask, other=1.0).to(ACC)
+    live = nrm > NORM_EPS
+    dot = tl.where(live, dot, 0.0)
+    inv = 1.0 / tl.maximum(nrm, NORM_EPS)
+    for d0 in range(0, D, BD):
+        cols = d0 + tl.arange(0, BD)
+        m2 = rmask[:, None] & (cols[None, :] < D)
+        g = tl.load(g_ptr + rows[:, None] * D + cols[None, :], mask=m2, other=0.0).to(ACC)
+        xn = tl.load(xn_ptr + rows[:, None] * D + cols[None, :], mask=m2, other=0.0).to(ACC)
+        tl.store(g_ptr + rows[:, None] * D + cols[None, :], (g - xn * dot[:, None]) * inv[:, None], mask=m2)
+
+
+def _blocks(n, c, d, interpreted):
+    # Small tiles under the interpreter (numpy per program); 64-wide on a GPU.
+    if interpreted:
+        return 16, 16, 32
+    return 64, 32, 64
+
+
+def symmetric_ce(z, q, labels, tau, weights, fused_grad, precision="ieee"):
+    """Launcher with the op's schema; see copa_fast.ops.symmetric_ce."""
+    if z.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"z: the Triton kernels take float32 or float64, got {z.dtype}")
+    z, q = z.contiguous(), q.contiguous()
+    labels = labels.to(torch.int64).contiguous()
+    n, d = z.shape
+    c = q.shape[0]
+    dev, dt = z.device, z.dtype
+    acc = tl.float64 if dt == torch.float64 else tl.float32
+    prec = "ieee" if dt == torch.float64 else precision
+    tau_t = tau.reshape(1).to(device=dev, dtype=dt)
+    w = None if weights is None else weights.to(device=dev, dtype=dt).contiguous()
+    interp = dev.type == "cpu"
+    bn, bc, bd = _blocks(n, c, d, interp)
+    nbz, nbq, nbc = triton.cdiv(n, bn), triton.cdiv(c, bn), triton.cdiv(c, bc)
+
+    zn, qn = torch.empty_like(z), torch.empty_like(q)
+    znorm, qnorm = torch.empty(n, device=dev, dtype=dt), torch.empty(c, device=dev, dtype=dt)
+    cnt, wsum = torch.empty(c, device=dev, dtype=dt), torch.empty(c, device=dev, dtype=dt)
+    S = torch.empty(n, c, device=dev, dtype=dt)
+    R, L = torch.empty(n, device=dev, dtype=dt), torch.empty(c, device=dev, dtype=dt)
+    pred = torch.empty(n, device=dev, dtype=torch.int64)
+    losses = torch.empty(n, device=dev, dtype=dt)
+    ploss = torch.empty(nbz, device=dev, dtype=dt)
+    pdtau = torch.empty(nbz, device=dev, dtype=dt)
+    if fused_grad:
+        dz, dq = torch.empty_like(z), torch.empty_like(q)
+    else:
+        dz, dq = z.new_empty(0), z.new_empty(0)
+    w_arg = w if w is not None else z  # never read when HAS_W is False
+
+    _prep[(nbz + nbq + nbc,)](z, q, zn, qn, znorm, qnorm, labels, w_arg, cnt, wsum, n, c, d, w is not None,
+                              nbz, nbq, BR=bn, BD=bd, BI=max(bn, 16), BC=bc, ACC=acc)
+    _scores[(nbz,)](zn, qn, cnt, tau_t, S, R, pred, n, c, d, BN=bn, BC=bc, BD=bd, ACC=acc, PREC=prec)
+    _colstats[(nbc,)](S, L, n, c, BN=bn, BC=bc, ACC=acc)
+    _grads[(nbz + (nbc if fused_grad else 0),)](
+        zn, qn, znorm, qnorm, S, R, L, cnt, wsum, labels, w_arg, tau_t, losses, ploss, pdtau, dz, dq,
+        n, c, d, nbz, HAS_W=w is not None, FUSED=fused_grad, BN=bn, BC=bc, BD=bd, ACC=acc, PREC=prec)
+    loss = ploss.sum()
+    dtau = pdtau.sum() if fused_grad else z.new_empty(0)
+    return loss, losses, pred, dz, dq, dtau

@@ -1,0 +1,76 @@
+"""Shared fixtures: episode generator, the one tolerance table, the backends under test.
+
+Triton kernels run on CPU tensors under the interpreter where there is no GPU: the variable must
+be set before triton is first imported.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import copa_fast  # noqa: E402
+
+# One tolerance table for every test: relative error (Frobenius norm for tensors) against the
+# float64 reference. float32 bounds are DESIGN §4's; float16/bfloat16 inputs are computed in
+# float32 by copa_fast, so their bound is that of rounding the inputs and the outputs.
+TOL = {
+    torch.float64: {"loss": 1e-10, "grad": 1e-9},
+    torch.float32: {"loss": 1e-5, "grad": 1e-4},
+    torch.float16: {"loss": 3e-3, "grad": 3e-2},
+    torch.bfloat16: {"loss": 2e-2, "grad": 1e-1},
+}
+
+KERNEL_BACKENDS = [b for b in copa_fast.available_backends() if b != "reference"]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backend_device_pairs():
+    """Every (backend, device) combination that can run here."""
+    out = []
+    for b in KERNEL_BACKENDS:
+        for d in DEVICES:
+            if b == "cpu" and d != "cpu" or b == "cuda" and d != "cuda":
+                continue
+            marks = [pytest.mark.cuda] if d == "cuda" else []
+            out.append(pytest.param(b, d, id=f"{b}-{d}", marks=marks))
+    return out
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    denom = e.norm().item()
+    return (a - e).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def assert_rel(actual, expected, tol, what):
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def make_episode(n, c, d, *, seed=0, dtype=torch.float32, device="cpu", one_shot=0, scale=1.0):
+    """Random episode: every class present, unequal counts, ``one_shot`` classes with one sample."""
+    g = torch.Generator().manual_seed(seed)
+    assert n >= c
+    labels = torch.arange(c)
+    if n > c:
+        # skewed class frequencies; the first `one_shot` classes get no extra samples
+        weights = torch.rand(c, generator=g) ** 2 + 0.05
+        weights[:one_shot] = 0
+        if weights.sum() == 0:
+            weights[:] = 1
+        extra = torch.multinomial(weights, n - c, replacement=True, generator=g)
+        labels = torch.cat([labels, extra])
+    labels = labels[torch.randperm(n, generator=g)]
+    centers = torch.randn(c, d, generator=g, dtype=torch.float64)
+    x = centers[labels] + 1.5 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    x = x * scale
+    return x.to(dtype=dtype, device=device), labels.to(device)
+
+
+@pytest.fixture
+def episode():
+    return make_episode

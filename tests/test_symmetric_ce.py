@@ -1,0 +1,212 @@
+"""symmetric_ce and copa_loss on every backend against the float64 reference (DESIGN §4)."""
+
+import pytest
+import torch
+
+import copa_fast
+from copa_fast import reference as ref
+from conftest import TOL, assert_rel, backend_device_pairs, make_episode
+
+# (N, C, D, one_shot): unequal counts, 1-shot classes, C = 1, C = N, N and D off any block size.
+SHAPES = [
+    (1, 1, 8, 0),
+    (25, 5, 64, 0),
+    (37, 37, 33, 0),
+    (130, 1, 64, 0),
+    (203, 17, 511, 3),
+    (70, 12, 96, 5),
+]
+PAIRS = backend_device_pairs()
+
+
+def _shape_id(s):
+    return "N{}-C{}-D{}-1shot{}".format(*s)
+
+
+@pytest.mark.parametrize("shape", [(25, 5, 64, 0), (203, 17, 511, 3), (37, 37, 33, 0), (130, 1, 64, 0)],
+                         ids=_shape_id)
+def test_nxc_form_equals_published_nxn_form(shape):
+    n, c, d, one = shape
+    x, y = make_episode(n, c, d, seed=1, dtype=torch.float64, one_shot=one)
+    p = torch.randn(c, d, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for tau in (0.0, 2.0, 4.5):
+        for red in ("mean", "none"):
+            a = ref.symmetric_ce(x, p, y, tau, reduction=red)
+            b = ref.symmetric_ce_nxc(x, p, y, tau, reduction=red)
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+
+def _inputs(shape, dtype, device, seed):
+    n, c, d, one = shape
+    x, y = make_episode(n, c, d, seed=seed, dtype=torch.float64, one_shot=one)
+    p = torch.randn(c, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 100))
+    return x.to(dtype=dtype, device=device), p.to(dtype=dtype, device=device), y.to(device)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_symmetric_ce_matches_reference(backend, device, shape, dtype, reduction):
+    x, p, y = _inputs(shape, dtype, device, seed=hash((shape, reduction)) % 1000)
+    tau = torch.tensor(2.3, dtype=dtype, device=device, requires_grad=True)
+    x.requires_grad_(True)
+    p.requires_grad_(True)
+    out = copa_fast.symmetric_ce(x, p, y, tau, reduction=reduction, backend=backend)
+    x64, p64, t64 = (t.detach().double().requires_grad_(True) for t in (x, p, tau))
+    expect = ref.symmetric_ce(x64, p64, y, t64, reduction=reduction)
+    assert out.dtype == dtype and out.shape == expect.shape
+    assert_rel(out, expect, TOL[dtype]["loss"], "loss")
+    g = torch.rand(expect.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)) + 0.5
+    got = torch.autograd.grad(out, (x, p, tau), g.to(dtype=dtype, device=device))
+    want = torch.autograd.grad(expect, (x64, p64, t64), g)
+    for name, a, b in zip(("embeddings", "prototypes", "tau"), got, want):
+        assert_rel(a, b, TOL[dtype]["grad"], f"d{name}")
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("tau", [0.0, 5.0, 10.0])
+def test_large_tau_stays_accurate(backend, device, tau):
+    # exp(10) ~ 22026: a fixed shift by the scale would underflow; maxima must be exact.
+    x, p, y = _inputs((90, 9, 40, 1), torch.float32, device, seed=3)
+    x.requires_grad_(True)
+    out = copa_fast.symmetric_ce(x, p, y, tau, backend=backend)
+    x64 = x.detach().double().requires_grad_(True)
+    expect = ref.symmetric_ce(x64, p.double(), y, tau)
+    assert torch.isfinite(out)
+    assert_rel(out, expect, TOL[torch.float32]["loss"], "loss")
+    (gx,) = torch.autograd.grad(out, x)
+    (ex,) = torch.autograd.grad(expect, x64)
+    assert_rel(gx, ex, TOL[torch.float32]["grad"], "dembeddings")
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_inputs(backend, device, dtype):
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bfloat16")
+    x, p, y = _inputs((64, 8, 48, 0), dtype, device, seed=4)
+    x.requires_grad_(True)
+    out = copa_fast.symmetric_ce(x, p, y, backend=backend)
+    assert out.dtype == dtype
+    x64 = x.detach().double().requires_grad_(True)
+    expect = ref.symmetric_ce(x64, p.double(), y)
+    # computed in float32 from the rounded inputs: at most twice the error of PyTorch's own
+    # same-precision computation, and inside the table's bound
+    same = ref.symmetric_ce(x.detach().float(), p.float(), y).to(dtype)
+    err = abs(out.double().item() - expect.item()) / abs(expect.item())
+    torch_err = abs(same.double().item() - expect.item()) / abs(expect.item())
+    assert err <= max(2 * torch_err, TOL[dtype]["loss"])
+    (gx,) = torch.autograd.grad(out, x)
+    assert gx.dtype == dtype and torch.isfinite(gx.float()).all()
+    (ex,) = torch.autograd.grad(expect, x64)
+    assert_rel(gx, ex, TOL[dtype]["grad"], "dembeddings")
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_stats_match_published_return_shape(backend, device):
+    x, p, y = _inputs((80, 10, 32, 0), torch.float32, device, seed=5)
+    loss, stats = copa_fast.symmetric_ce_with_stats(x, p, y, backend=backend)
+    rloss, rstats = ref.symmetric_ce_with_stats(x.double(), p.double(), y)
+    assert set(stats) == {"loss", "acc"}
+    assert stats["loss"] == pytest.approx(rstats["loss"], rel=1e-5)
+    assert stats["acc"] == pytest.approx(rstats["acc"], abs=1e-9)
+    assert 0.0 < stats["acc"] < 1.0  # the random episode is neither trivial nor hopeless
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("shape", [(25, 5, 64, 0), (203, 17, 130, 3), (40, 40, 24, 0), (30, 1, 16, 0)],
+                         ids=_shape_id)
+@pytest.mark.parametrize("separate_protos", [False, True])
+def test_copa_loss_matches_reference(backend, device, shape, separate_protos):
+    n, c, d, one = shape
+    x, y = make_episode(n, c, d, seed=6, dtype=torch.float64, one_shot=one)
+    gen = torch.Generator().manual_seed(8)
+    wi = torch.eye(d, dtype=torch.float64) + 0.05 * torch.randn(d, d, dtype=torch.float64, generator=gen)
+    wp = torch.eye(d, dtype=torch.float64) + 0.05 * torch.randn(d, d, dtype=torch.float64, generator=gen)
+    pf = x + torch.randn(n, d, dtype=torch.float64, generator=gen) if separate_protos else None
+    tau = torch.tensor(1.7, dtype=torch.float64)
+    leaves64 = [t.clone().requires_grad_(True) for t in (x, wi, wp, tau)]
+    pf64 = pf.clone().requires_grad_(True) if pf is not None else None
+    expect = ref.copa_loss(leaves64[0], y, leaves64[1], leaves64[2], leaves64[3], prototype_features=pf64)
+    leaves = [t.float().to(device).requires_grad_(True) for t in (x, wi, wp, tau)]
+    pf32 = pf.float().to(device).requires_grad_(True) if pf is not None else None
+    out = copa_fast.copa_loss(leaves[0], y.to(device), leaves[1], leaves[2], leaves[3],
+                              prototype_features=pf32, backend=backend)
+    assert_rel(out, expect, TOL[torch.float32]["loss"], "loss")
+    wrt = leaves + ([pf32] if pf32 is not None else [])
+    wrt64 = leaves64 + ([pf64] if pf64 is not None else [])
+    got = torch.autograd.grad(out, wrt)
+    want = torch.autograd.grad(expect, wrt64)
+    for name, a, b in zip(("features", "w_img", "w_proto", "tau", "prototype_features"), got, want):
+        assert_rel(a, b, TOL[torch.float32]["grad"], f"d{name}")
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_gradcheck_float64(backend, device):
+    x, p, y = _inputs((13, 4, 9, 1), torch.float64, device, seed=9)
+    tau = torch.tensor(1.3, dtype=torch.float64, device=device)
+    args = [t.requires_grad_(True) for t in (x, p, tau)]
+    for red in ("mean", "none"):
+        assert torch.autograd.gradcheck(
+            lambda a, b, t: copa_fast.symmetric_ce(a, b, y, t, reduction=red, backend=backend), args)
+    wi = (torch.eye(9, dtype=torch.float64, device=device) + 0.1).requires_grad_(True)
+    wp = (torch.eye(9, dtype=torch.float64, device=device) - 0.1).requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda a, u, v, t: copa_fast.copa_loss(a, y, u, v, t, backend=backend), [args[0], wi, wp, args[2]])
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_opcheck(backend, device):
+    from copa_fast.ops import symmetric_ce as ops
+
+    op = ops.triton_op() if backend == "triton" else ops.cpp_op()
+    x, p, y = _inputs((21, 6, 10, 0), torch.float32, device, seed=10)
+    tau = torch.tensor(2.0, device=device)
+    for fused in (True, False):
+        for w in (None, torch.rand(21, device=device)):
+            args = (x.clone().requires_grad_(True), p.clone().requires_grad_(True), y, tau, w, fused)
+            torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_deterministic(backend, device):
+    x, p, y = _inputs((150, 12, 70, 2), torch.float32, device, seed=11)
+    outs = []
+    for _ in range(2):
+        a, b = x.clone().requires_grad_(True), p.clone().requires_grad_(True)
+        loss = copa_fast.symmetric_ce(a, b, y, backend=backend)
+        loss.backward()
+        outs.append((loss.detach(), a.grad, b.grad))
+    for u, v in zip(*outs):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_torch_compile_fullgraph(backend, device):
+    x, y = make_episode(40, 5, 16, seed=12, device=device)
+    head = copa_fast.CoPAHead(16, backend=backend).to(device)
+
+    def step(feats, labels):
+        return head(feats, labels, num_classes=5)
+
+    eager = step(x, y)
+    eager.backward()
+    g_eager = head.w_img.grad.clone()
+    head.zero_grad()
+    # the forward (with the op's autograd) is traced as one graph; backward runs through AOT autograd
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = compiled(x, y)
+    out.backward()
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(head.w_img.grad, g_eager)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_gradient_reaches_backbone_features(backend, device):
+    x, y = make_episode(48, 6, 20, seed=13, device=device)
+    backbone = torch.nn.Linear(20, 20).to(device)
+    head = copa_fast.CoPAHead(20, backend=backend).to(device)
+    head(backbone(x), y).backward()
+    assert backbone.weight.grad is not None and backbone.weight.grad.abs().sum() > 0
+    assert head.w_img.grad.abs().sum() > 0 and head.w_proto.grad.abs().sum() > 0
