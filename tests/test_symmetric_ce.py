@@ -15,7 +15,11 @@ SHAPES = [
     (130, 1, 64, 0),
     (203, 17, 511, 3),
     (70, 12, 96, 5),
+    (75, 40, 130, 2),
 ]
+# The Triton interpreter runs every tile op through numpy: under it, the 511-wide shape is left to
+# the compiled backends (75 x 40 x 130 still covers several ragged tiles on every axis).
+INTERPRETER_SKIP = {(203, 17, 511, 3)}
 PAIRS = backend_device_pairs()
 
 
@@ -36,6 +40,11 @@ def test_nxc_form_equals_published_nxn_form(shape):
             torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
 
 
+def _skip_slow_interpreted(backend, device, shape):
+    if backend == "triton" and device == "cpu" and shape in INTERPRETER_SKIP:
+        pytest.skip("511-wide shape left to compiled backends under the interpreter")
+
+
 def _inputs(shape, dtype, device, seed):
     n, c, d, one = shape
     x, y = make_episode(n, c, d, seed=seed, dtype=torch.float64, one_shot=one)
@@ -48,6 +57,7 @@ def _inputs(shape, dtype, device, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_symmetric_ce_matches_reference(backend, device, shape, dtype, reduction):
+    _skip_slow_interpreted(backend, device, shape)
     x, p, y = _inputs(shape, dtype, device, seed=hash((shape, reduction)) % 1000)
     tau = torch.tensor(2.3, dtype=dtype, device=device, requires_grad=True)
     x.requires_grad_(True)
@@ -147,13 +157,17 @@ def test_gradcheck_float64(backend, device):
     x, p, y = _inputs((13, 4, 9, 1), torch.float64, device, seed=9)
     tau = torch.tensor(1.3, dtype=torch.float64, device=device)
     args = [t.requires_grad_(True) for t in (x, p, tau)]
+    # fast mode (random projections) under the interpreter, where each evaluation is slow
+    fast = backend == "triton" and device == "cpu"
     for red in ("mean", "none"):
         assert torch.autograd.gradcheck(
-            lambda a, b, t: copa_fast.symmetric_ce(a, b, y, t, reduction=red, backend=backend), args)
+            lambda a, b, t: copa_fast.symmetric_ce(a, b, y, t, reduction=red, backend=backend), args,
+            fast_mode=fast)
     wi = (torch.eye(9, dtype=torch.float64, device=device) + 0.1).requires_grad_(True)
     wp = (torch.eye(9, dtype=torch.float64, device=device) - 0.1).requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda a, u, v, t: copa_fast.copa_loss(a, y, u, v, t, backend=backend), [args[0], wi, wp, args[2]])
+        lambda a, u, v, t: copa_fast.copa_loss(a, y, u, v, t, backend=backend), [args[0], wi, wp, args[2]],
+        fast_mode=fast)
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)

@@ -1,0 +1,135 @@
+"""Bad input (DESIGN §5): every case raises ValueError/TypeError naming the argument, before any
+kernel runs; with validation off, a bad label yields NaN, never an out-of-bounds access."""
+
+import math
+
+import pytest
+import torch
+
+import copa_fast
+from conftest import backend_device_pairs, make_episode
+
+PAIRS = backend_device_pairs()
+
+
+def _good(device="cpu"):
+    x, y = make_episode(20, 4, 8, seed=0, device=device)
+    p = torch.randn(4, 8, device=device)
+    return x, p, y
+
+
+def _cases():
+    x, p, y = _good()
+    nan_x = x.clone()
+    nan_x[3, 2] = float("nan")
+    inf_p = p.clone()
+    inf_p[1, 0] = float("inf")
+    return [
+        ("embeddings", TypeError, dict(embeddings=x.numpy())),
+        ("embeddings", TypeError, dict(embeddings=x.long())),
+        ("embeddings", ValueError, dict(embeddings=x[0])),
+        ("embeddings", ValueError, dict(embeddings=x[:0])),
+        ("embeddings", ValueError, dict(embeddings=nan_x)),
+        ("prototypes", ValueError, dict(prototypes=p[:, :5])),
+        ("prototypes", TypeError, dict(prototypes=p.double())),
+        ("prototypes", ValueError, dict(prototypes=inf_p)),
+        ("labels", TypeError, dict(labels=y.float())),
+        ("labels", TypeError, dict(labels=[0, 1])),
+        ("labels", ValueError, dict(labels=y[:-1])),
+        ("labels", ValueError, dict(labels=y.clone().fill_(0).index_fill_(0, torch.tensor([0]), -1))),
+        ("labels", ValueError, dict(labels=torch.where(y == 3, 7, y))),
+        ("labels", ValueError, dict(labels=torch.where(y == 2, 1, y))),  # class 2 has no sample
+        ("tau", ValueError, dict(tau=float("nan"))),
+        ("tau", ValueError, dict(tau=float("inf"))),
+        ("tau", ValueError, dict(tau=torch.tensor(float("nan")))),
+        ("tau", TypeError, dict(tau="2")),
+        ("tau", ValueError, dict(tau=torch.tensor([1.0, 2.0]))),
+        ("reduction", ValueError, dict(reduction="avg")),
+        ("backend", ValueError, dict(backend="tpu")),
+    ]
+
+
+@pytest.mark.parametrize("arg,exc,override", _cases(), ids=lambda v: v if isinstance(v, str) else None)
+def test_symmetric_ce_bad_input(arg, exc, override):
+    x, p, y = _good()
+    kwargs = dict(embeddings=x, prototypes=p, labels=y, tau=2.0)
+    kwargs.update(override)
+    with pytest.raises(exc, match=arg):
+        copa_fast.symmetric_ce(**kwargs)
+
+
+@pytest.mark.parametrize("arg,exc,override", [
+    ("w_img", ValueError, dict(w_img=torch.eye(7))),
+    ("w_proto", ValueError, dict(w_proto=torch.eye(8)[:4])),
+    ("w_img", TypeError, dict(w_img=torch.eye(8, dtype=torch.int64))),
+    ("prototype_features", ValueError, dict(prototype_features=torch.randn(19, 8))),
+    ("features", ValueError, dict(features=torch.randn(20, 8, 1))),
+    ("labels", ValueError, dict(labels=torch.full((20,), 5))),
+    ("num_classes", ValueError, dict(check_inputs=False)),
+    ("num_classes", ValueError, dict(num_classes=0)),
+])
+def test_copa_loss_bad_input(arg, exc, override):
+    x, _, y = _good()
+    kwargs = dict(features=x, labels=y, w_img=torch.eye(8), w_proto=torch.eye(8))
+    kwargs.update(override)
+    with pytest.raises(exc, match=arg):
+        copa_fast.copa_loss(**kwargs)
+
+
+@pytest.mark.parametrize("call,arg", [
+    (lambda x, y: copa_fast.adapt(x, y, steps=-1), "steps"),
+    (lambda x, y: copa_fast.adapt(x, y, lr=float("nan")), "lr"),
+    (lambda x, y: copa_fast.adapt(x, y, query=x), "query"),
+    (lambda x, y: copa_fast.adapt(x, y, query=x[:, :3], query_labels=y), "query"),
+    (lambda x, y: copa_fast.adapt(x, y, query=x, query_labels=y + 10), "query_labels"),
+    (lambda x, y: copa_fast.adapt(x, y.float()), "support_labels"),
+    (lambda x, y: copa_fast.CoPAHead(0), "dim"),
+    (lambda x, y: copa_fast.CoPAHead(8, tau=float("inf")), "tau"),
+])
+def test_other_entry_points_bad_input(call, arg):
+    x, _, y = _good()
+    with pytest.raises((ValueError, TypeError), match=arg):
+        call(x, y)
+
+
+def test_unavailable_backend_is_a_clear_error(monkeypatch):
+    x, p, y = _good()
+    with pytest.raises(ValueError, match="cuda"):
+        copa_fast.symmetric_ce(x, p, y, backend="cuda")
+    monkeypatch.setenv("COPA_FAST_BACKEND", "nope")
+    with pytest.raises(ValueError, match="COPA_FAST_BACKEND"):
+        copa_fast.symmetric_ce(x, p, y)
+    monkeypatch.setenv("COPA_FAST_BACKEND", "reference")
+    assert torch.isfinite(copa_fast.symmetric_ce(x, p, y))
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("bad", [-1, 4, 10**9, -(10**9)])
+def test_unchecked_bad_label_gives_nan_not_a_crash(backend, device, bad):
+    x, p, y = _good(device)
+    y = y.clone()
+    y[5] = bad
+    x.requires_grad_(True)
+    loss = copa_fast.symmetric_ce(x, p, y, backend=backend, check_inputs=False)
+    assert math.isnan(loss.item())
+    loss.backward()
+    per = copa_fast.symmetric_ce(x.detach(), p, y, backend=backend, check_inputs=False, reduction="none")
+    assert math.isnan(per[5].item())
+    out = copa_fast.copa_loss(x.detach(), y, torch.eye(8, device=device), torch.eye(8, device=device),
+                              num_classes=4, backend=backend, check_inputs=False)
+    assert math.isnan(out.item())
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_all_zero_rows_are_finite(backend, device):
+    x, p, y = _good(device)
+    x = x.clone()
+    x[2] = 0
+    p = p.clone()
+    p[1] = 0
+    x.requires_grad_(True)
+    loss = copa_fast.symmetric_ce(x, p, y, backend=backend)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    ref = copa_fast.reference.symmetric_ce(x.detach().double(), p.double(), y)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
