@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The one script a GPU machine runs: build copa_fast against the installed torch, run the tests
+# (CUDA tensors included), run the benchmarks, print a compact table last. JSON and logs go to
+# $OUT (default ./out). `--dry-run` does the same on a CPU-only machine at small sizes.
+#
+# Expects torch, triton, numpy, pytest, pytest-benchmark installed; downloads nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+OUT="${OUT:-$PWD/out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+
+echo "== machine"
+$PY - <<'PY' | tee "$OUT/machine.txt"
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+try:
+    import triton; print("triton", triton.__version__)
+except ImportError:
+    print("triton missing")
+if torch.cuda.is_available():
+    print("gpu", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
+PY
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$OUT/machine.txt"
+
+echo "== build"
+if [ "$DRY" = 1 ]; then export COPA_FAST_CUDA=0; fi
+MAX_JOBS="${MAX_JOBS:-16}" $PY -m pip install --no-build-isolation --no-deps -q -e . 2>&1 | tail -5 | tee "$OUT/build.log"
+$PY -c "import copa_fast; print('backends', copa_fast.available_backends())" | tee -a "$OUT/machine.txt"
+
+echo "== tests"
+if [ "$DRY" = 1 ]; then
+  $PY -m pytest tests -q -x -p no:cacheprovider -k "deterministic or opcheck or bad_label" 2>&1 | tail -5 | tee "$OUT/tests.log"
+else
+  $PY -m pytest tests -q -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/tests.log"
+  if command -v compute-sanitizer >/dev/null; then
+    echo "== compute-sanitizer memcheck (bad labels with validation off, small shapes)"
+    compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest tests/test_validation.py -q -x \
+      -p no:cacheprovider -k "unchecked_bad_label" 2>&1 | tail -8 | tee "$OUT/memcheck.log"
+  fi
+fi
+
+echo "== benchmarks"
+if [ "$DRY" = 1 ]; then export COPA_BENCH_SHAPES=small; fi
+$PY -m pytest benchmarks/bench_copa_loss.py -q -p no:cacheprovider --benchmark-json="$OUT/bench.json" \
+  --benchmark-group-by=param:shape 2>&1 | tail -3
+echo "== table"
+$PY benchmarks/report.py "$OUT/bench.json" | tee "$OUT/table.md"
