@@ -5,10 +5,10 @@ available_backends, class_means; the readable oracle lives in copa_fast.referenc
 """
 
 from . import reference
-from .api import (AdaptResult, CoPAHead, adapt, class_means, copa_loss, symmetric_ce,
+from .api import (AdaptResult, CoPAHead, adapt, adapt_many, class_means, copa_loss, symmetric_ce,
                   symmetric_ce_with_stats)
 from .backends import available_backends
 
-__all__ = ["AdaptResult", "CoPAHead", "adapt", "available_backends", "class_means", "copa_loss",
+__all__ = ["AdaptResult", "CoPAHead", "adapt", "adapt_many", "available_backends", "class_means", "copa_loss",
            "reference", "symmetric_ce", "symmetric_ce_with_stats"]
 __version__ = "0.1.0"

@@ -280,3 +280,28 @@ def adapt(support: torch.Tensor, support_labels: torch.Tensor, query: Optional[t
             acc = pred.eq(query_labels).float().mean().item()
     loss_list = torch.stack(losses).tolist() if losses else []
     return AdaptResult(w_img.detach(), w_proto.detach(), loss_list, acc)
+
+
+def adapt_many(episodes, *, steps: int = 50, lr: float = 1e-3, weight_decay: float = 0.1, tau: float = 2.0,
+               backend: Optional[str] = None) -> list:
+    """CoPA adaptation of a list of ragged episodes: ``(support, support_labels, query, query_labels)``
+    tuples (or ``copa_fast.episodes.Episode``), different N and C per episode, D shared.
+
+    Returns one AdaptResult per episode, equal to ``adapt`` on that episode. Today every backend
+    runs the episodes one after another through ``adapt``; the batched one-launch engine for CUDA
+    is planned.
+    """
+    items = []
+    for k, ep in enumerate(episodes):
+        parts = (ep.support, ep.support_labels, ep.query, ep.query_labels) if hasattr(ep, "support") else tuple(ep)
+        if len(parts) != 4:
+            raise ValueError(f"episodes[{k}]: expected (support, support_labels, query, query_labels), "
+                             f"got {len(parts)} items")
+        items.append(parts)
+    if items:
+        d = items[0][0].shape[-1]
+        for k, parts in enumerate(items):
+            if not isinstance(parts[0], torch.Tensor) or parts[0].dim() != 2 or parts[0].shape[1] != d:
+                raise ValueError(f"episodes[{k}]: expected support of shape (N, {d}) (D shared by all episodes)")
+    return [adapt(*parts, steps=steps, lr=lr, weight_decay=weight_decay, tau=tau, backend=backend)
+            for parts in items]

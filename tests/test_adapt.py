@@ -89,3 +89,34 @@ def test_pa_baseline_and_ncc_run():
     assert len(pa.losses) == 40 and pa.losses[-1] < pa.losses[0]
     assert 0.0 <= pa.query_accuracy <= 1.0
     assert 0.0 <= ref.ncc_accuracy(xs, ys, xq, yq) <= 1.0
+
+
+def test_adapt_many_equals_adapt_per_episode():
+    from copa_fast.episodes import sample_episodes, synthetic_features
+
+    feats, labels = synthetic_features(n_classes=12, per_class=25, dim=32, seed=1)
+    eps = sample_episodes(feats, labels, 3, seed=2, max_ways=8, max_support=60)
+    many = copa_fast.adapt_many(eps, steps=4)
+    assert len(many) == 3
+    for ep, r in zip(eps, many):
+        one = copa_fast.adapt(ep.support, ep.support_labels, ep.query, ep.query_labels, steps=4)
+        assert torch.equal(r.w_img, one.w_img) and r.query_accuracy == one.query_accuracy
+    with pytest.raises(ValueError, match="episodes\\[0\\]"):
+        copa_fast.adapt_many([(eps[0].support, eps[0].support_labels)])
+
+
+def test_episode_sampler_is_seeded_and_shaped_like_meta_dataset():
+    from copa_fast.episodes import sample_episodes, synthetic_features
+
+    feats, labels = synthetic_features(n_classes=60, per_class=40, dim=16, seed=0)
+    a = sample_episodes(feats, labels, 20, seed=5)
+    b = sample_episodes(feats, labels, 20, seed=5)
+    for e, f in zip(a, b):
+        assert torch.equal(e.support, f.support) and torch.equal(e.query_labels, f.query_labels)
+    for e in a:
+        ways = e.ways
+        assert 5 <= ways <= 50 and len(e.support_labels) <= 500
+        assert torch.bincount(e.support_labels, minlength=ways).min() >= 1
+        assert torch.equal(torch.bincount(e.query_labels), torch.full((ways,), 10))
+    with pytest.raises(ValueError, match="labels"):
+        sample_episodes(feats[:30], labels[:30], 1)

@@ -28,8 +28,12 @@ namespace {
 constexpr double kNormEps = 1e-12;
 
 // Row normalisation as F.normalize: x / max(||x||, eps). Vectorised ATen passes; returns (xn, norms).
+// The norm is taken of x / max|x| and scaled back, so float32 rows of magnitude 1e20 do not
+// overflow and rows of 1e-20 do not underflow.
 std::pair<at::Tensor, at::Tensor> normalize_rows(const at::Tensor& x) {
-  at::Tensor norms = at::linalg_vector_norm(x, 2, {1});
+  at::Tensor amax = x.abs().amax({1}, /*keepdim=*/true);
+  amax.masked_fill_(amax.eq(0), 1);
+  at::Tensor norms = at::linalg_vector_norm(x / amax, 2, {1}).mul_(amax.squeeze(1));
   return {x / norms.clamp_min(kNormEps).unsqueeze(1), norms};
 }
 

@@ -1,0 +1,76 @@
+"""Property-based checks (hypothesis) of every CPU-runnable backend against the float64 reference:
+random shapes and class-count patterns, tau in [0, 10] (float or tensor), feature magnitudes from
+1e-20 to 1e20, zero and duplicated rows, non-contiguous and transposed inputs."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import copa_fast
+from copa_fast import reference as ref
+from conftest import TOL
+
+BACKENDS = [b for b in copa_fast.available_backends() if b in ("cpu", "triton")]
+
+
+@st.composite
+def problems(draw):
+    c = draw(st.integers(1, 12))
+    n = draw(st.integers(c, 40))
+    d = draw(st.integers(1, 40))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.arange(c), torch.randint(0, c, (n - c,), generator=g)])
+    labels = labels[torch.randperm(n, generator=g)]
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    p = torch.randn(c, d, generator=g, dtype=torch.float64)
+    x = x * 10.0 ** draw(st.integers(-20, 20))
+    p = p * 10.0 ** draw(st.integers(-20, 20))
+    if draw(st.booleans()):
+        x[draw(st.integers(0, n - 1))] = 0
+    if n > 1 and draw(st.booleans()):
+        x[1] = x[0]
+    tau = draw(st.floats(0.0, 10.0))
+    tau_tensor = draw(st.booleans())
+    layout = draw(st.sampled_from(["contiguous", "transposed", "strided"]))
+    return x, p, labels, tau, tau_tensor, layout
+
+
+def _layout(t, layout):
+    if layout == "transposed":
+        return t.t().contiguous().t()  # same values, column-major storage
+    if layout == "strided":
+        return torch.stack([t, torch.full_like(t, float("nan"))], dim=-1)[..., 0]  # non-contiguous view
+    return t
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prob=problems())
+def test_matches_reference(backend, dtype, prob):
+    x, p, y, tau, tau_tensor, layout = prob
+    xs, ps = _layout(x.to(dtype), layout), _layout(p.to(dtype), layout)
+    xs.requires_grad_(True)
+    t = torch.tensor(tau, dtype=dtype, requires_grad=True) if tau_tensor else tau
+    out = copa_fast.symmetric_ce(xs, ps, y, t, backend=backend)
+    x64 = x.clone().requires_grad_(True)
+    t64 = torch.tensor(tau, dtype=torch.float64, requires_grad=True) if tau_tensor else tau
+    expect = ref.symmetric_ce(x64, p, y, t64)
+    # the loss is O(1)-sized whatever the magnitudes: an absolute floor of the relative tolerance
+    assert abs(out.item() - expect.item()) <= TOL[dtype]["loss"] * max(1.0, abs(expect.item())) * 10
+    wrt = (xs, t) if tau_tensor else (xs,)
+    wrt64 = (x64, t64) if tau_tensor else (x64,)
+    got = torch.autograd.grad(out, wrt)
+    want = torch.autograd.grad(expect, wrt64)
+    assert torch.isfinite(got[0]).all()
+    # Row i's gradient has the natural scale exp(tau) / (N ||x_i||) (the normalisation divides by
+    # the norm); a gradient that cancels to ~0 (D = 1, say) is judged against that scale.
+    n = x.shape[0]
+    scale = torch.exp(torch.tensor(tau, dtype=torch.float64)) / (n * x.norm(dim=1).clamp_min(1e-12))
+    row_err = (got[0].double() - want[0]).norm(dim=1)
+    row_ref = torch.maximum(want[0].norm(dim=1), scale)
+    assert (row_err <= TOL[dtype]["grad"] * 10 * row_ref).all(), f"dembeddings: {(row_err / row_ref).max():.3e}"
+    if tau_tensor:
+        assert abs(got[1].item() - want[1].item()) <= TOL[dtype]["grad"] * max(1.0, abs(want[1].item())) * 10
