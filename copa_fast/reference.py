@@ -32,6 +32,14 @@ def _scale(tau: Union[float, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(math.exp(tau), dtype=like.dtype, device=like.device)
 
 
+def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return per_sample
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample.mean()
+
+
 def symmetric_ce(
     embeddings: torch.Tensor,
     prototypes: torch.Tensor,
@@ -52,12 +60,7 @@ def symmetric_ce(
     target = torch.arange(z.shape[0], device=z.device)
     row = F.cross_entropy(logits, target, reduction="none")
     col = F.cross_entropy(logits.t(), target, reduction="none")
-    per_sample = 0.5 * (row + col)
-    if reduction == "none":
-        return per_sample
-    if reduction == "sum":
-        return per_sample.sum()
-    return per_sample.mean()
+    return _reduce(0.5 * (row + col), reduction)
 
 
 def symmetric_ce_nxc(
@@ -79,12 +82,7 @@ def symmetric_ce_nxc(
     row = torch.logsumexp(s + counts.log(), dim=1)
     col = torch.logsumexp(s, dim=0)
     target = s.gather(1, labels[:, None]).squeeze(1)
-    per_sample = 0.5 * (row + col[labels] - 2 * target)
-    if reduction == "none":
-        return per_sample
-    if reduction == "sum":
-        return per_sample.sum()
-    return per_sample.mean()
+    return _reduce(0.5 * (row + col[labels] - 2 * target), reduction)
 
 
 def accuracy(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor) -> float:
