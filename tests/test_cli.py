@@ -1,0 +1,63 @@
+"""copa-fast eval: the embedded default runs end to end; bad input gives one line and exit 2."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from copa_fast import cli
+
+
+def test_eval_embedded_default_json(capsys):
+    rc = cli.main(["eval", "--episodes", "2", "--steps", "3", "--check-episodes", "1", "--json"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["episodes"] == 2 and set(res["methods"]) == {"copa", "pa", "ncc"}
+    for m in res["methods"].values():
+        assert 0.0 <= m["accuracy"] <= 1.0 and m["episodes_per_second"] > 0
+    dev = res["methods"]["copa"]["max_abs_dev_vs_float64_reference"]
+    assert dev["episodes_checked"] == 1 and dev["adapter_entries"] < 1e-4
+
+
+def test_eval_reads_a_feature_file(tmp_path, capsys):
+    g = np.random.default_rng(0)
+    labels = np.repeat(np.arange(6), 15)
+    feats = g.normal(size=(90, 12)).astype(np.float32) + labels[:, None]
+    path = tmp_path / "f.npz"
+    np.savez(path, features=feats, labels=labels)
+    assert cli.main(["eval", "--features", str(path), "--episodes", "2", "--steps", "2", "--methods", "copa,ncc"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split()[0] for line in out.splitlines() if line]
+    assert "CoPA" in rows and "NCC" in rows and "PA" not in rows
+
+
+def _write(tmp_path, name, **arrays):
+    path = tmp_path / name
+    np.savez(path, **arrays)
+    return str(path)
+
+
+@pytest.mark.parametrize("make,fragment", [
+    (lambda d: str(d / "missing.npz"), "no such file"),
+    (lambda d: _write(d, "k.npz", feats=np.zeros((4, 2))), "expected keys"),
+    (lambda d: _write(d, "s.npz", features=np.zeros(4), labels=np.zeros(4, dtype=int)), "2-D float"),
+    (lambda d: _write(d, "l.npz", features=np.ones((4, 2)), labels=np.zeros(4) + 0.5), "integers"),
+    (lambda d: _write(d, "c.npz", features=np.ones((40, 2)), labels=np.arange(40) % 3), "classes"),
+])
+def test_eval_bad_input_is_one_line(tmp_path, capsys, make, fragment):
+    rc = cli.main(["eval", "--features", make(tmp_path), "--episodes", "1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and fragment in err
+
+
+def test_eval_unavailable_backend(capsys):
+    rc = cli.main(["eval", "--episodes", "1", "--backend", "cuda"])
+    assert rc == 2 and "--backend" in capsys.readouterr().err
+
+
+def test_pt_file(tmp_path, capsys):
+    labels = torch.arange(6).repeat_interleave(12)
+    torch.save({"features": torch.randn(72, 8) + labels[:, None], "labels": labels}, tmp_path / "f.pt")
+    assert cli.main(["eval", "--features", str(tmp_path / "f.pt"), "--episodes", "1", "--steps", "1",
+                     "--methods", "ncc"]) == 0
