@@ -119,48 +119,82 @@ def run_eval(args) -> dict:
         episodes = sample_episodes(feats, labels, args.episodes, seed=args.seed)
     except (ValueError, TypeError) as exc:
         raise CliError(str(exc)) from None
+    dist_ctx = _init_distributed(device)
+    if dist_ctx is not None:
+        device = dist_ctx[2]
+    rank, world = (dist_ctx[0], dist_ctx[1]) if dist_ctx else (0, 1)
     episodes = [e.to(device) for e in episodes]
-    show = not args.json and sys.stderr.isatty()
+    mine = list(range(rank, len(episodes), world))   # round-robin split over torchrun ranks
+    show = not args.json and sys.stderr.isatty() and rank == 0
     results = {"source": source, "episodes": len(episodes), "steps": args.steps, "backend": backend,
-               "device": str(device), "lr": lr, "weight_decay": wd, "seed": args.seed, "methods": {}}
-    copa_runs = {}
+               "device": str(device), "world_size": world, "lr": lr, "weight_decay": wd, "seed": args.seed,
+               "methods": {}}
     for method in methods:
-        accs, t0 = [], time.perf_counter()
-        for i, ep in enumerate(_progress(episodes, len(episodes), method, show)):
+        accs, devs, t0 = [], [], time.perf_counter()
+        for k in _progress(mine, len(mine), method, show):
+            ep = episodes[k]
             if method == "copa":
                 r = adapt(ep.support, ep.support_labels, ep.query, ep.query_labels, steps=args.steps, lr=lr,
                           weight_decay=wd, backend=backend)
-                if i < args.check_episodes:
-                    copa_runs[i] = r
-                accs.append(r.query_accuracy)
+                if k < args.check_episodes:
+                    devs.append((k, _deviation(r, ep, args.steps, lr, wd)))
+                accs.append((k, r.query_accuracy))
             elif method == "pa":
-                accs.append(ref.adapt_pa(ep.support, ep.support_labels, ep.query, ep.query_labels).query_accuracy)
+                accs.append((k, ref.adapt_pa(ep.support, ep.support_labels, ep.query, ep.query_labels).query_accuracy))
             else:
-                accs.append(ref.ncc_accuracy(ep.support, ep.support_labels, ep.query, ep.query_labels))
+                accs.append((k, ref.ncc_accuracy(ep.support, ep.support_labels, ep.query, ep.query_labels)))
         if device.type == "cuda":
             torch.cuda.synchronize()
         secs = time.perf_counter() - t0
-        mean, half = _ci95(accs)
+        if world > 1:
+            from .distributed import _gather_ordered
+
+            gathered = _gather_ordered([(rank, (accs, devs, secs))], world, None, 0)
+            if rank != 0:
+                continue
+            accs = [a for part in gathered for a in part[0]]
+            devs = [d for part in gathered for d in part[1]]
+            secs = max(part[2] for part in gathered)   # the slowest rank's wall time
+        values = [a for _, a in sorted(accs)]
+        mean, half = _ci95(values)
         results["methods"][method] = {"accuracy": mean, "ci95": half, "seconds": secs,
                                       "episodes_per_second": len(episodes) / secs}
-    if copa_runs:
-        dev_w, dev_acc = 0.0, 0.0
-        for i, r in copa_runs.items():
-            ep = episodes[i]
-            want = ref.adapt(ep.support.double(), ep.support_labels, ep.query.double(), ep.query_labels,
-                             steps=args.steps, lr=lr, weight_decay=wd)
-            dev_w = max(dev_w, (r.w_img.double() - want.w_img).abs().max().item(),
-                        (r.w_proto.double() - want.w_proto).abs().max().item())
-            dev_acc = max(dev_acc, abs(r.query_accuracy - want.query_accuracy))
-        results["methods"]["copa"]["max_abs_dev_vs_float64_reference"] = {
-            "episodes_checked": len(copa_runs), "adapter_entries": dev_w, "query_accuracy": dev_acc}
-    return results
+        if devs:
+            results["methods"][method]["max_abs_dev_vs_float64_reference"] = {
+                "episodes_checked": len(devs), "adapter_entries": max(d[0] for _, d in devs),
+                "query_accuracy": max(d[1] for _, d in devs)}
+    return results if rank == 0 else None
+
+
+def _deviation(r, ep, steps, lr, wd):
+    """Largest |entry| difference of both adapters and the accuracy difference vs the float64 loop."""
+    want = ref.adapt(ep.support.double(), ep.support_labels, ep.query.double(), ep.query_labels,
+                     steps=steps, lr=lr, weight_decay=wd)
+    dev_w = max((r.w_img.double() - want.w_img).abs().max().item(),
+                (r.w_proto.double() - want.w_proto).abs().max().item())
+    return dev_w, abs(r.query_accuracy - want.query_accuracy)
+
+
+def _init_distributed(device):
+    """Under torchrun (WORLD_SIZE > 1): joins the process group (gloo on CPU, NCCL on CUDA).
+    Returns (rank, world, device) or None for a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def print_eval(res: dict) -> None:
     print(f"copa-fast eval: {res['episodes']} episodes from {res['source']}")
     print(f"backend {res['backend']} on {res['device']}, {res['steps']} steps, lr {res['lr']}, "
-          f"weight decay {res['weight_decay']}, seed {res['seed']}")
+          f"weight decay {res['weight_decay']}, seed {res['seed']}"
+          + (f", {res['world_size']} ranks" if res.get("world_size", 1) > 1 else ""))
     print(f"{'method':<8}{'accuracy (95% CI)':>22}{'episodes/s':>13}{'seconds':>10}")
     names = {"copa": "CoPA", "pa": "PA", "ncc": "NCC"}
     for m, r in res["methods"].items():
@@ -232,6 +266,8 @@ def main(argv=None) -> int:
             if args.episodes < 1 or args.steps < 0 or args.check_episodes < 0:
                 raise CliError("--episodes must be >= 1, --steps and --check-episodes >= 0")
             res = run_eval(args)
+            if res is None:   # a torchrun rank other than 0: rank 0 prints
+                return 0
             if args.json:
                 print(json.dumps(res, indent=2))
             else:

@@ -61,3 +61,29 @@ def test_pt_file(tmp_path, capsys):
     torch.save({"features": torch.randn(72, 8) + labels[:, None], "labels": labels}, tmp_path / "f.pt")
     assert cli.main(["eval", "--features", str(tmp_path / "f.pt"), "--episodes", "1", "--steps", "1",
                      "--methods", "ncc"]) == 0
+
+
+def _eval_json(cmd, env):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, *cmd], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    for m in res["methods"].values():   # wall times differ between runs
+        m.pop("seconds"), m.pop("episodes_per_second")
+    return res
+
+
+def test_eval_under_torchrun_equals_single_process(tmp_path):
+    """torchrun --nproc-per-node 2 -m copa_fast eval: episodes split over 2 gloo ranks, results
+    gathered on rank 0 equal the single-process run (same thread count, so bitwise)."""
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = ["eval", "--episodes", "5", "--steps", "3", "--check-episodes", "3", "--json"]
+    single = _eval_json(["-m", "copa_fast", *args], env)
+    multi = _eval_json(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                        "-m", "copa_fast", *args], env)
+    assert multi.pop("world_size") == 2 and single.pop("world_size") == 1
+    assert multi == single
