@@ -61,5 +61,6 @@ setup(
     cmdclass=cmdclass,
     python_requires=">=3.10",
     install_requires=["numpy"],
+    extras_require={"plot": ["matplotlib"], "progress": ["tqdm"]},
     entry_points={"console_scripts": ["copa-fast=copa_fast.cli:main"]},
 )

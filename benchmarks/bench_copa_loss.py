@@ -12,8 +12,7 @@ import os
 import pytest
 import torch
 
-import copa_fast
-from copa_fast import reference as ref
+from copa_fast import bench
 
 D = 512
 SHAPES = {"25x5": (25, 5, D), "100x10": (100, 10, D), "500x50": (500, 50, D), "4096x100": (4096, 100, D)}
@@ -23,64 +22,29 @@ if os.environ.get("COPA_BENCH_SHAPES") == "small":
     SHAPES = {k: SHAPES[k] for k in ("25x5", "500x50")}
 
 
-def _published(x, y, wi, wp, num_classes):
-    return ref.copa_loss(x, y, wi, wp)
-
-
-def _nxc_eager(x, y, wi, wp, num_classes):
-    protos = ref.class_prototypes(x, y, num_classes)
-    return ref.symmetric_ce_nxc(x @ wi.t(), protos @ wp.t(), y)
-
-
-def _ours(backend):
-    def run(x, y, wi, wp, num_classes):
-        return copa_fast.copa_loss(x, y, wi, wp, num_classes=num_classes, backend=backend, check_inputs=False)
-    return run
-
-
-def implementations(device):
-    impls = {"published-eager": _published, "nxc-eager": _nxc_eager}
-    if device.type == "cuda" or os.environ.get("COPA_BENCH_COMPILE") == "1":
-        impls["published-compile"] = torch.compile(_published)
-    avail = copa_fast.available_backends()
-    for b in ("cpu", "triton", "cuda"):
-        if b in avail and (b == "cpu") == (device.type == "cpu"):
-            impls[f"copa_fast-{b}"] = _ours(b)
-    return impls
-
-
-IMPL_NAMES = ["published-eager", "published-compile", "nxc-eager", "copa_fast-cpu", "copa_fast-triton",
-              "copa_fast-cuda"]
+IMPL_NAMES = bench.IMPL_ORDER
 
 
 @pytest.mark.parametrize("impl", IMPL_NAMES)
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_step(benchmark, device, shape, impl):
-    impls = implementations(device)
+    impls = bench.implementations(device)
     if impl not in impls:
         pytest.skip(f"{impl} does not run on {device.type} here")
     n, c, d = SHAPES[shape]
     if device.type == "cpu" and impl == "published-eager" and n > 4096:
         pytest.skip("too slow on a CPU")
-    g = torch.Generator().manual_seed(0)
-    y = torch.cat([torch.arange(c), torch.randint(0, c, (n - c,), generator=g)]).to(device)
-    x = torch.randn(n, d, generator=g).to(device)
-    wi = torch.eye(d, device=device).requires_grad_(True)
-    wp = torch.eye(d, device=device).requires_grad_(True)
-    fn = impls[impl]
+    x, y, wi, wp = bench.problem(n, c, d, device)
+    run = bench.step_fn(impls[impl], x, y, wi, wp, c)
 
     def step():
-        wi.grad = wp.grad = None
-        fn(x, y, wi, wp, c).backward()
+        run()
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     step()  # warm-up (compilation, autotuning)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        benchmark.extra_info["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        benchmark.extra_info["peak_extra_mib"] = bench.peak_extra_mib(step, device)
     benchmark.extra_info.update({"N": n, "C": c, "D": d, "impl": impl, "device": str(device)})
     rounds = 3 if n >= 4096 and device.type == "cpu" else 10
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)

@@ -47,5 +47,9 @@ echo "== benchmarks"
 if [ "$DRY" = 1 ]; then export COPA_BENCH_SHAPES=small; fi
 $PY -m pytest benchmarks/bench_copa_loss.py -q -p no:cacheprovider --benchmark-json="$OUT/bench.json" \
   --benchmark-group-by=param:shape 2>&1 | tail -3
+echo "== sweep (copa-fast bench: time and memory vs N, markdown + PNG)"
+SWEEP_ARGS="--budget 0.5"
+if [ "$DRY" = 1 ]; then SWEEP_ARGS="--max-n 500 --budget 0.2"; fi
+$PY -m copa_fast bench --out "$OUT/sweep" $SWEEP_ARGS 2>"$OUT/sweep.log" | tail -2
 echo "== table"
 $PY benchmarks/report.py "$OUT/bench.json" | tee "$OUT/table.md"

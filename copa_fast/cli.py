@@ -6,6 +6,8 @@ eval  CoPA vs its baselines (PA, nearest centroid) on Meta-Dataset-style episode
       into D = 512 by a fixed, seeded random ReLU feature map. That default exercises the whole
       pipeline on real images offline; it is not Meta-Dataset and its accuracies are not
       comparable with published Meta-Dataset numbers.
+bench time and peak memory of one CoPA step vs N for every implementation that runs here (the
+      published formulation included): bench.md, bench.json and bench.png in --out.
 demo  synthetic episodes shaped like Meta-Dataset's, adapted with the fastest backend and with
       the reference loop: accuracy, speed-up and the largest deviation.
 """
@@ -236,6 +238,32 @@ def run_demo(args) -> None:
           f"total {t_ours:.2f} s vs {t_ref:.2f} s ({t_ref / t_ours:.1f}x); largest adapter deviation {worst:.1e}")
 
 
+def run_bench(args) -> None:
+    from . import bench
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device: cuda requested but no GPU is visible")
+    table = bench.GPU_SIZES if device.type == "cuda" else bench.CPU_SIZES
+    sizes = [(n, c) for n, c in table if n <= args.max_n]
+    if not sizes:
+        raise CliError(f"--max-n: expected at least {table[0][0]} (the smallest size), got {args.max_n}")
+    impls = None
+    if args.impls:
+        impls = [s.strip() for s in args.impls.split(",") if s.strip()]
+        unknown = [s for s in impls if s not in bench.IMPL_ORDER]
+        if unknown:
+            raise CliError(f"--impls: unknown {unknown}; expected a subset of {','.join(bench.IMPL_ORDER)}")
+    print(f"copa-fast bench: {device}, D={args.d}, sizes {sizes}", file=sys.stderr)
+    res = bench.run(args.out, device, sizes, args.d, impls=impls, budget_s=args.budget,
+                    log=lambda line: print(line, file=sys.stderr))
+    with open(res["paths"]["markdown"]) as f:
+        print(f.read(), end="")
+    print(f"wrote {res['paths']['markdown']}, {res['paths']['json']}"
+          + (f", {res['paths']['png']}" if res["paths"]["png"] else
+             " (no PNG: matplotlib is not installed; pip install matplotlib)"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="copa-fast", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -252,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--check-episodes", type=int, default=2,
                    help="episodes re-adapted with the float64 reference to report the deviation")
     e.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the table")
+    b = sub.add_parser("bench", help="time and memory of one CoPA step vs N: markdown, JSON and PNG")
+    b.add_argument("--out", default="copa-fast-bench", help="output folder (default: ./copa-fast-bench)")
+    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    b.add_argument("--max-n", type=int, default=1 << 30, help="largest N of the sweep")
+    b.add_argument("--d", type=int, default=512, help="feature dimension D")
+    b.add_argument("--impls", default=None, help="comma-separated subset of the implementations")
+    b.add_argument("--budget", type=float, default=1.0, help="seconds of repetitions per case (at least 3)")
     d = sub.add_parser("demo", help="synthetic episodes: fastest backend vs the reference loop")
     d.add_argument("--episodes", type=int, default=8)
     d.add_argument("--backend", default=None)
@@ -272,6 +307,10 @@ def main(argv=None) -> int:
                 print(json.dumps(res, indent=2))
             else:
                 print_eval(res)
+        elif args.command == "bench":
+            if args.d < 1 or args.budget < 0:
+                raise CliError("--d must be >= 1 and --budget >= 0")
+            run_bench(args)
         else:
             run_demo(args)
     except CliError as exc:

@@ -64,12 +64,22 @@ def test_pt_file(tmp_path, capsys):
 
 
 def _eval_json(cmd, env):
+    import os
+    import signal
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, *cmd], env=env, capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stderr
-    res = json.loads(out.stdout)
+    # own process group: a timeout kills torchrun's workers too, not only the launcher
+    proc = subprocess.Popen([sys.executable, *cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr
+    res = json.loads(stdout)
     for m in res["methods"].values():   # wall times differ between runs
         m.pop("seconds"), m.pop("episodes_per_second")
     return res
@@ -87,3 +97,25 @@ def test_eval_under_torchrun_equals_single_process(tmp_path):
                         "-m", "copa_fast", *args], env)
     assert multi.pop("world_size") == 2 and single.pop("world_size") == 1
     assert multi == single
+
+
+def test_bench_writes_markdown_json_and_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "bench"
+    rc = cli.main(["bench", "--out", str(out), "--max-n", "100", "--d", "32", "--budget", "0", "--device", "cpu"])
+    assert rc == 0
+    md = (out / "bench.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| 25 x 5 x 32") or line.startswith("| 100 x 10 x 32")]
+    impls = {row.split("|")[2].strip() for row in rows}
+    assert {"published-eager", "nxc-eager", "copa_fast-cpu"} <= impls
+    data = json.loads((out / "bench.json").read_text())
+    assert all(r["median_s"] > 0 and r["reps"] >= 3 for r in data["records"])
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "bench.png" in capsys.readouterr().out
+
+
+def test_bench_bad_arguments(tmp_path, capsys):
+    assert cli.main(["bench", "--out", str(tmp_path), "--max-n", "3"]) == 2
+    assert "--max-n" in capsys.readouterr().err
+    assert cli.main(["bench", "--out", str(tmp_path), "--impls", "fastest"]) == 2
+    assert "--impls" in capsys.readouterr().err
