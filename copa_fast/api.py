@@ -39,7 +39,18 @@ def _tau_tensor(tau: Tau, like: torch.Tensor) -> torch.Tensor:
     return torch.full((), float(tau), dtype=like.dtype, device=like.device)
 
 
-def _sce_core(z, q, labels, tau: Tau, reduction: str, backend: str):
+PRECISIONS = ("ieee", "tf32")
+
+
+def _check_precision(precision, backend: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    if precision == "tf32" and backend != "triton":
+        raise ValueError(f"precision: 'tf32' is a tensor-core mode of the triton backend; backend {backend!r} "
+                         f"computes in IEEE float32/float64 (use precision='ieee')")
+
+
+def _sce_core(z, q, labels, tau: Tau, reduction: str, backend: str, precision: str = "ieee"):
     """Runs a validated problem on a kernel backend; returns (loss or per-sample losses, pred)."""
     work = _working_dtype(z.dtype)
     zw, qw = z.to(work), q.to(work)
@@ -47,7 +58,8 @@ def _sce_core(z, q, labels, tau: Tau, reduction: str, backend: str):
     op = _ops.triton_op() if backend == "triton" else _ops.cpp_op()
     weights = torch.ones(z.shape[0], dtype=work, device=z.device) if reduction == "sum" else None
     needs_grad = torch.is_grad_enabled() and (zw.requires_grad or qw.requires_grad or tau_t.requires_grad)
-    loss, losses, pred, _, _, _ = op(zw, qw, labels, tau_t, weights, needs_grad and reduction != "none")
+    extra = (precision,) if backend == "triton" else ()
+    loss, losses, pred, _, _, _ = op(zw, qw, labels, tau_t, weights, needs_grad and reduction != "none", *extra)
     out = losses if reduction == "none" else loss
     return out.to(z.dtype), pred
 
@@ -71,20 +83,23 @@ def _check_sce(embeddings, prototypes, labels, tau, reduction, check_inputs):
 
 def symmetric_ce(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, tau: Tau = 2.0,
                  *, reduction: str = "mean", backend: Optional[str] = None,
-                 check_inputs: bool = True) -> torch.Tensor:
+                 check_inputs: bool = True, precision: str = "ieee") -> torch.Tensor:
     """CoPA's symmetric cross-entropy; drop-in for the published helper's loss.
 
     embeddings: (N, D) image embeddings; prototypes: (C, D) class prototypes (not expanded);
     labels: (N,) int64/int32 in 0..C-1, every class present; tau: float or 1-element tensor, the
     logit scale is exp(tau). Both sides are L2-normalised (eps 1e-12). Returns a 0-d loss
     (reduction "mean" or "sum") or (N,) per-sample losses ("none") whose mean is the loss.
-    Differentiable w.r.t. embeddings, prototypes and a tensor tau.
+    Differentiable w.r.t. embeddings, prototypes and a tensor tau. ``precision="tf32"`` (triton
+    backend, float32) runs the kernel's dot products on TF32 tensor cores; see the README for its
+    error bound.
     """
     _check_sce(embeddings, prototypes, labels, tau, reduction, check_inputs)
     b = _backends.resolve(backend, embeddings.device)
+    _check_precision(precision, b)
     if b == "reference":
         return reference.symmetric_ce(embeddings, prototypes, labels, tau, reduction=reduction)
-    return _sce_core(embeddings, prototypes, labels, tau, reduction, b)[0]
+    return _sce_core(embeddings, prototypes, labels, tau, reduction, b, precision)[0]
 
 
 def symmetric_ce_with_stats(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor,
@@ -123,7 +138,7 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) 
 def copa_loss(features: torch.Tensor, labels: torch.Tensor, w_img: torch.Tensor, w_proto: torch.Tensor,
               tau: Tau = 2.0, *, prototype_features: Optional[torch.Tensor] = None, reduction: str = "mean",
               num_classes: Optional[int] = None, backend: Optional[str] = None,
-              check_inputs: bool = True) -> torch.Tensor:
+              check_inputs: bool = True, precision: str = "ieee") -> torch.Tensor:
     """Both CoPA adapters + symmetric CE.
 
     features: (N, D); labels: (N,) in 0..C-1, every class present; w_img, w_proto: (E, D) maps
@@ -132,7 +147,8 @@ def copa_loss(features: torch.Tensor, labels: torch.Tensor, w_img: torch.Tensor,
     ``Q = class_means(prototype_features) @ w_proto.T``, loss = symmetric_ce(Z, Q, labels, tau).
     Differentiable w.r.t. every tensor input (through the class means too) and a tensor tau.
     ``num_classes`` (C) is read from the labels when not given; it is required with
-    ``check_inputs=False`` and under torch.compile.
+    ``check_inputs=False`` and under torch.compile. ``precision="tf32"`` as in ``symmetric_ce``
+    (the adapter GEMMs follow torch's own TF32 setting).
     """
     V.tensor("features", features, 2)
     n, d = features.shape
@@ -163,13 +179,14 @@ def copa_loss(features: torch.Tensor, labels: torch.Tensor, w_img: torch.Tensor,
         if prototype_features is not None:
             V.finite("prototype_features", pf)
     b = _backends.resolve(backend, features.device)
+    _check_precision(precision, b)
     if b == "reference":
         return reference.copa_loss(features, labels, w_img, w_proto, tau, prototype_features=prototype_features,
                                    reduction=reduction)
     work = _working_dtype(features.dtype)
     x, wi, wp = features.to(work), w_img.to(work), w_proto.to(work)
     p0 = class_means(pf.to(work), labels, c)
-    return _sce_core(x @ wi.t(), p0 @ wp.t(), labels, tau, reduction, b)[0].to(features.dtype)
+    return _sce_core(x @ wi.t(), p0 @ wp.t(), labels, tau, reduction, b, precision)[0].to(features.dtype)
 
 
 def _cosine_predict(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -283,13 +300,17 @@ def adapt(support: torch.Tensor, support_labels: torch.Tensor, query: Optional[t
 
 
 def adapt_many(episodes, *, steps: int = 50, lr: float = 1e-3, weight_decay: float = 0.1, tau: float = 2.0,
-               backend: Optional[str] = None) -> list:
+               backend: Optional[str] = None, group_size: int = 128) -> list:
     """CoPA adaptation of a list of ragged episodes: ``(support, support_labels, query, query_labels)``
     tuples (or ``copa_fast.episodes.Episode``), different N and C per episode, D shared.
 
-    Returns one AdaptResult per episode, equal to ``adapt`` on that episode. Today every backend
-    runs the episodes one after another through ``adapt``; the batched one-launch engine for CUDA
-    is planned.
+    Returns one AdaptResult per episode, equal to ``adapt`` on that episode (adapters within fp32
+    rounding, the same accuracies). With the ``triton`` backend (the default for CUDA tensors) the
+    episodes are adapted together: per step, two batched GEMMs forward, ONE kernel launch for the
+    symmetric CE and its gradient of every episode, two batched GEMMs backward and one Adam update
+    of the stacked adapters; nothing is read back to the host until the end. Episodes are grouped
+    by size (at most ``group_size`` per group) to bound padding and memory. Other backends run
+    the episodes one after another through ``adapt``.
     """
     items = []
     for k, ep in enumerate(episodes):
@@ -303,5 +324,69 @@ def adapt_many(episodes, *, steps: int = 50, lr: float = 1e-3, weight_decay: flo
         for k, parts in enumerate(items):
             if not isinstance(parts[0], torch.Tensor) or parts[0].dim() != 2 or parts[0].shape[1] != d:
                 raise ValueError(f"episodes[{k}]: expected support of shape (N, {d}) (D shared by all episodes)")
-    return [adapt(*parts, steps=steps, lr=lr, weight_decay=weight_decay, tau=tau, backend=backend)
-            for parts in items]
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size: expected a positive int, got {group_size!r}")
+    if not items:
+        return []
+    _check_hparams(steps, lr, weight_decay, tau)
+    device = items[0][0].device
+    b = _backends.resolve(backend, device)
+    batched = (b == "triton" and all(p[0].device == device and p[0].dtype == items[0][0].dtype for p in items)
+               and items[0][0].dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16))
+    if not batched:
+        return [adapt(*parts, steps=steps, lr=lr, weight_decay=weight_decay, tau=tau, backend=b) for parts in items]
+    classes = [_check_episode(*parts) for parts in items]
+    order = sorted(range(len(items)), key=lambda k: -items[k][0].shape[0])   # similar sizes share a group
+    out = [None] * len(items)
+    for g0 in range(0, len(order), group_size):
+        group = order[g0:g0 + group_size]
+        results = _adapt_group([items[k] for k in group], [classes[k] for k in group], steps, lr, weight_decay, tau)
+        for k, r in zip(group, results):
+            out[k] = r
+    return out
+
+
+def _adapt_group(items, classes, steps, lr, weight_decay, tau):
+    """The batched engine: episodes padded to the group's largest N and C, adapters stacked (E, D, D)."""
+    x0 = items[0][0]
+    dev, work = x0.device, _working_dtype(x0.dtype)
+    e, d = len(items), x0.shape[1]
+    ns = [p[0].shape[0] for p in items]
+    n_max, c_max = max(ns), max(classes)
+    x = torch.zeros(e, n_max, d, dtype=work, device=dev)
+    protos = torch.zeros(e, c_max, d, dtype=work, device=dev)
+    y = torch.zeros(e, n_max, dtype=torch.int64, device=dev)
+    for k, ((sup, lab, _, _), c) in enumerate(zip(items, classes)):
+        x[k, :ns[k]] = sup.to(work)
+        protos[k, :c] = class_means(sup.to(work), lab, c)
+        y[k, :ns[k]] = lab
+    starts = torch.arange(e, dtype=torch.int64)
+    rows = torch.stack([starts * n_max, torch.tensor(ns)], 1).to(dev)
+    cls = torch.stack([starts * c_max, torch.tensor(classes)], 1).to(dev)
+    sizes = [n * c for n, c in zip(ns, classes)]
+    s_off = torch.tensor([0] + sizes[:-1], dtype=torch.int64).cumsum(0).to(dev)
+    tau_t = torch.full((e,), float(tau), dtype=work, device=dev)
+    eye = torch.eye(d, dtype=work, device=dev)
+    w_img = eye.repeat(e, 1, 1).requires_grad_(True)
+    w_proto = eye.repeat(e, 1, 1).requires_grad_(True)
+    opt = torch.optim.Adam([w_img, w_proto], lr=lr, weight_decay=weight_decay)
+    op = _ops.episodes_op()
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        z = torch.bmm(x, w_img.transpose(1, 2)).reshape(e * n_max, d)
+        q = torch.bmm(protos, w_proto.transpose(1, 2)).reshape(e * c_max, d)
+        loss = op(z, q, y.reshape(-1), rows, cls, s_off, sum(sizes), tau_t, True)[0]
+        loss.sum().backward()
+        opt.step()
+        losses.append(loss.detach())
+    loss_rows = torch.stack(losses, 1).tolist() if losses else [[] for _ in range(e)]
+    results = []
+    with torch.no_grad():
+        for k, (sup, lab, query, query_labels) in enumerate(items):
+            acc = None
+            if query is not None:
+                pred = _cosine_predict(query.to(work) @ w_img[k].t(), protos[k, :classes[k]] @ w_proto[k].t())
+                acc = pred.eq(query_labels).float().mean().item()
+            results.append(AdaptResult(w_img[k].detach().clone(), w_proto[k].detach().clone(), loss_rows[k], acc))
+    return results

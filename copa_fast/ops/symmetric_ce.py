@@ -14,7 +14,8 @@ losses (reduction="none").
 
 ``copa_fast::symmetric_ce`` is the C++ op (CPU kernel, and CUDA kernel where built);
 ``copa_fast::symmetric_ce_triton`` is the Triton one (CUDA tensors, or CPU tensors under
-TRITON_INTERPRET=1).
+TRITON_INTERPRET=1); it takes one more argument, ``precision`` ("ieee" or "tf32": the input
+precision of its dot products for float32 tensors).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ SCE_CPP = "copa_fast::symmetric_ce"
 SCE_TRITON = "copa_fast::symmetric_ce_triton"
 
 
-def _fake(z, q, labels, tau, weights, fused_grad):
+def _fake(z, q, labels, tau, weights, fused_grad, precision="ieee"):
     torch._check(z.dim() == 2, lambda: f"z: expected 2-D, got {z.dim()}-D")
     torch._check(q.dim() == 2, lambda: f"q: expected 2-D, got {q.dim()}-D")
     torch._check(q.shape[1] == z.shape[1], lambda: "q: expected as many columns as z")
@@ -44,7 +45,8 @@ def _fake(z, q, labels, tau, weights, fused_grad):
 
 def _make_autograd(qualname):
     def setup_context(ctx, inputs, output):
-        z, q, labels, tau, weights, fused_grad = inputs
+        z, q, labels, tau, weights, fused_grad = inputs[:6]
+        ctx.extra = tuple(inputs[6:])   # the Triton op's precision
         _, _, pred, dz, dq, dtau = output
         ctx.mark_non_differentiable(pred, dz, dq, dtau)
         ctx.fused = fused_grad
@@ -63,10 +65,10 @@ def _make_autograd(qualname):
             z, q, labels, tau, weights = ctx.saved_tensors
             w = weights if weights is not None else torch.full_like(g_losses, 1.0 / z.shape[0])
             op = getattr(torch.ops.copa_fast, qualname.split("::")[1]).default
-            _, _, _, dz, dq, dtau = op(z, q, labels, tau, g_losses + g_loss * w, True)
+            _, _, _, dz, dq, dtau = op(z, q, labels, tau, g_losses + g_loss * w, True, *ctx.extra)
         dtau = dtau.reshape(tau_shape).to(tau_dtype) if ctx.needs_input_grad[3] else None
         return (dz if ctx.needs_input_grad[0] else None, dq if ctx.needs_input_grad[1] else None,
-                None, dtau, None, None)
+                None, dtau, None, None) + (None,) * len(ctx.extra)
 
     torch.library.register_autograd(qualname, backward, setup_context=setup_context)
 
@@ -84,12 +86,12 @@ def cpp_op():
 # --- the Triton op --------------------------------------------------------------------------------
 @torch.library.custom_op(SCE_TRITON, mutates_args=())
 def symmetric_ce_triton(z: torch.Tensor, q: torch.Tensor, labels: torch.Tensor, tau: torch.Tensor,
-                        weights: Optional[torch.Tensor], fused_grad: bool
+                        weights: Optional[torch.Tensor], fused_grad: bool, precision: str = "ieee"
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                    torch.Tensor]:
     from ..triton import symmetric_ce as kernels
 
-    return kernels.symmetric_ce(z, q, labels, tau, weights, fused_grad)
+    return kernels.symmetric_ce(z, q, labels, tau, weights, fused_grad, precision)
 
 
 symmetric_ce_triton.register_fake(_fake)
@@ -98,3 +100,63 @@ _make_autograd(SCE_TRITON)
 
 def triton_op():
     return torch.ops.copa_fast.symmetric_ce_triton.default
+
+
+# --- the batched-episodes Triton op (internal) ------------------------------------------------------
+EPISODES_TRITON = "copa_fast::episodes_sce_triton"
+
+
+@torch.library.custom_op(EPISODES_TRITON, mutates_args=())
+def episodes_sce_triton(z: torch.Tensor, q: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor,
+                        classes: torch.Tensor, s_off: torch.Tensor, s_total: int, tau: torch.Tensor,
+                        fused_grad: bool, precision: str = "ieee"
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                   torch.Tensor]:
+    """E ragged episodes in one launch (internal; see copa_fast.triton.symmetric_ce._episodes).
+
+    z (R, D) and q (K, D) stack the episodes' rows and classes (packed or padded); rows and classes
+    (E, 2) int64 give [start, count] of each episode, starts ascending; labels (R,) are local to
+    each episode; s_off (E,) the start of each N_e x C_e score block, s_total their total size;
+    tau (E,). Returns per-episode losses (E,), per-row losses, pred, dz, dq, dtau (E,).
+    """
+    from ..triton import symmetric_ce as kernels
+
+    return kernels.episodes_sce(z, q, labels, rows, classes, s_off, s_total, tau, fused_grad, precision)
+
+
+@episodes_sce_triton.register_fake
+def _episodes_fake(z, q, labels, rows, classes, s_off, s_total, tau, fused_grad, precision="ieee"):
+    e = rows.shape[0]
+    n, d = z.shape
+    grad = (lambda t: torch.empty_like(t)) if fused_grad else (lambda t: t.new_empty(0))
+    return (z.new_empty(e), z.new_empty(n), labels.new_empty(n, dtype=torch.int64), grad(z), grad(q),
+            z.new_empty(e) if fused_grad else z.new_empty(0))
+
+
+def _episodes_setup(ctx, inputs, output):
+    z, q, labels, rows, classes, s_off, s_total, tau, fused_grad, precision = inputs
+    _, _, pred, dz, dq, dtau = output
+    ctx.mark_non_differentiable(pred, dz, dq, dtau)
+    ctx.fused = fused_grad
+    ctx.save_for_backward(dz, dq, dtau, rows, classes)
+
+
+def _episodes_backward(ctx, g_loss, g_losses, _g_pred, _g_dz, _g_dq, _g_dtau):
+    if not ctx.fused:
+        raise RuntimeError("episodes_sce_triton: gradients need fused_grad=True")
+    dz, dq, dtau, rows, classes = ctx.saved_tensors
+    # scale each row (class) by its episode's grad_output; rows owned by no episode have zero grads
+
+    def per_item(starts, count):
+        owner = torch.searchsorted(starts, torch.arange(count, device=starts.device), right=True) - 1
+        return g_loss[owner.clamp_min(0)][:, None]
+
+    return (dz * per_item(rows[:, 0].contiguous(), dz.shape[0]), dq * per_item(classes[:, 0].contiguous(), dq.shape[0]),
+            None, None, None, None, None, g_loss * dtau, None, None)
+
+
+torch.library.register_autograd(EPISODES_TRITON, _episodes_backward, setup_context=_episodes_setup)
+
+
+def episodes_op():
+    return torch.ops.copa_fast.episodes_sce_triton.default

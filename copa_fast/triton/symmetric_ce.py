@@ -56,44 +56,59 @@ def _normalize_block(src, dst, nrm_out, blk, rows_total, D, BR: tl.constexpr, BD
 
 
 @triton.jit
-def _prep(z_ptr, q_ptr, zn_ptr, qn_ptr, znorm_ptr, qnorm_ptr, y_ptr, w_ptr, cnt_ptr, wsum_ptr,
+def _count_block(y_ptr, w_ptr, cnt_ptr, wsum_ptr, blk, N, C, HAS_W: tl.constexpr, BI: tl.constexpr,
+                 BC: tl.constexpr, ACC: tl.constexpr):
+    """Per-class counts and weight sums of a block of classes: a masked compare over all labels (no
+    atomics, so the sums are bitwise reproducible)."""
+    cls = blk * BC + tl.arange(0, BC)
+    cmask = cls < C
+    cnt = tl.zeros((BC,), dtype=ACC)
+    ws = tl.zeros((BC,), dtype=ACC)
+    for i0 in range(0, N, BI):
+        idx = i0 + tl.arange(0, BI)
+        imask = idx < N
+        y = tl.load(y_ptr + idx, mask=imask, other=-1)
+        hit = (y[:, None] == cls[None, :]) & imask[:, None]
+        one = tl.where(hit, 1.0, 0.0).to(ACC)
+        cnt += tl.sum(one, axis=0)
+        if HAS_W:
+            w = tl.load(w_ptr + idx, mask=imask, other=0.0).to(ACC)
+            ws += tl.sum(one * w[:, None], axis=0)
+    if not HAS_W:
+        ws = cnt / N
+    tl.store(cnt_ptr + cls, cnt, mask=cmask)
+    tl.store(wsum_ptr + cls, ws, mask=cmask)
+
+
+@triton.jit
+def _prep(z_ptr, q_ptr, zn_ptr, qn_ptr, znorm_ptr, qnorm_ptr, y_ptr, w_ptr, cnt_ptr, wsum_ptr, ticket_ptr,
           N, C, D, HAS_W: tl.constexpr, NBZ, NBQ,
           BR: tl.constexpr, BD: tl.constexpr, BI: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
     pid = tl.program_id(0)
+    if pid == 0:
+        tl.store(ticket_ptr, 0)   # the last launch's completion counter
     if pid < NBZ:
         _normalize_block(z_ptr, zn_ptr, znorm_ptr, pid, N, D, BR, BD, ACC)
     elif pid < NBZ + NBQ:
         _normalize_block(q_ptr, qn_ptr, qnorm_ptr, pid - NBZ, C, D, BR, BD, ACC)
     else:
-        # per-class counts and weight sums of a block of classes: a masked compare over all labels
-        # (no atomics, so the sums are bitwise reproducible)
-        cls = (pid - NBZ - NBQ) * BC + tl.arange(0, BC)
-        cmask = cls < C
-        cnt = tl.zeros((BC,), dtype=ACC)
-        ws = tl.zeros((BC,), dtype=ACC)
-        for i0 in range(0, N, BI):
-            idx = i0 + tl.arange(0, BI)
-            imask = idx < N
-            y = tl.load(y_ptr + idx, mask=imask, other=-1)
-            hit = (y[:, None] == cls[None, :]) & imask[:, None]
-            one = tl.where(hit, 1.0, 0.0).to(ACC)
-            cnt += tl.sum(one, axis=0)
-            if HAS_W:
-                w = tl.load(w_ptr + idx, mask=imask, other=0.0).to(ACC)
-                ws += tl.sum(one * w[:, None], axis=0)
-        if not HAS_W:
-            ws = cnt / N
-        tl.store(cnt_ptr + cls, cnt, mask=cmask)
-        tl.store(wsum_ptr + cls, ws, mask=cmask)
+        _count_block(y_ptr, w_ptr, cnt_ptr, wsum_ptr, pid - NBZ - NBQ, N, C, HAS_W, BI, BC, ACC)
 
 
 @triton.jit
 def _scores(zn_ptr, qn_ptr, cnt_ptr, tau_ptr, S_ptr, R_ptr, pred_ptr, N, C, D,
             BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BN + tl.arange(0, BN)
-    rmask = rows < N
     scale = tl.exp(tl.load(tau_ptr).to(ACC))
+    _scores_block(zn_ptr, qn_ptr, cnt_ptr, scale, S_ptr, R_ptr, pred_ptr, tl.program_id(0), N, C, D,
+                  BN, BC, BD, ACC, PREC)
+
+
+@triton.jit
+def _scores_block(zn_ptr, qn_ptr, cnt_ptr, scale, S_ptr, R_ptr, pred_ptr, blk, N, C, D,
+                  BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """S = scale * zn qn^T on a block of rows (all classes), its row log-sum-exp and argmax."""
+    rows = blk * BN + tl.arange(0, BN)
+    rmask = rows < N
     neg_inf = float("-inf")
     m_row = tl.full((BN,), neg_inf, dtype=ACC)
     sum_row = tl.zeros((BN,), dtype=ACC)
@@ -134,8 +149,13 @@ def _scores(zn_ptr, qn_ptr, cnt_ptr, tau_ptr, S_ptr, R_ptr, pred_ptr, N, C, D,
 
 @triton.jit
 def _colstats(S_ptr, L_ptr, N, C, BN: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
-    pid = tl.program_id(0)
-    cls = pid * BC + tl.arange(0, BC)
+    _colstats_block(S_ptr, L_ptr, tl.program_id(0), N, C, BN, BC, ACC)
+
+
+@triton.jit
+def _colstats_block(S_ptr, L_ptr, blk, N, C, BN: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+    """Column log-sum-exp L_c = log sum_i exp(S_ic) of a block of classes, online max shift."""
+    cls = blk * BC + tl.arange(0, BC)
     cmask = cls < C
     neg_inf = float("-inf")
     m_col = tl.full((BC,), neg_inf, dtype=ACC)
@@ -177,79 +197,162 @@ def _g_tile(S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, rows, cls, N, 
 
 
 @triton.jit
+def _rows_block(zn_ptr, qn_ptr, znorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, scale,
+                losses_ptr, dz_ptr, blk, N, C, D, HAS_W: tl.constexpr, FUSED: tl.constexpr,
+                BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """Per-sample losses of a block of rows and (FUSED) their dz = s G qn with the normalisation
+    backward. Returns the block's weighted loss sum and its share of dloss/dtau = sum G * S."""
+    rows = blk * BN + tl.arange(0, BN)
+    rmask = rows < N
+    y = tl.load(y_ptr + rows, mask=rmask, other=0)
+    valid = (y >= 0) & (y < C)
+    yc = tl.where(valid, y, 0)
+    r = tl.load(R_ptr + rows, mask=rmask, other=0.0).to(ACC)
+    lc = tl.load(L_ptr + yc, mask=rmask, other=0.0).to(ACC)
+    st = tl.load(S_ptr + rows * C + yc, mask=rmask, other=0.0).to(ACC)
+    loss = tl.where(valid, 0.5 * (r + lc - 2.0 * st), float("nan"))
+    tl.store(losses_ptr + rows, loss, mask=rmask)
+    if HAS_W:
+        w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(ACC)
+    else:
+        w = tl.where(rmask, 1.0, 0.0).to(ACC) / N
+    ploss = tl.sum(tl.where(rmask, w * loss, 0.0), axis=0)
+    dtau = tl.zeros((BN,), dtype=ACC)
+    if FUSED:
+        # dz = s * G qn, D chunk by D chunk; dtau = sum G * S on the first chunk only
+        dot = tl.zeros((BN,), dtype=ACC)
+        for d0 in range(0, D, BD):
+            cols = d0 + tl.arange(0, BD)
+            dmask = cols < D
+            acc = tl.zeros((BN, BD), dtype=ACC)
+            for c0 in range(0, C, BC):
+                cls = c0 + tl.arange(0, BC)
+                g, s = _g_tile(S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, rows, cls, N, C, HAS_W, ACC)
+                if d0 == 0:
+                    dtau += tl.sum(g * s, axis=1)
+                b = tl.load(qn_ptr + cls[:, None] * D + cols[None, :], mask=(cls[:, None] < C) & dmask[None, :],
+                            other=0.0)
+                acc += tl.dot(g.to(b.dtype), b, input_precision=PREC, out_dtype=ACC)
+            acc = acc * scale
+            m2 = rmask[:, None] & dmask[None, :]
+            zn = tl.load(zn_ptr + rows[:, None] * D + cols[None, :], mask=m2, other=0.0).to(ACC)
+            dot += tl.sum(acc * zn, axis=1)
+            tl.store(dz_ptr + rows[:, None] * D + cols[None, :], acc, mask=m2)
+        _norm_backward(dz_ptr, zn_ptr, znorm_ptr, rows, rmask, dot, D, BD, ACC)
+    return ploss, tl.sum(dtau, axis=0)
+
+
+@triton.jit
+def _cls_block(zn_ptr, qn_ptr, qnorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, scale, dq_ptr,
+               blk, N, C, D, HAS_W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr,
+               ACC: tl.constexpr, PREC: tl.constexpr):
+    """dq = s G^T zn of a block of classes, with the normalisation backward."""
+    cls = blk * BC + tl.arange(0, BC)
+    cmask = cls < C
+    dot = tl.zeros((BC,), dtype=ACC)
+    for d0 in range(0, D, BD):
+        cols = d0 + tl.arange(0, BD)
+        dmask = cols < D
+        acc = tl.zeros((BC, BD), dtype=ACC)
+        for i0 in range(0, N, BN):
+            rows = i0 + tl.arange(0, BN)
+            g, s = _g_tile(S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, rows, cls, N, C, HAS_W, ACC)
+            a = tl.load(zn_ptr + rows[:, None] * D + cols[None, :], mask=(rows[:, None] < N) & dmask[None, :],
+                        other=0.0)
+            acc += tl.dot(tl.trans(g.to(a.dtype)), a, input_precision=PREC, out_dtype=ACC)
+        acc = acc * scale
+        m2 = cmask[:, None] & dmask[None, :]
+        qn = tl.load(qn_ptr + cls[:, None] * D + cols[None, :], mask=m2, other=0.0).to(ACC)
+        dot += tl.sum(acc * qn, axis=1)
+        tl.store(dq_ptr + cls[:, None] * D + cols[None, :], acc, mask=m2)
+    _norm_backward(dq_ptr, qn_ptr, qnorm_ptr, cls, cmask, dot, D, BD, ACC)
+
+
+@triton.jit
 def _grads(zn_ptr, qn_ptr, znorm_ptr, qnorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr,
-           tau_ptr, losses_ptr, ploss_ptr, pdtau_ptr, dz_ptr, dq_ptr, N, C, D, NBZ,
+           tau_ptr, losses_ptr, ploss_ptr, pdtau_ptr, ticket_ptr, loss_ptr, dtau_ptr, dz_ptr, dq_ptr, N, C, D, NBZ,
            HAS_W: tl.constexpr, FUSED: tl.constexpr,
-           BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+           BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr, ACC: tl.constexpr,
+           PREC: tl.constexpr):
     pid = tl.program_id(0)
     scale = tl.exp(tl.load(tau_ptr).to(ACC))
     if pid < NBZ:
-        rows = pid * BN + tl.arange(0, BN)
-        rmask = rows < N
-        y = tl.load(y_ptr + rows, mask=rmask, other=0)
-        valid = (y >= 0) & (y < C)
-        yc = tl.where(valid, y, 0)
-        r = tl.load(R_ptr + rows, mask=rmask, other=0.0).to(ACC)
-        lc = tl.load(L_ptr + yc, mask=rmask, other=0.0).to(ACC)
-        st = tl.load(S_ptr + rows * C + yc, mask=rmask, other=0.0).to(ACC)
-        loss = tl.where(valid, 0.5 * (r + lc - 2.0 * st), float("nan"))
-        tl.store(losses_ptr + rows, loss, mask=rmask)
-        if HAS_W:
-            w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(ACC)
-        else:
-            w = tl.where(rmask, 1.0, 0.0).to(ACC) / N
-        tl.store(ploss_ptr + pid, tl.sum(tl.where(rmask, w * loss, 0.0), axis=0))
-        if FUSED:
-            # dz = s * G qn, D chunk by D chunk; dtau = sum G * S on the first chunk only
-            dot = tl.zeros((BN,), dtype=ACC)
-            dtau = tl.zeros((BN,), dtype=ACC)
-            for d0 in range(0, D, BD):
-                cols = d0 + tl.arange(0, BD)
-                dmask = cols < D
-                acc = tl.zeros((BN, BD), dtype=ACC)
-                for c0 in range(0, C, BC):
-                    cls = c0 + tl.arange(0, BC)
-                    g, s = _g_tile(S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, rows, cls, N, C,
-                                   HAS_W, ACC)
-                    if d0 == 0:
-                        dtau += tl.sum(g * s, axis=1)
-                    b = tl.load(qn_ptr + cls[:, None] * D + cols[None, :],
-                                mask=(cls[:, None] < C) & dmask[None, :], other=0.0)
-                    acc += tl.dot(g.to(b.dtype), b, input_precision=PREC, out_dtype=ACC)
-                acc = acc * scale
-                m2 = rmask[:, None] & dmask[None, :]
-                zn = tl.load(zn_ptr + rows[:, None] * D + cols[None, :], mask=m2, other=0.0).to(ACC)
-                dot += tl.sum(acc * zn, axis=1)
-                tl.store(dz_ptr + rows[:, None] * D + cols[None, :], acc, mask=m2)
-            tl.store(pdtau_ptr + pid, tl.sum(dtau, axis=0))
-            _norm_backward(dz_ptr, zn_ptr, znorm_ptr, rows, rmask, dot, D, BD, ACC)
-    else:
-        if FUSED:
-            cls = (pid - NBZ) * BC + tl.arange(0, BC)
-            cmask = cls < C
-            dot = tl.zeros((BC,), dtype=ACC)
-            for d0 in range(0, D, BD):
-                cols = d0 + tl.arange(0, BD)
-                dmask = cols < D
-                acc = tl.zeros((BC, BD), dtype=ACC)
-                for i0 in range(0, N, BN):
-                    rows = i0 + tl.arange(0, BN)
-                    g, s = _g_tile(S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, rows, cls, N, C,
-                                   HAS_W, ACC)
-                    a = tl.load(zn_ptr + rows[:, None] * D + cols[None, :],
-                                mask=(rows[:, None] < N) & dmask[None, :], other=0.0)
-                    acc += tl.dot(tl.trans(g.to(a.dtype)), a, input_precision=PREC, out_dtype=ACC)
-                acc = acc * scale
-                m2 = cmask[:, None] & dmask[None, :]
-                qn = tl.load(qn_ptr + cls[:, None] * D + cols[None, :], mask=m2, other=0.0).to(ACC)
-                dot += tl.sum(acc * qn, axis=1)
-                tl.store(dq_ptr + cls[:, None] * D + cols[None, :], acc, mask=m2)
-            _norm_backward(dq_ptr, qn_ptr, qnorm_ptr, cls, cmask, dot, D, BD, ACC)
+        ploss, pdtau = _rows_block(zn_ptr, qn_ptr, znorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr,
+                                   scale, losses_ptr, dz_ptr, pid, N, C, D, HAS_W, FUSED, BN, BC, BD, ACC, PREC)
+        tl.store(ploss_ptr + pid, ploss)
+        tl.store(pdtau_ptr + pid, pdtau)
+        # The last row block to finish sums every block's partials in index order: a deterministic
+        # total in this launch (the integer ticket is the only atomic; acq_rel orders the stores).
+        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+        if ticket == NBZ - 1:
+            tot_l = tl.zeros((BP,), dtype=ACC)
+            tot_t = tl.zeros((BP,), dtype=ACC)
+            for i0 in range(0, NBZ, BP):
+                idx = i0 + tl.arange(0, BP)
+                tot_l += tl.load(ploss_ptr + idx, mask=idx < NBZ, other=0.0, cache_modifier=".cg")
+                tot_t += tl.load(pdtau_ptr + idx, mask=idx < NBZ, other=0.0, cache_modifier=".cg")
+            tl.store(loss_ptr, tl.sum(tot_l, axis=0))
+            tl.store(dtau_ptr, tl.sum(tot_t, axis=0))
+    elif FUSED:
+        _cls_block(zn_ptr, qn_ptr, qnorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, scale, dq_ptr,
+                   pid - NBZ, N, C, D, HAS_W, BN, BC, BD, ACC, PREC)
+
+
+@triton.jit
+def _episodes(z_ptr, q_ptr, y_ptr, row_off_ptr, cls_off_ptr, s_off_ptr, tau_ptr, zn_ptr, qn_ptr, znorm_ptr,
+              qnorm_ptr, cnt_ptr, wsum_ptr, S_ptr, R_ptr, L_ptr, pred_ptr, losses_ptr, loss_ptr, dtau_ptr,
+              dz_ptr, dq_ptr, D, FUSED: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr,
+              BI: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """One program per episode: forward and (FUSED) gradients of a whole episode, phase after phase
+    with a block-wide barrier between phases. Episode e owns rows row_off[e, 0] + (0..row_off[e, 1])
+    and classes cls_off[e, 0] + (0..cls_off[e, 1]) of the stacked tensors (packed or padded); its
+    labels are local (0..C_e - 1); its S block starts at s_off[e]."""
+    e = tl.program_id(0)
+    r0 = tl.load(row_off_ptr + 2 * e)
+    n = tl.load(row_off_ptr + 2 * e + 1)
+    c0 = tl.load(cls_off_ptr + 2 * e)
+    c = tl.load(cls_off_ptr + 2 * e + 1)
+    so = tl.load(s_off_ptr + e)
+    scale = tl.exp(tl.load(tau_ptr + e).to(ACC))
+    z, zn, dz = z_ptr + r0 * D, zn_ptr + r0 * D, dz_ptr + r0 * D
+    q, qn, dq = q_ptr + c0 * D, qn_ptr + c0 * D, dq_ptr + c0 * D
+    y, znorm, R, pred, losses = y_ptr + r0, znorm_ptr + r0, R_ptr + r0, pred_ptr + r0, losses_ptr + r0
+    qnorm, cnt, wsum, L = qnorm_ptr + c0, cnt_ptr + c0, wsum_ptr + c0, L_ptr + c0
+    S = S_ptr + so
+    nbz = tl.cdiv(n, BN)
+    nbc = tl.cdiv(c, BC)
+    for b in range(0, nbz):
+        _normalize_block(z, zn, znorm, b, n, D, BN, BD, ACC)
+    for b in range(0, tl.cdiv(c, BN)):
+        _normalize_block(q, qn, qnorm, b, c, D, BN, BD, ACC)
+    for b in range(0, nbc):
+        _count_block(y, y, cnt, wsum, b, n, c, False, BI, BC, ACC)
+    tl.debug_barrier()
+    for b in range(0, nbz):
+        _scores_block(zn, qn, cnt, scale, S, R, pred, b, n, c, D, BN, BC, BD, ACC, PREC)
+    tl.debug_barrier()
+    for b in range(0, nbc):
+        _colstats_block(S, L, b, n, c, BN, BC, ACC)
+    tl.debug_barrier()
+    tot_l = tl.zeros((1,), dtype=ACC)
+    tot_t = tl.zeros((1,), dtype=ACC)
+    for b in range(0, nbz):
+        pl, pt = _rows_block(zn, qn, znorm, S, R, L, cnt, wsum, y, y, scale, losses, dz, b, n, c, D,
+                             False, FUSED, BN, BC, BD, ACC, PREC)
+        tot_l += pl
+        tot_t += pt
+    if FUSED:
+        for b in range(0, nbc):
+            _cls_block(zn, qn, qnorm, S, R, L, cnt, wsum, y, y, scale, dq, b, n, c, D, False, BN, BC, BD, ACC, PREC)
+    one = tl.arange(0, 1)
+    tl.store(loss_ptr + e + one, tot_l)
+    tl.store(dtau_ptr + e + one, tot_t)
 
 
 @triton.jit
 def _norm_backward(g_ptr, xn_ptr, norm_ptr, rows, rmask, dot, D, BD: tl.constexpr, ACC: tl.constexpr):
     """In place: g <- (g - xn <xn, g>) / ||x|| (g / eps where the norm was clamped), as F.normalize."""
+    tl.debug_barrier()   # g was just stored, possibly by other threads of this program
     nrm = tl.load(norm_ptr + rows, mask=rmask, other=1.0).to(ACC)
     live = nrm > NORM_EPS
     dot = tl.where(live, dot, 0.0)
@@ -262,15 +365,24 @@ def _norm_backward(g_ptr, xn_ptr, norm_ptr, rows, rmask, dot, D, BD: tl.constexp
         tl.store(g_ptr + rows[:, None] * D + cols[None, :], (g - xn * dot[:, None]) * inv[:, None], mask=m2)
 
 
-def _blocks(n, c, d, interpreted):
+def _blocks(interpreted):
     # Under the interpreter every tile op is a numpy call: larger tiles mean fewer Python steps.
     if interpreted:
         return 32, 32, 64
     return 64, 32, 64
 
 
+PRECISIONS = ("ieee", "tf32")
+
+
+def _precision(dtype, precision):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+    return "ieee" if dtype == torch.float64 else precision
+
+
 def symmetric_ce(z, q, labels, tau, weights, fused_grad, precision="ieee"):
-    """Launcher with the op's schema; see copa_fast.ops.symmetric_ce."""
+    """Launcher with the op's schema; see copa_fast.ops.symmetric_ce. Four launches."""
     if z.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"z: the Triton kernels take float32 or float64, got {z.dtype}")
     z, q = z.contiguous(), q.contiguous()
@@ -279,11 +391,10 @@ def symmetric_ce(z, q, labels, tau, weights, fused_grad, precision="ieee"):
     c = q.shape[0]
     dev, dt = z.device, z.dtype
     acc = tl.float64 if dt == torch.float64 else tl.float32
-    prec = "ieee" if dt == torch.float64 else precision
+    prec = _precision(dt, precision)
     tau_t = tau.reshape(1).to(device=dev, dtype=dt)
     w = None if weights is None else weights.to(device=dev, dtype=dt).contiguous()
-    interp = dev.type == "cpu"
-    bn, bc, bd = _blocks(n, c, d, interp)
+    bn, bc, bd = _blocks(dev.type == "cpu")
     nbz, nbq, nbc = triton.cdiv(n, bn), triton.cdiv(c, bn), triton.cdiv(c, bc)
 
     zn, qn = torch.empty_like(z), torch.empty_like(q)
@@ -295,19 +406,54 @@ def symmetric_ce(z, q, labels, tau, weights, fused_grad, precision="ieee"):
     losses = torch.empty(n, device=dev, dtype=dt)
     ploss = torch.empty(nbz, device=dev, dtype=dt)
     pdtau = torch.empty(nbz, device=dev, dtype=dt)
+    loss, dtau = torch.empty((), device=dev, dtype=dt), torch.empty((), device=dev, dtype=dt)
+    ticket = torch.empty(1, device=dev, dtype=torch.int32)  # zeroed by _prep
     if fused_grad:
         dz, dq = torch.empty_like(z), torch.empty_like(q)
     else:
         dz, dq = z.new_empty(0), z.new_empty(0)
     w_arg = w if w is not None else z  # never read when HAS_W is False
 
-    _prep[(nbz + nbq + nbc,)](z, q, zn, qn, znorm, qnorm, labels, w_arg, cnt, wsum, n, c, d, w is not None,
+    _prep[(nbz + nbq + nbc,)](z, q, zn, qn, znorm, qnorm, labels, w_arg, cnt, wsum, ticket, n, c, d, w is not None,
                               nbz, nbq, BR=bn, BD=bd, BI=max(bn, 16), BC=bc, ACC=acc)
     _scores[(nbz,)](zn, qn, cnt, tau_t, S, R, pred, n, c, d, BN=bn, BC=bc, BD=bd, ACC=acc, PREC=prec)
     _colstats[(nbc,)](S, L, n, c, BN=bn, BC=bc, ACC=acc)
     _grads[(nbz + (nbc if fused_grad else 0),)](
-        zn, qn, znorm, qnorm, S, R, L, cnt, wsum, labels, w_arg, tau_t, losses, ploss, pdtau, dz, dq,
-        n, c, d, nbz, HAS_W=w is not None, FUSED=fused_grad, BN=bn, BC=bc, BD=bd, ACC=acc, PREC=prec)
-    loss = ploss.sum()
-    dtau = pdtau.sum() if fused_grad else z.new_empty(0)
-    return loss, losses, pred, dz, dq, dtau
+        zn, qn, znorm, qnorm, S, R, L, cnt, wsum, labels, w_arg, tau_t, losses, ploss, pdtau, ticket, loss,
+        dtau, dz, dq, n, c, d, nbz, HAS_W=w is not None, FUSED=fused_grad, BN=bn, BC=bc, BD=bd, BP=64,
+        ACC=acc, PREC=prec)
+    return loss, losses, pred, dz, dq, dtau if fused_grad else z.new_empty(0)
+
+
+def episodes_sce(z, q, labels, rows, classes, s_off, s_total, tau, fused_grad, precision="ieee"):
+    """One launch for E episodes: see ``_episodes``. rows, classes: (E, 2) int64 [start, count];
+    s_off: (E,) int64 start of each episode's N_e x C_e score block in a buffer of s_total entries;
+    tau: (E,). Returns loss (E,), losses, pred (rows of z), dz, dq (empty without fused_grad; rows
+    no episode owns are zero), dtau (E,)."""
+    if z.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"z: the Triton kernels take float32 or float64, got {z.dtype}")
+    z, q = z.contiguous(), q.contiguous()
+    labels = labels.to(torch.int64).contiguous()
+    n, d = z.shape
+    e = rows.shape[0]
+    dev, dt = z.device, z.dtype
+    acc = tl.float64 if dt == torch.float64 else tl.float32
+    prec = _precision(dt, precision)
+    bn, bc, bd = _blocks(dev.type == "cpu")
+    zn, qn = torch.empty_like(z), torch.empty_like(q)
+    znorm, qnorm = torch.empty(n, device=dev, dtype=dt), torch.empty(q.shape[0], device=dev, dtype=dt)
+    cnt, wsum = torch.empty_like(qnorm), torch.empty_like(qnorm)
+    S = torch.empty(max(s_total, 1), device=dev, dtype=dt)
+    R, L = torch.empty_like(znorm), torch.empty_like(qnorm)
+    pred = torch.zeros(n, device=dev, dtype=torch.int64)
+    losses = torch.zeros(n, device=dev, dtype=dt)
+    loss, dtau = torch.empty(e, device=dev, dtype=dt), torch.empty(e, device=dev, dtype=dt)
+    if fused_grad:
+        dz, dq = torch.zeros_like(z), torch.zeros_like(q)
+    else:
+        dz, dq = z.new_empty(0), z.new_empty(0)
+    _episodes[(e,)](z, q, labels, rows.contiguous(), classes.contiguous(), s_off.contiguous(),
+                    tau.to(device=dev, dtype=dt).contiguous(), zn, qn, znorm, qnorm, cnt, wsum, S, R, L, pred,
+                    losses, loss, dtau, dz, dq, d, FUSED=fused_grad, BN=bn, BC=bc, BD=bd, BI=max(bn, 16),
+                    ACC=acc, PREC=prec)
+    return loss, losses, pred, dz, dq, dtau if fused_grad else z.new_empty(0)

@@ -1,0 +1,225 @@
+"""The Triton backend's batched-episodes kernel (one launch for E ragged episodes), the batched
+adapt_many engine built on it, and the opt-in TF32 mode. Under TRITON_INTERPRET=1 on CPU in CI;
+on CUDA tensors where a GPU is present."""
+
+import math
+
+import pytest
+import torch
+
+import copa_fast
+from copa_fast import reference as ref
+from conftest import TOL, assert_rel, make_episode, rel_err
+
+pytestmark = pytest.mark.skipif("triton" not in copa_fast.available_backends(), reason="triton unavailable")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (N, C) per episode: ragged, a 1-class episode, C = N, a 1-shot class, tails of every tile size
+SIZES = [(7, 3), (5, 1), (6, 6), (70, 9), (33, 32)]
+
+
+def _episodes(dtype, d, seed=0):
+    eps = []
+    for k, (n, c) in enumerate(SIZES):
+        x, y = make_episode(n, c, d, seed=seed + k, dtype=torch.float64, one_shot=1 if c > 1 and n > c else 0)
+        q = torch.randn(c, d, generator=torch.Generator().manual_seed(seed + 100 + k), dtype=torch.float64)
+        eps.append((x, q, y))
+    return eps
+
+
+def _stack(eps, pad_rows=0, pad_cls=0, dtype=torch.float32):
+    """Stacks the episodes with gaps of garbage rows between them (pad_* > 0) to check that the
+    kernel reads and writes only the rows each episode owns."""
+    d = eps[0][0].shape[1]
+    zs, qs, ys, rows, cls, s_off = [], [], [], [], [], []
+    r = c = s = 0
+    for x, q, y in eps:
+        rows.append([r, x.shape[0]])
+        cls.append([c, q.shape[0]])
+        s_off.append(s)
+        s += x.shape[0] * q.shape[0]
+        zs += [x, torch.full((pad_rows, d), 1e30, dtype=torch.float64)]
+        qs += [q, torch.full((pad_cls, d), -1e30, dtype=torch.float64)]
+        ys += [y, torch.full((pad_rows,), 10**6)]
+        r += x.shape[0] + pad_rows
+        c += q.shape[0] + pad_cls
+    t = lambda v: torch.tensor(v, dtype=torch.int64, device=DEVICE)  # noqa: E731
+    return (torch.cat(zs).to(DEVICE, dtype), torch.cat(qs).to(DEVICE, dtype), torch.cat(ys).to(DEVICE),
+            t(rows), t(cls), t(s_off), s)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("pad", [0, 3], ids=["packed", "padded"])
+def test_episodes_kernel_matches_reference_per_episode(dtype, pad):
+    from copa_fast.ops import symmetric_ce as ops
+
+    d = 19
+    eps = _episodes(dtype, d)
+    z, q, y, rows, cls, s_off, s_total = _stack(eps, pad, pad, dtype)
+    taus = torch.tensor([2.0, 0.0, 5.0, 1.0, 10.0], dtype=dtype, device=DEVICE, requires_grad=True)
+    z.requires_grad_(True)
+    q.requires_grad_(True)
+    loss, losses, pred, _, _, _ = ops.episodes_op()(z, q, y, rows, cls, s_off, s_total, taus, True)
+    weights = torch.rand(len(eps), dtype=dtype, device=DEVICE) + 0.5
+    (loss * weights).sum().backward()
+    tol = TOL[dtype]
+    for k, ((x, p, lab), (r0, n), (c0, c)) in enumerate(zip(eps, rows.tolist(), cls.tolist())):
+        xr, pr = x.clone().requires_grad_(True), p.clone().requires_grad_(True)
+        tr = torch.tensor(taus[k].item(), dtype=torch.float64, requires_grad=True)
+        want = ref.symmetric_ce(xr, pr, lab, tr)
+        (want * weights[k].double().cpu()).backward()
+        assert_rel(loss[k], want, tol["loss"], f"episode {k} loss")
+        per_sample = ref.symmetric_ce(x, p, lab, tr.detach(), reduction="none")
+        assert_rel(losses[r0:r0 + n], per_sample, tol["loss"], f"episode {k} per-sample losses")
+        cos = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(p, dim=1).t()
+        assert pred[r0:r0 + n].cpu().eq(cos.argmax(1)).float().mean() >= 0.95
+        assert_rel(z.grad[r0:r0 + n], xr.grad, tol["grad"], f"episode {k} dz")
+        assert_rel(q.grad[c0:c0 + c], pr.grad, tol["grad"], f"episode {k} dq")
+        assert_rel(taus.grad[k], tr.grad, tol["grad"], f"episode {k} dtau")
+    owned = torch.zeros(z.shape[0], dtype=torch.bool)
+    for r0, n in rows.tolist():
+        owned[r0:r0 + n] = True
+    assert torch.all(z.grad[~owned.to(DEVICE)] == 0)   # gap rows: untouched gradients
+
+
+def test_episodes_kernel_bad_label_poisons_only_its_episode():
+    from copa_fast.ops import symmetric_ce as ops
+
+    eps = _episodes(torch.float32, 16, seed=3)
+    z, q, y, rows, cls, s_off, s_total = _stack(eps, 0, 0)
+    y = y.clone()
+    r0, n = rows[2].tolist()
+    y[r0 + 1] = 999   # out of range for episode 2, never an out-of-bounds access
+    loss, *_ = ops.episodes_op()(z, q, y, rows, cls, s_off, s_total, torch.full((len(eps),), 2.0, device=DEVICE),
+                                 True)
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3, 4]]).all()
+
+
+def test_episodes_kernel_is_deterministic_and_forward_only_mode():
+    from copa_fast.ops import symmetric_ce as ops
+
+    eps = _episodes(torch.float32, 24, seed=5)
+    args = _stack(eps, 0, 0)
+    tau = torch.full((len(eps),), 2.0, device=DEVICE)
+    a = ops.episodes_op()(*args, tau, True)
+    b = ops.episodes_op()(*args, tau, True)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    f = ops.episodes_op()(*args, tau, False)
+    assert torch.equal(f[0], a[0]) and f[3].numel() == 0
+
+
+def test_episodes_op_opcheck():
+    from copa_fast.ops import symmetric_ce as ops
+
+    eps = _episodes(torch.float32, 12, seed=7)[:3]
+    z, q, y, rows, cls, s_off, s_total = _stack(eps, 0, 0)
+    tau = torch.full((3,), 2.0, device=DEVICE)
+    torch.library.opcheck(ops.episodes_op(), (z.requires_grad_(True), q.requires_grad_(True), y, rows, cls, s_off,
+                                              s_total, tau, True))
+
+
+def test_adapt_many_batched_equals_adapt_per_episode():
+    from copa_fast.episodes import sample_episodes, synthetic_features
+
+    feats, labels = synthetic_features(n_classes=12, per_class=30, dim=20, seed=1)
+    eps = [e.to(DEVICE) for e in sample_episodes(feats, labels, 5, seed=1, max_ways=8, max_support=60)]
+    steps = 4
+    got = copa_fast.adapt_many(eps, steps=steps, backend="triton", group_size=2)   # three groups
+    for g, e in zip(got, eps):
+        want = copa_fast.adapt(e.support, e.support_labels, e.query, e.query_labels, steps=steps, backend="triton")
+        assert rel_err(g.w_img, want.w_img) < 1e-5 and rel_err(g.w_proto, want.w_proto) < 1e-5
+        assert g.losses == pytest.approx(want.losses, rel=1e-5)
+        assert g.query_accuracy == want.query_accuracy
+        assert g.losses[-1] < g.losses[0]
+
+
+def test_adapt_many_batched_float64_follows_reference():
+    eps = []
+    for k, (n, c) in enumerate([(30, 5), (12, 3), (25, 25)]):
+        x, y = make_episode(n, c, 16, seed=20 + k, dtype=torch.float64)
+        xq = x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+        eps.append((x.to(DEVICE), y.to(DEVICE), xq.to(DEVICE), y.to(DEVICE)))
+    got = copa_fast.adapt_many(eps, steps=3, backend="triton")
+    for g, (xs, ys, xq, yq) in zip(got, eps):
+        want = ref.adapt(xs.cpu(), ys.cpu(), xq.cpu(), yq.cpu(), steps=3)
+        assert rel_err(g.w_img, want.w_img) < 1e-9 and rel_err(g.w_proto, want.w_proto) < 1e-9
+        assert g.query_accuracy == want.query_accuracy
+
+
+def test_adapt_many_group_size_validated():
+    with pytest.raises(ValueError, match="group_size"):
+        copa_fast.adapt_many([], group_size=0)
+
+
+# --- TF32 -------------------------------------------------------------------------------------------
+# Documented bound (README): relative error against float64 <= 1e-3 (loss) and <= 5e-3 (gradients)
+# for tau <= 5; <= 3e-2 for the gradients up to tau = 10.
+TF32_TOL = {"loss": 1e-3, "grad": 5e-3}
+
+
+def _tf32(x: torch.Tensor) -> torch.Tensor:
+    """Rounds float32 to TF32 (10 mantissa bits, nearest, ties away), as tensor cores read operands."""
+    i = x.float().contiguous().view(torch.int32)
+    return ((i + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def _tf32_model(z, q, y, tau):
+    """The N x C form in float32 with TF32-rounded operands in the three products the kernel runs on
+    tensor cores (S = zn qn^T, G qn, G^T zn): the numerical model of precision='tf32'."""
+    zn, qn = torch.nn.functional.normalize(z, dim=1), torch.nn.functional.normalize(q, dim=1)
+    n, c, s = z.shape[0], q.shape[0], math.exp(tau)
+    scores = s * (_tf32(zn) @ _tf32(qn).t())
+    cnt = torch.bincount(y, minlength=c).float()
+    r, l_ = torch.logsumexp(scores + cnt.log(), 1), torch.logsumexp(scores, 0)
+    loss = (r + l_[y] - 2 * scores[torch.arange(n), y]).sum() / (2 * n)
+    g = (cnt * torch.exp(scores - r[:, None]) + cnt * torch.exp(scores - l_)) / (2 * n)
+    g[torch.arange(n), y] -= 1.0 / n
+    dzn, dqn = s * _tf32(g) @ _tf32(qn), s * _tf32(g).t() @ _tf32(zn)
+    dz = (dzn - zn * (zn * dzn).sum(1, keepdim=True)) / z.norm(dim=1, keepdim=True)
+    dq = (dqn - qn * (qn * dqn).sum(1, keepdim=True)) / q.norm(dim=1, keepdim=True)
+    return loss, dz, dq
+
+
+@pytest.mark.parametrize("tau", [2.0, 5.0])
+def test_tf32_error_model_within_documented_bound(tau):
+    x, y = make_episode(500, 50, 512, seed=30, dtype=torch.float64)
+    p = ref.class_prototypes(x, y, 50)
+    xr, pr = x.clone().requires_grad_(True), p.clone().requires_grad_(True)
+    want = ref.symmetric_ce(xr, pr, y, tau)
+    want.backward()
+    loss, dz, dq = _tf32_model(x.float(), p.float(), y, tau)
+    assert_rel(loss, want, TF32_TOL["loss"], "tf32 loss")
+    assert_rel(dz, xr.grad, TF32_TOL["grad"], "tf32 dz")
+    assert_rel(dq, pr.grad, TF32_TOL["grad"], "tf32 dq")
+
+
+def test_tf32_kernel_within_documented_bound():
+    """On a GPU the kernel's real TF32 path; under the interpreter (which computes the products in
+    float32) the same call checks the plumbing."""
+    x, y = make_episode(300, 30, 256, seed=31, dtype=torch.float64)
+    p = ref.class_prototypes(x, y, 30)
+    xr, pr = x.clone().requires_grad_(True), p.clone().requires_grad_(True)
+    want = ref.symmetric_ce(xr, pr, y)
+    want.backward()
+    a = x.float().to(DEVICE).requires_grad_(True)
+    b = p.float().to(DEVICE).requires_grad_(True)
+    loss = copa_fast.symmetric_ce(a, b, y.to(DEVICE), backend="triton", precision="tf32")
+    loss.backward()
+    assert_rel(loss, want, TF32_TOL["loss"], "tf32 loss")
+    assert_rel(a.grad, xr.grad, TF32_TOL["grad"], "tf32 dz")
+    assert_rel(b.grad, pr.grad, TF32_TOL["grad"], "tf32 dq")
+
+
+def test_precision_argument_validated():
+    x, y = make_episode(20, 4, 8)
+    with pytest.raises(ValueError, match="precision: expected one of"):
+        copa_fast.symmetric_ce(x, x[:4], y, precision="fp16")
+    with pytest.raises(ValueError, match="precision: 'tf32' is a tensor-core mode"):
+        copa_fast.symmetric_ce(x, x[:4], y, backend="reference", precision="tf32")
+    if "cpu" in copa_fast.available_backends():
+        w = torch.eye(8)
+        with pytest.raises(ValueError, match="precision"):
+            copa_fast.copa_loss(x, y, w, w, backend="cpu", precision="tf32")
+
+
