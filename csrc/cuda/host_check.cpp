@@ -1,0 +1,91 @@
+// Runs the CUDA kernels of sce_kernels.cuh on the host (simt_host.h) for the tests: reads one
+// problem from a binary file, launches copa_sce_single (a cooperative grid of `blocks` blocks) or
+// copa_sce_episodes (one block per episode), writes the outputs. Every buffer is its own heap
+// allocation of the exact size, so AddressSanitizer flags any out-of-bounds access.
+//
+// Input (native endianness): int64 header [dtype_bytes, mode (0 single, 1 episodes), R, K, d, fused,
+// has_w, blocks, E, s_total], then z (R*d), q (K*d) in dtype, y (R) int64, w (R, if has_w) and tau
+// (E) in dtype, then for episodes rows (2E), cls (2E), s_off (E) int64.
+// Output: loss (E), dtau (E), losses (R) in dtype, pred (R) int64, dz (R*d), dq (K*d) in dtype.
+#define COPA_SIMT_HOST 1
+#include "sce_kernels.cuh"
+
+#include <cstdio>
+#include <cstring>
+#include <string>
+
+namespace {
+
+template <typename V>
+std::vector<V> read(FILE* f, size_t count) {
+  std::vector<V> v(count);
+  if (count && fread(v.data(), sizeof(V), count, f) != count) {
+    fprintf(stderr, "host_check: short input\n");
+    exit(2);
+  }
+  return v;
+}
+
+template <typename V>
+void write(FILE* f, const std::vector<V>& v) {
+  if (!v.empty()) fwrite(v.data(), sizeof(V), v.size(), f);
+}
+
+template <typename T>
+int run(FILE* in, FILE* out, const int64_t* h) {
+  using copa_fast::cuda::SceProblem;
+  const int64_t mode = h[1], R = h[2], K = h[3], d = h[4], fused = h[5], has_w = h[6], blocks = h[7], E = h[8],
+                s_total = h[9];
+  auto z = read<T>(in, R * d), q = read<T>(in, K * d);
+  auto y = read<int64_t>(in, R);
+  auto w = has_w ? read<T>(in, R) : std::vector<T>();
+  auto tau = read<T>(in, E);
+  std::vector<int64_t> rows, cls, s_off;
+  if (mode == 1) {
+    rows = read<int64_t>(in, 2 * E);
+    cls = read<int64_t>(in, 2 * E);
+    s_off = read<int64_t>(in, E);
+  }
+  std::vector<T> zn(R * d), qn(K * d), znorm(R), qnorm(K), cnt(K), wsum(K), S(mode == 1 ? s_total : R * K), Rr(R),
+      L(K), row_dtau(R), wloss(R), losses(R, T(0)), dz(fused ? R * d : 0, T(0)), dq(fused ? K * d : 0, T(0)),
+      loss(E), dtau(E, T(0));
+  std::vector<int64_t> pred(R, 0);
+  SceProblem<T> p{z.data(), q.data(), y.data(), has_w ? w.data() : nullptr, tau[0], (int)R, (int)K, (int)d,
+                  fused != 0, zn.data(), qn.data(), znorm.data(), qnorm.data(), cnt.data(), wsum.data(), S.data(),
+                  Rr.data(), L.data(), row_dtau.data(), wloss.data(), losses.data(), pred.data(),
+                  fused ? dz.data() : nullptr, fused ? dq.data() : nullptr, loss.data(), dtau.data()};
+  if (mode == 0) {
+    simt::launch((int)blocks, copa_fast::cuda::kThreads, [&] { copa_fast::cuda::copa_sce_single<T>(p); });
+  } else {
+    simt::launch((int)E, copa_fast::cuda::kThreads, [&] {
+      copa_fast::cuda::copa_sce_episodes<T>(p, rows.data(), cls.data(), s_off.data(), tau.data());
+    });
+  }
+  write(out, loss);
+  write(out, dtau);
+  write(out, losses);
+  write(out, pred);
+  write(out, dz);
+  write(out, dq);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 3) {
+    fprintf(stderr, "usage: host_check INPUT OUTPUT\n");
+    return 2;
+  }
+  FILE* in = fopen(argv[1], "rb");
+  FILE* out = fopen(argv[2], "wb");
+  if (!in || !out) {
+    fprintf(stderr, "host_check: cannot open files\n");
+    return 2;
+  }
+  auto h = read<int64_t>(in, 10);
+  const int rc = h[0] == 8 ? run<double>(in, out, h.data()) : run<float>(in, out, h.data());
+  fclose(in);
+  fclose(out);
+  return rc;
+}

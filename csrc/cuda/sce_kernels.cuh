@@ -1,0 +1,452 @@
+// copa_fast CUDA kernels: the symmetric CE of CoPA in its exact N x C form (DESIGN §2), forward
+// and (fused) gradient, in ONE launch.
+//
+// Raw pointers and a stream only, no ATen: nvcc compiles this without torch, and the same source
+// compiles as plain C++ against simt_host.h, which runs every CUDA thread as a host thread (block
+// and grid barriers included) so that CI checks the kernel logic — under AddressSanitizer — on a
+// machine without a GPU.
+//
+// Work is split into phases separated by a barrier; within a phase, "workers" (blocks) take work
+// items round-robin, each item processed by a whole block of kThreads threads:
+//   P1  row norms and normalised rows of z and q; class counts and weight sums
+//   P2  S = exp(tau) zn qn^T by 32 x 32 tiles
+//   P3  row log-sum-exp over the N expanded columns + row argmax; column log-sum-exp
+//   P4  per-sample losses; (fused) G = dloss/dS written over S, per-row dloss/dtau
+//   P5  (fused) dz = s G qn and dq = s G^T zn by 32 x 32 tiles
+//   P6  (fused) normalisation backward of dz, dq; totals (loss, dtau) summed in a fixed order
+// Two entry points share the phases: copa_sce_single (all blocks of a cooperative grid on one
+// problem, grid-wide barriers) and copa_sce_episodes (one block per episode, block barriers).
+// Every reduction has a fixed order: results are bitwise reproducible. Labels outside 0..C-1 are
+// never used as an index: their rows get NaN.
+#pragma once
+
+#include <stdint.h>
+
+#ifdef COPA_SIMT_HOST
+#include "simt_host.h"
+#else
+#include <cooperative_groups.h>
+#define COPA_DEVICE __device__ __forceinline__
+#define COPA_GLOBAL __global__
+#define COPA_SHARED_ARRAY(T, name, count) __shared__ T name[count]
+#define COPA_TID ((int)threadIdx.x)
+#define COPA_BID ((int)blockIdx.x)
+#define COPA_NBLOCKS ((int)gridDim.x)
+#define COPA_SYNC_BLOCK() __syncthreads()
+#define COPA_SYNC_GRID() cooperative_groups::this_grid().sync()
+#endif
+
+namespace copa_fast {
+namespace cuda {
+
+constexpr int kThreads = 256;  // threads per block; the tile mapping below assumes it
+constexpr int kTile = 32;      // output tile (kTile x kTile) and depth chunk of the tiled products
+
+template <typename T>
+struct SceProblem {
+  // inputs
+  const T* z;          // (n, d)
+  const T* q;          // (c, d)
+  const int64_t* y;    // (n,)
+  const T* w;          // (n,) weights or nullptr (= 1/n)
+  T tau;
+  int n, c, d;
+  bool fused;
+  // workspace, written by the kernel
+  T* zn;               // (n, d)
+  T* qn;               // (c, d)
+  T* znorm;            // (n,)
+  T* qnorm;            // (c,)
+  T* cnt;              // (c,)
+  T* wsum;             // (c,)
+  T* S;                // (n, c): scores, then G
+  T* R;                // (n,)
+  T* L;                // (c,)
+  T* row_dtau;         // (n,)
+  T* wloss;            // (n,) weighted per-sample losses
+  // outputs
+  T* losses;           // (n,)
+  int64_t* pred;       // (n,)
+  T* dz;               // (n, d) when fused
+  T* dq;               // (c, d) when fused
+  T* loss;             // (1,)
+  T* dtau;             // (1,) when fused
+};
+
+template <typename T>
+struct Shared {
+  T* a;        // kTile * (kTile + 1)
+  T* b;        // kTile * (kTile + 1)
+  T* red;      // kThreads
+  int64_t* idx;  // kThreads
+};
+
+template <typename T> COPA_DEVICE T neg_inf() { return T(-INFINITY); }
+template <typename T> COPA_DEVICE T quiet_nan();
+template <> COPA_DEVICE float quiet_nan<float>() { return nanf(""); }
+template <> COPA_DEVICE double quiet_nan<double>() { return nan(""); }
+template <typename T> COPA_DEVICE T dev_exp(T x);
+template <typename T> COPA_DEVICE T dev_log(T x);
+template <typename T> COPA_DEVICE T dev_sqrt(T x);
+template <> COPA_DEVICE float dev_exp<float>(float x) { return expf(x); }
+template <> COPA_DEVICE double dev_exp<double>(double x) { return exp(x); }
+template <> COPA_DEVICE float dev_log<float>(float x) { return logf(x); }
+template <> COPA_DEVICE double dev_log<double>(double x) { return log(x); }
+template <> COPA_DEVICE float dev_sqrt<float>(float x) { return sqrtf(x); }
+template <> COPA_DEVICE double dev_sqrt<double>(double x) { return sqrt(x); }
+template <typename T> COPA_DEVICE T dev_abs(T x) { return x < T(0) ? -x : x; }
+template <typename T> COPA_DEVICE T dev_max(T a, T b) { return a > b ? a : b; }
+
+constexpr double kNormEps = 1e-12;
+
+// ---- block reductions: fixed tree order over kThreads slots ----------------------------------------
+
+template <typename T>
+COPA_DEVICE T block_sum(T v, T* red) {
+  const int t = COPA_TID;
+  red[t] = v;
+  COPA_SYNC_BLOCK();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (t < s) red[t] = red[t] + red[t + s];
+    COPA_SYNC_BLOCK();
+  }
+  T r = red[0];
+  COPA_SYNC_BLOCK();
+  return r;
+}
+
+template <typename T>
+COPA_DEVICE T block_max(T v, T* red) {
+  const int t = COPA_TID;
+  red[t] = v;
+  COPA_SYNC_BLOCK();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (t < s) red[t] = dev_max(red[t], red[t + s]);
+    COPA_SYNC_BLOCK();
+  }
+  T r = red[0];
+  COPA_SYNC_BLOCK();
+  return r;
+}
+
+// (value, index) maximum, the smallest index on ties; index -1 marks an empty slot.
+template <typename T>
+COPA_DEVICE int64_t block_argmax(T v, int64_t i, T* red, int64_t* idx) {
+  const int t = COPA_TID;
+  red[t] = v;
+  idx[t] = i;
+  COPA_SYNC_BLOCK();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (t < s) {
+      const T ov = red[t + s];
+      const int64_t oi = idx[t + s];
+      const bool take = oi >= 0 && (idx[t] < 0 || ov > red[t] || (ov == red[t] && oi < idx[t]));
+      if (take) {
+        red[t] = ov;
+        idx[t] = oi;
+      }
+    }
+    COPA_SYNC_BLOCK();
+  }
+  int64_t r = idx[0];
+  COPA_SYNC_BLOCK();
+  return r;
+}
+
+// ---- phase 1: norms, normalised rows, class counts ------------------------------------------------
+
+// Scaled norm (max |x| first) so that float32 neither overflows at 1e20 nor underflows at 1e-20.
+template <typename T>
+COPA_DEVICE void normalize_row(const T* x, T* xn, T* norm_out, int d, T* red) {
+  T m = T(0);
+  for (int k = COPA_TID; k < d; k += kThreads) m = dev_max(m, dev_abs(x[k]));
+  m = block_max(m, red);
+  const T safe = m > T(0) ? m : T(1);
+  T ss = T(0);
+  for (int k = COPA_TID; k < d; k += kThreads) {
+    const T v = x[k] / safe;
+    ss += v * v;
+  }
+  ss = block_sum(ss, red);
+  const T nrm = m * dev_sqrt(ss);
+  if (COPA_TID == 0) *norm_out = nrm;
+  const T inv = T(1) / dev_max(nrm, T(kNormEps));
+  for (int k = COPA_TID; k < d; k += kThreads) xn[k] = x[k] * inv;
+}
+
+template <typename T>
+COPA_DEVICE void count_class(const SceProblem<T>& p, int cls, T* red) {
+  T cnt = T(0), ws = T(0);
+  for (int i = COPA_TID; i < p.n; i += kThreads) {
+    if (p.y[i] == cls) {
+      cnt += T(1);
+      ws += p.w ? p.w[i] : T(0);
+    }
+  }
+  cnt = block_sum(cnt, red);
+  ws = block_sum(ws, red);
+  if (COPA_TID == 0) {
+    p.cnt[cls] = cnt;
+    p.wsum[cls] = p.w ? ws : cnt / T(p.n);
+  }
+}
+
+// ---- tiled products: out(i, j) = alpha * sum_k A(i, k) B(k, j) on one kTile x kTile tile ----------
+// Element (i, k) of A is at A[i * sai + k * sak], (k, j) of B at B[k * sbk + j * sbj]. Thread t owns
+// outputs (2 * (t / 16) + {0, 1}, 2 * (t % 16) + {0, 1}) of the tile. Out-of-range loads give 0.
+
+template <typename T>
+COPA_DEVICE void tile_product(const T* A, long sai, long sak, const T* B, long sbk, long sbj, int M, int N, int K,
+                              int tile_i, int tile_j, T alpha, T* out, long ld_out, const Shared<T>& sh) {
+  const int t = COPA_TID;
+  const int ty = t / 16, tx = t % 16;
+  const int i0 = tile_i * kTile, j0 = tile_j * kTile;
+  T acc[2][2] = {{T(0), T(0)}, {T(0), T(0)}};
+  for (int k0 = 0; k0 < K; k0 += kTile) {
+    for (int e = t; e < kTile * kTile; e += kThreads) {
+      const int r = e / kTile, k = e % kTile;
+      const int gi = i0 + r, gk = k0 + k, gj = j0 + r;
+      sh.a[r * (kTile + 1) + k] = (gi < M && gk < K) ? A[gi * sai + gk * sak] : T(0);
+      sh.b[r * (kTile + 1) + k] = (gj < N && gk < K) ? B[gk * sbk + gj * sbj] : T(0);  // stored transposed
+    }
+    COPA_SYNC_BLOCK();
+    for (int k = 0; k < kTile; ++k) {
+      const T a0 = sh.a[(2 * ty) * (kTile + 1) + k], a1 = sh.a[(2 * ty + 1) * (kTile + 1) + k];
+      const T b0 = sh.b[(2 * tx) * (kTile + 1) + k], b1 = sh.b[(2 * tx + 1) * (kTile + 1) + k];
+      acc[0][0] += a0 * b0;
+      acc[0][1] += a0 * b1;
+      acc[1][0] += a1 * b0;
+      acc[1][1] += a1 * b1;
+    }
+    COPA_SYNC_BLOCK();
+  }
+  for (int u = 0; u < 2; ++u) {
+    for (int v = 0; v < 2; ++v) {
+      const int gi = i0 + 2 * ty + u, gj = j0 + 2 * tx + v;
+      if (gi < M && gj < N) out[(long)gi * ld_out + gj] = alpha * acc[u][v];
+    }
+  }
+}
+
+// ---- phase 3: row and column statistics -------------------------------------------------------------
+
+template <typename T>
+COPA_DEVICE void row_stats(const SceProblem<T>& p, int i, const Shared<T>& sh) {
+  const T* s = p.S + (long)i * p.c;
+  T m = neg_inf<T>(), best = neg_inf<T>();
+  int64_t arg = -1;
+  for (int c = COPA_TID; c < p.c; c += kThreads) {
+    if (p.cnt[c] > T(0)) m = dev_max(m, s[c]);
+    if (arg < 0 || s[c] > best) {
+      best = s[c];
+      arg = c;
+    }
+  }
+  m = block_max(m, sh.red);
+  const int64_t am = block_argmax(best, arg, sh.red, sh.idx);
+  const T shift = m == neg_inf<T>() ? T(0) : m;
+  T sum = T(0);
+  for (int c = COPA_TID; c < p.c; c += kThreads)
+    if (p.cnt[c] > T(0)) sum += p.cnt[c] * dev_exp(s[c] - shift);
+  sum = block_sum(sum, sh.red);
+  if (COPA_TID == 0) {
+    p.R[i] = shift + dev_log(sum);
+    p.pred[i] = am < 0 ? 0 : am;
+  }
+}
+
+template <typename T>
+COPA_DEVICE void col_stats(const SceProblem<T>& p, int c, T* red) {
+  T m = neg_inf<T>();
+  for (int i = COPA_TID; i < p.n; i += kThreads) m = dev_max(m, p.S[(long)i * p.c + c]);
+  m = block_max(m, red);
+  const T shift = m == neg_inf<T>() ? T(0) : m;
+  T sum = T(0);
+  for (int i = COPA_TID; i < p.n; i += kThreads) sum += dev_exp(p.S[(long)i * p.c + c] - shift);
+  sum = block_sum(sum, red);
+  if (COPA_TID == 0) p.L[c] = shift + dev_log(sum);
+}
+
+// ---- phase 4: losses and G -----------------------------------------------------------------------
+
+template <typename T>
+COPA_DEVICE void row_loss_and_grad(const SceProblem<T>& p, int i, T* red) {
+  T* s = p.S + (long)i * p.c;
+  const int64_t yi = p.y[i];
+  const bool valid = yi >= 0 && yi < p.c;
+  const int yc = valid ? (int)yi : 0;
+  const T wi = p.w ? p.w[i] : T(1) / T(p.n);
+  const T ri = p.R[i];
+  const T loss = valid ? T(0.5) * (ri + p.L[yc] - T(2) * s[yc]) : quiet_nan<T>();
+  T dt = T(0);
+  if (p.fused) {
+    COPA_SYNC_BLOCK();  // every thread has read S[i, y_i] above; now S -> G in place, entry by entry
+    for (int c = COPA_TID; c < p.c; c += kThreads) {
+      const T sc = s[c];
+      T g = T(0.5) * (wi * p.cnt[c] * dev_exp(sc - ri) + p.wsum[c] * dev_exp(sc - p.L[c]));
+      if (c == yc) g -= wi;
+      if (!valid) g = quiet_nan<T>();
+      dt += g * sc;
+      s[c] = g;
+    }
+    dt = block_sum(dt, red);
+  }
+  if (COPA_TID == 0) {
+    p.losses[i] = loss;
+    p.wloss[i] = wi * loss;
+    p.row_dtau[i] = dt;
+  }
+}
+
+// ---- phase 6: normalisation backward, totals --------------------------------------------------------
+
+// g <- (g - xn <xn, g>) / ||x|| (g / eps where the norm was clamped), as F.normalize's backward.
+template <typename T>
+COPA_DEVICE void normalize_backward(T* g, const T* xn, T nrm, int d, T* red) {
+  T dot = T(0);
+  for (int k = COPA_TID; k < d; k += kThreads) dot += xn[k] * g[k];
+  dot = block_sum(dot, red);
+  const bool live = nrm > T(kNormEps);
+  const T inv = T(1) / dev_max(nrm, T(kNormEps));
+  for (int k = COPA_TID; k < d; k += kThreads) g[k] = live ? (g[k] - xn[k] * dot) * inv : g[k] * inv;
+}
+
+template <typename T>
+COPA_DEVICE void totals(const SceProblem<T>& p, T* red) {
+  T l = T(0), dt = T(0);
+  for (int i = COPA_TID; i < p.n; i += kThreads) {
+    l += p.wloss[i];
+    dt += p.row_dtau[i];
+  }
+  l = block_sum(l, red);
+  dt = block_sum(dt, red);
+  if (COPA_TID == 0) {
+    p.loss[0] = l;
+    if (p.fused) p.dtau[0] = dt;
+  }
+}
+
+// ---- the phases, shared by both entry points --------------------------------------------------------
+
+template <typename T, typename Sync>
+COPA_DEVICE void run_problem(const SceProblem<T>& p, int worker, int workers, const Shared<T>& sh, Sync sync) {
+  const T scale = dev_exp(p.tau);
+  const int ti = (p.n + kTile - 1) / kTile, tc = (p.c + kTile - 1) / kTile, td = (p.d + kTile - 1) / kTile;
+  // P1
+  for (int item = worker; item < p.n + 2 * p.c; item += workers) {
+    if (item < p.n) {
+      normalize_row(p.z + (long)item * p.d, p.zn + (long)item * p.d, p.znorm + item, p.d, sh.red);
+    } else if (item < p.n + p.c) {
+      const int c = item - p.n;
+      normalize_row(p.q + (long)c * p.d, p.qn + (long)c * p.d, p.qnorm + c, p.d, sh.red);
+    } else {
+      count_class(p, item - p.n - p.c, sh.red);
+    }
+  }
+  sync();
+  // P2: S = scale * zn qn^T
+  for (int item = worker; item < ti * tc; item += workers)
+    tile_product(p.zn, p.d, 1, p.qn, 1, p.d, p.n, p.c, p.d, item / tc, item % tc, scale, p.S, p.c, sh);
+  sync();
+  // P3
+  for (int item = worker; item < p.n + p.c; item += workers) {
+    if (item < p.n) row_stats(p, item, sh);
+    else col_stats(p, item - p.n, sh.red);
+  }
+  sync();
+  // P4
+  for (int item = worker; item < p.n; item += workers) row_loss_and_grad(p, item, sh.red);
+  sync();
+  if (p.fused) {
+    // P5: dz = scale * G qn (n x d), dq = scale * G^T zn (c x d)
+    for (int item = worker; item < (ti + tc) * td; item += workers) {
+      if (item < ti * td)
+        tile_product(p.S, p.c, 1, p.qn, p.d, 1, p.n, p.d, p.c, item / td, item % td, scale, p.dz, p.d, sh);
+      else {
+        const int it = item - ti * td;
+        tile_product(p.S, 1, p.c, p.zn, p.d, 1, p.c, p.d, p.n, it / td, it % td, scale, p.dq, p.d, sh);
+      }
+    }
+    sync();
+  }
+  // P6
+  for (int item = worker; item < 1 + (p.fused ? p.n + p.c : 0); item += workers) {
+    if (item == 0) totals(p, sh.red);
+    else if (item <= p.n) normalize_backward(p.dz + (long)(item - 1) * p.d, p.zn + (long)(item - 1) * p.d,
+                                             p.znorm[item - 1], p.d, sh.red);
+    else {
+      const int c = item - 1 - p.n;
+      normalize_backward(p.dq + (long)c * p.d, p.qn + (long)c * p.d, p.qnorm[c], p.d, sh.red);
+    }
+  }
+}
+
+struct GridSync {
+  COPA_DEVICE void operator()() const { COPA_SYNC_GRID(); }
+};
+struct BlockSync {
+  COPA_DEVICE void operator()() const { COPA_SYNC_BLOCK(); }
+};
+
+#define COPA_DECLARE_SHARED(T)                                  \
+  COPA_SHARED_ARRAY(T, copa_sh_a, kTile*(kTile + 1));          \
+  COPA_SHARED_ARRAY(T, copa_sh_b, kTile*(kTile + 1));          \
+  COPA_SHARED_ARRAY(T, copa_sh_red, kThreads);                 \
+  COPA_SHARED_ARRAY(int64_t, copa_sh_idx, kThreads);           \
+  const Shared<T> sh{copa_sh_a, copa_sh_b, copa_sh_red, copa_sh_idx}
+
+// One problem, every block of a cooperative grid (launched with cudaLaunchCooperativeKernel, at
+// most as many blocks as fit on the device at once).
+template <typename T>
+COPA_GLOBAL void copa_sce_single(SceProblem<T> p) {
+  COPA_DECLARE_SHARED(T);
+  run_problem(p, COPA_BID, COPA_NBLOCKS, sh, GridSync{});
+}
+
+// E episodes, one block each. Episode e owns rows rows[2e] + (0..rows[2e+1]) of z (and of every
+// per-row buffer), classes cls[2e] + (0..cls[2e+1]) of q, and the score block at s_off[e]; its
+// labels are local to it. The template problem `base` holds the stacked buffers.
+template <typename T>
+COPA_GLOBAL void copa_sce_episodes(SceProblem<T> base, const int64_t* rows, const int64_t* cls, const int64_t* s_off,
+                                   const T* tau) {
+  COPA_DECLARE_SHARED(T);
+  const int e = COPA_BID;
+  const long r0 = rows[2 * e], c0 = cls[2 * e];
+  const long d = base.d;
+  SceProblem<T> p = base;
+  p.n = (int)rows[2 * e + 1];
+  p.c = (int)cls[2 * e + 1];
+  p.tau = tau[e];
+  p.z += r0 * d;
+  p.zn += r0 * d;
+  p.q += c0 * d;
+  p.qn += c0 * d;
+  p.y += r0;
+  p.znorm += r0;
+  p.R += r0;
+  p.row_dtau += r0;
+  p.wloss += r0;
+  p.losses += r0;
+  p.pred += r0;
+  p.qnorm += c0;
+  p.cnt += c0;
+  p.wsum += c0;
+  p.L += c0;
+  p.S += s_off[e];
+  if (p.fused) {
+    p.dz += r0 * d;
+    p.dq += c0 * d;
+    p.dtau += e;
+  }
+  p.loss += e;
+  p.w = nullptr;
+  if (p.n > 0 && p.c > 0) {
+    run_problem(p, 0, 1, sh, BlockSync{});
+  } else if (COPA_TID == 0) {  // an empty episode: zero loss, no gradient
+    p.loss[0] = T(0);
+    if (p.fused) p.dtau[0] = T(0);
+  }
+}
+
+}  // namespace cuda
+}  // namespace copa_fast

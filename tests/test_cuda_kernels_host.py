@@ -1,0 +1,166 @@
+"""The CUDA kernels' source (csrc/cuda/sce_kernels.cuh) executed on the host: simt_host.h runs
+every CUDA thread as a host thread with real block and grid barriers, built with AddressSanitizer
+and UBSan, so any out-of-bounds access fails the test. Checks both entry points (the cooperative
+single-problem kernel over several blocks, and one block per episode) against the float64
+reference. On a GPU the same kernels are also tested through the `cuda` backend."""
+
+import os
+import shutil
+import struct
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from copa_fast import reference as ref
+from conftest import TOL, assert_rel, make_episode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+
+pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler")
+
+
+@pytest.fixture(scope="module")
+def host_check(tmp_path_factory):
+    exe = tmp_path_factory.mktemp("host_check") / "host_check"
+    cmd = [CXX, "-std=c++20", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+           "-pthread", "-I", os.path.join(ROOT, "csrc", "cuda"), os.path.join(ROOT, "csrc", "cuda", "host_check.cpp"),
+           "-o", str(exe)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0 and "sanitize" in out.stderr:
+        pytest.skip(f"the compiler lacks sanitizers: {out.stderr[-300:]}")
+    assert out.returncode == 0, out.stderr
+    return str(exe)
+
+
+def _run(exe, tmp_path, z, q, y, tau, *, fused=True, w=None, blocks=1, episodes=None):
+    """episodes: (rows (E, 2), cls (E, 2), s_off (E,), s_total) for the one-block-per-episode kernel."""
+    dt = np.float64 if z.dtype == torch.float64 else np.float32
+    r, d = z.shape
+    k = q.shape[0]
+    tau = np.atleast_1d(np.asarray(tau, dtype=dt))
+    e = len(tau)
+    mode = 0 if episodes is None else 1
+    s_total = r * k if episodes is None else episodes[3]
+    header = [np.dtype(dt).itemsize, mode, r, k, d, int(fused), int(w is not None), blocks, e, s_total]
+    src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
+    with open(src, "wb") as f:
+        f.write(struct.pack("10q", *header))
+        f.write(z.numpy().astype(dt).tobytes())
+        f.write(q.numpy().astype(dt).tobytes())
+        f.write(y.numpy().astype(np.int64).tobytes())
+        if w is not None:
+            f.write(w.numpy().astype(dt).tobytes())
+        f.write(tau.tobytes())
+        if episodes is not None:
+            for a in episodes[:3]:
+                f.write(np.asarray(a, dtype=np.int64).tobytes())
+    res = subprocess.run([exe, str(src), str(dst)], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, ASAN_OPTIONS="detect_leaks=0"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    raw = open(dst, "rb").read()
+    out, off = {}, 0
+    for name, count, typ in (("loss", e, dt), ("dtau", e, dt), ("losses", r, dt), ("pred", r, np.int64),
+                             ("dz", r * d if fused else 0, dt), ("dq", k * d if fused else 0, dt)):
+        size = count * np.dtype(typ).itemsize
+        out[name] = torch.from_numpy(np.frombuffer(raw[off:off + size], dtype=typ).copy())
+        off += size
+    assert off == len(raw)
+    out["dz"], out["dq"] = out["dz"].reshape(-1, d), out["dq"].reshape(-1, d)
+    return out
+
+
+def _want(x, p, y, tau, w=None):
+    xr, pr = x.double().clone().requires_grad_(True), p.double().clone().requires_grad_(True)
+    tr = torch.tensor(float(tau), dtype=torch.float64, requires_grad=True)
+    per = ref.symmetric_ce(xr, pr, y, tr, reduction="none")
+    loss = per.mean() if w is None else (per * w.double()).sum()
+    loss.backward()
+    return loss.detach(), per.detach(), xr.grad, pr.grad, tr.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape,blocks", [((37, 5, 45), 3), ((40, 40, 33), 2), ((50, 1, 16), 1), ((70, 9, 64), 4)],
+                         ids=["ragged-3blocks", "C=N-2blocks", "C=1", "tails-4blocks"])
+def test_single_problem_kernel_matches_reference(host_check, tmp_path, dtype, shape, blocks):
+    n, c, d = shape
+    x, y = make_episode(n, c, d, seed=n + c, dtype=dtype, one_shot=1 if 1 < c < n else 0)
+    p = torch.randn(c, d, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    out = _run(host_check, tmp_path, x, p, y, 2.0, blocks=blocks)
+    loss, per, dx, dp, dtau = _want(x, p, y, 2.0)
+    tol = TOL[dtype]
+    assert_rel(out["loss"][0], loss, tol["loss"], "loss")
+    assert_rel(out["losses"], per, tol["loss"], "per-sample losses")
+    assert_rel(out["dz"], dx, tol["grad"], "dz")
+    assert_rel(out["dq"], dp, tol["grad"], "dq")
+    assert_rel(out["dtau"][0], dtau, tol["grad"], "dtau")
+    cos = torch.nn.functional.normalize(x.double(), dim=1) @ torch.nn.functional.normalize(p.double(), dim=1).t()
+    assert (out["pred"] == cos.argmax(1)).float().mean() >= 0.95
+
+
+def test_weights_large_tau_and_forward_only(host_check, tmp_path):
+    x, y = make_episode(45, 6, 30, seed=8, dtype=torch.float64)
+    p = ref.class_prototypes(x, y, 6)
+    w = torch.rand(45, dtype=torch.float64)
+    out = _run(host_check, tmp_path, x, p, y, 10.0, w=w, blocks=2)
+    loss, per, dx, dp, dtau = _want(x, p, y, 10.0, w)
+    assert_rel(out["loss"][0], loss, 1e-10, "weighted loss at tau 10")
+    assert_rel(out["dz"], dx, 1e-9, "dz at tau 10")
+    assert_rel(out["dq"], dp, 1e-9, "dq at tau 10")
+    assert_rel(out["dtau"][0], dtau, 1e-9, "dtau at tau 10")
+    fwd = _run(host_check, tmp_path, x, p, y, 10.0, w=w, blocks=2, fused=False)
+    assert torch.equal(fwd["loss"], out["loss"]) and fwd["dz"].numel() == 0
+
+
+def test_deterministic_across_block_counts(host_check, tmp_path):
+    x, y = make_episode(33, 4, 20, seed=9)
+    p = ref.class_prototypes(x, y, 4)
+    a = _run(host_check, tmp_path, x, p, y, 2.0, blocks=1)
+    b = _run(host_check, tmp_path, x, p, y, 2.0, blocks=3)
+    for key in a:   # every reduction has a fixed order, whoever computes it
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_bad_label_gives_nan_without_out_of_bounds(host_check, tmp_path):
+    x, y = make_episode(30, 4, 16, seed=10)
+    p = ref.class_prototypes(x, y, 4)
+    y = y.clone()
+    y[3], y[7] = 4, -5
+    out = _run(host_check, tmp_path, x, p, y, 2.0, blocks=2)   # ASan aborts on any stray access
+    assert torch.isnan(out["loss"][0]) and torch.isnan(out["losses"][3]) and torch.isnan(out["losses"][7])
+    assert torch.isfinite(out["losses"][[0, 1, 2, 4]]).all()
+
+
+@pytest.mark.parametrize("pad", [0, 3], ids=["packed", "padded"])
+def test_episodes_kernel_matches_reference(host_check, tmp_path, pad):
+    sizes = [(7, 3), (5, 1), (6, 6), (40, 9)]
+    d = 19
+    zs, qs, ys, rows, cls, s_off = [], [], [], [], [], []
+    r = c = s = 0
+    eps = []
+    for k, (n, cc) in enumerate(sizes):
+        x, y = make_episode(n, cc, d, seed=40 + k, dtype=torch.float64)
+        p = torch.randn(cc, d, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+        eps.append((x, p, y))
+        rows.append([r, n])
+        cls.append([c, cc])
+        s_off.append(s)
+        s += n * cc
+        zs += [x, torch.full((pad, d), 1e30, dtype=torch.float64)]
+        qs += [p, torch.full((pad, d), -1e30, dtype=torch.float64)]
+        ys += [y, torch.full((pad,), 10**6)]
+        r += n + pad
+        c += cc + pad
+    taus = [2.0, 0.0, 5.0, 1.0]
+    out = _run(host_check, tmp_path, torch.cat(zs), torch.cat(qs), torch.cat(ys), taus,
+               episodes=(rows, cls, s_off, s))
+    for k, (x, p, y) in enumerate(eps):
+        loss, per, dx, dp, dtau = _want(x, p, y, taus[k])
+        r0, n = rows[k]
+        c0, cc = cls[k]
+        assert_rel(out["loss"][k], loss, 1e-10, f"episode {k} loss")
+        assert_rel(out["dz"][r0:r0 + n], dx, 1e-9, f"episode {k} dz")
+        assert_rel(out["dq"][c0:c0 + cc], dp, 1e-9, f"episode {k} dq")
+        assert_rel(out["dtau"][k], dtau, 1e-9, f"episode {k} dtau")
