@@ -305,8 +305,8 @@ def adapt_many(episodes, *, steps: int = 50, lr: float = 1e-3, weight_decay: flo
     tuples (or ``copa_fast.episodes.Episode``), different N and C per episode, D shared.
 
     Returns one AdaptResult per episode, equal to ``adapt`` on that episode (adapters within fp32
-    rounding, the same accuracies). With the ``triton`` backend (the default for CUDA tensors) the
-    episodes are adapted together: per step, two batched GEMMs forward, ONE kernel launch for the
+    rounding, the same accuracies). With the ``triton`` backend (the default for CUDA tensors) or
+    the ``cuda`` backend the episodes are adapted together: per step, two batched GEMMs forward, ONE kernel launch for the
     symmetric CE and its gradient of every episode, two batched GEMMs backward and one Adam update
     of the stacked adapters; nothing is read back to the host until the end. Episodes are grouped
     by size (at most ``group_size`` per group) to bound padding and memory. Other backends run
@@ -331,7 +331,7 @@ def adapt_many(episodes, *, steps: int = 50, lr: float = 1e-3, weight_decay: flo
     _check_hparams(steps, lr, weight_decay, tau)
     device = items[0][0].device
     b = _backends.resolve(backend, device)
-    batched = (b == "triton" and all(p[0].device == device and p[0].dtype == items[0][0].dtype for p in items)
+    batched = (b in ("triton", "cuda") and all(p[0].device == device and p[0].dtype == items[0][0].dtype for p in items)
                and items[0][0].dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16))
     if not batched:
         return [adapt(*parts, steps=steps, lr=lr, weight_decay=weight_decay, tau=tau, backend=b) for parts in items]
@@ -340,13 +340,14 @@ def adapt_many(episodes, *, steps: int = 50, lr: float = 1e-3, weight_decay: flo
     out = [None] * len(items)
     for g0 in range(0, len(order), group_size):
         group = order[g0:g0 + group_size]
-        results = _adapt_group([items[k] for k in group], [classes[k] for k in group], steps, lr, weight_decay, tau)
+        results = _adapt_group([items[k] for k in group], [classes[k] for k in group], steps, lr, weight_decay, tau,
+                               _ops.episodes_op(b))
         for k, r in zip(group, results):
             out[k] = r
     return out
 
 
-def _adapt_group(items, classes, steps, lr, weight_decay, tau):
+def _adapt_group(items, classes, steps, lr, weight_decay, tau, op):
     """The batched engine: episodes padded to the group's largest N and C, adapters stacked (E, D, D)."""
     x0 = items[0][0]
     dev, work = x0.device, _working_dtype(x0.dtype)
@@ -370,7 +371,6 @@ def _adapt_group(items, classes, steps, lr, weight_decay, tau):
     w_img = eye.repeat(e, 1, 1).requires_grad_(True)
     w_proto = eye.repeat(e, 1, 1).requires_grad_(True)
     opt = torch.optim.Adam([w_img, w_proto], lr=lr, weight_decay=weight_decay)
-    op = _ops.episodes_op()
     losses = []
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)

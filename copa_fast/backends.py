@@ -68,7 +68,8 @@ def _runs_on(name: str, device: torch.device) -> bool:
 
 def default_backend(device: torch.device) -> str:
     avail = available_backends()
-    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
+    # `cuda` stays opt-in until measured on a GPU against `triton` (benchmarks/RESULTS.md)
+    order = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpu", "reference")
     return next(b for b in order if b in avail)
 
 

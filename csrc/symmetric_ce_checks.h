@@ -41,4 +41,33 @@ inline void check_symmetric_ce_args(const at::Tensor& z, const at::Tensor& q, co
   }
 }
 
+// Checks of copa_fast::episodes_sce that need no data read (offsets are trusted to lie inside the
+// stacked tensors: the Python wrapper builds them).
+inline void check_episodes_args(const at::Tensor& z, const at::Tensor& q, const at::Tensor& labels,
+                                const at::Tensor& rows, const at::Tensor& classes, const at::Tensor& s_off,
+                                const at::Tensor& tau) {
+  CHECK_RANK(z, 2);
+  CHECK_RANK(q, 2);
+  CHECK_FLOATING(z);
+  CHECK_TYPE(q.scalar_type() == z.scalar_type(), "q: expected dtype ", z.scalar_type(), " (as z), got ",
+             q.scalar_type());
+  CHECK_ARG(q.size(1) == z.size(1), "q: expected ", z.size(1), " columns (as z), got ", q.size(1));
+  CHECK_TYPE(labels.scalar_type() == at::kLong, "labels: expected int64, got ", labels.scalar_type());
+  CHECK_ARG(labels.dim() == 1 && labels.size(0) == z.size(0), "labels: expected ", z.size(0), " entries, got ",
+            labels.sizes());
+  CHECK_ARG(rows.dim() == 2 && rows.size(1) == 2 && rows.scalar_type() == at::kLong,
+            "rows: expected an (E, 2) int64 tensor, got ", rows.sizes(), " ", rows.scalar_type());
+  CHECK_ARG(classes.sizes() == rows.sizes() && classes.scalar_type() == at::kLong,
+            "classes: expected an (E, 2) int64 tensor as rows, got ", classes.sizes());
+  CHECK_ARG(s_off.dim() == 1 && s_off.size(0) == rows.size(0) && s_off.scalar_type() == at::kLong,
+            "s_off: expected (E,) int64, got ", s_off.sizes());
+  CHECK_ARG(tau.dim() == 1 && tau.size(0) == rows.size(0), "tau: expected (E,), got ", tau.sizes());
+  CHECK_SAME_DEVICE(q, z);
+  CHECK_SAME_DEVICE(labels, z);
+  CHECK_SAME_DEVICE(rows, z);
+  CHECK_SAME_DEVICE(classes, z);
+  CHECK_SAME_DEVICE(s_off, z);
+  CHECK_SAME_DEVICE(tau, z);
+}
+
 }  // namespace copa_fast

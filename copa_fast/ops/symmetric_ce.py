@@ -134,10 +134,11 @@ def _episodes_fake(z, q, labels, rows, classes, s_off, s_total, tau, fused_grad,
 
 
 def _episodes_setup(ctx, inputs, output):
-    z, q, labels, rows, classes, s_off, s_total, tau, fused_grad, precision = inputs
+    z, q, labels, rows, classes, s_off, s_total, tau, fused_grad = inputs[:9]
     _, _, pred, dz, dq, dtau = output
     ctx.mark_non_differentiable(pred, dz, dq, dtau)
     ctx.fused = fused_grad
+    ctx.n_extra = len(inputs) - 9   # the Triton op's precision
     ctx.save_for_backward(dz, dq, dtau, rows, classes)
 
 
@@ -152,11 +153,19 @@ def _episodes_backward(ctx, g_loss, g_losses, _g_pred, _g_dz, _g_dq, _g_dtau):
         return g_loss[owner.clamp_min(0)][:, None]
 
     return (dz * per_item(rows[:, 0].contiguous(), dz.shape[0]), dq * per_item(classes[:, 0].contiguous(), dq.shape[0]),
-            None, None, None, None, None, g_loss * dtau, None, None)
+            None, None, None, None, None, g_loss * dtau, None) + (None,) * ctx.n_extra
 
 
 torch.library.register_autograd(EPISODES_TRITON, _episodes_backward, setup_context=_episodes_setup)
 
+EPISODES_CPP = "copa_fast::episodes_sce"
+if _extension.loaded():
+    torch.library.register_fake(EPISODES_CPP)(_episodes_fake)
+    torch.library.register_autograd(EPISODES_CPP, _episodes_backward, setup_context=_episodes_setup)
 
-def episodes_op():
-    return torch.ops.copa_fast.episodes_sce_triton.default
+
+def episodes_op(backend: str = "triton"):
+    """The batched-episodes op of a backend: ``triton``, or ``cpu`` / ``cuda`` (the C++ op)."""
+    if backend == "triton":
+        return torch.ops.copa_fast.episodes_sce_triton.default
+    return torch.ops.copa_fast.episodes_sce.default

@@ -188,14 +188,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {out[0], out[1], out[2], out[3], out[4], out[5]};
 }
 
+// E episodes stacked in z / q (see the schema below): the CPU kernel episode after episode, for
+// parity with the one-launch CUDA and Triton implementations of the same op.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> episodes_sce_cpu(
+    const at::Tensor& z, const at::Tensor& q, const at::Tensor& labels, const at::Tensor& rows,
+    const at::Tensor& classes, const at::Tensor& s_off, int64_t s_total, const at::Tensor& tau, bool fused_grad) {
+  check_episodes_args(z, q, labels, rows, classes, s_off, tau);
+  CHECK_ARG(z.device().is_cpu(), "z: expected a CPU tensor, got ", z.device());
+  const int64_t E = rows.size(0);
+  auto rr = rows.to(at::kCPU).contiguous(), cc = classes.to(at::kCPU).contiguous();
+  auto tt = tau.to(at::kCPU).to(at::kDouble).contiguous();
+  const int64_t* rp = rr.data_ptr<int64_t>();
+  const int64_t* cp = cc.data_ptr<int64_t>();
+  auto loss = at::zeros({E}, z.options()), dtau = fused_grad ? at::zeros({E}, z.options()) : at::empty({0}, z.options());
+  auto losses = at::zeros({z.size(0)}, z.options());
+  auto pred = at::zeros({z.size(0)}, labels.options().dtype(at::kLong));
+  auto dz = fused_grad ? at::zeros_like(z) : at::empty({0}, z.options());
+  auto dq = fused_grad ? at::zeros_like(q) : at::empty({0}, z.options());
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t r0 = rp[2 * e], n = rp[2 * e + 1], c0 = cp[2 * e], c = cp[2 * e + 1];
+    if (n == 0 || c == 0) continue;
+    auto zs = z.narrow(0, r0, n), qs = q.narrow(0, c0, c), ys = labels.narrow(0, r0, n);
+    const double t = tt.data_ptr<double>()[e];
+    auto out = z.scalar_type() == at::kDouble
+                   ? symmetric_ce_cpu_impl<double>(zs, qs, ys, t, c10::nullopt, fused_grad)
+                   : symmetric_ce_cpu_impl<float>(zs, qs, ys, t, c10::nullopt, fused_grad);
+    loss[e].copy_(out[0]);
+    losses.narrow(0, r0, n).copy_(out[1]);
+    pred.narrow(0, r0, n).copy_(out[2]);
+    if (fused_grad) {
+      dz.narrow(0, r0, n).copy_(out[3]);
+      dq.narrow(0, c0, c).copy_(out[4]);
+      dtau[e].copy_(out[5]);
+    }
+  }
+  (void)s_off;
+  (void)s_total;
+  return {loss, losses, pred, dz, dq, dtau};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(copa_fast, m) {
   m.def(
       "symmetric_ce(Tensor z, Tensor q, Tensor labels, Tensor tau, Tensor? weights, bool fused_grad)"
       " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // E ragged episodes stacked in z (rows) and q (classes): rows, classes (E, 2) int64 [start, count]
+  // with ascending starts, labels local to each episode, s_off (E,) the start of each episode's
+  // score block in a workspace of s_total entries, tau (E,). Returns per-episode loss (E,),
+  // per-row losses and pred, dz, dq (zero on rows no episode owns), dtau (E,).
+  m.def(
+      "episodes_sce(Tensor z, Tensor q, Tensor labels, Tensor rows, Tensor classes, Tensor s_off, int s_total,"
+      " Tensor tau, bool fused_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(copa_fast, CPU, m) { m.impl("symmetric_ce", &symmetric_ce_cpu); }
+TORCH_LIBRARY_IMPL(copa_fast, CPU, m) {
+  m.impl("symmetric_ce", &symmetric_ce_cpu);
+  m.impl("episodes_sce", &episodes_sce_cpu);
+}
 
 }  // namespace copa_fast

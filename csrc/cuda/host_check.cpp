@@ -50,7 +50,7 @@ int run(FILE* in, FILE* out, const int64_t* h) {
       L(K), row_dtau(R), wloss(R), losses(R, T(0)), dz(fused ? R * d : 0, T(0)), dq(fused ? K * d : 0, T(0)),
       loss(E), dtau(E, T(0));
   std::vector<int64_t> pred(R, 0);
-  SceProblem<T> p{z.data(), q.data(), y.data(), has_w ? w.data() : nullptr, tau[0], (int)R, (int)K, (int)d,
+  SceProblem<T> p{z.data(), q.data(), y.data(), has_w ? w.data() : nullptr, tau.data(), (int)R, (int)K, (int)d,
                   fused != 0, zn.data(), qn.data(), znorm.data(), qnorm.data(), cnt.data(), wsum.data(), S.data(),
                   Rr.data(), L.data(), row_dtau.data(), wloss.data(), losses.data(), pred.data(),
                   fused ? dz.data() : nullptr, fused ? dq.data() : nullptr, loss.data(), dtau.data()};

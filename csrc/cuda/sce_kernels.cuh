@@ -49,7 +49,7 @@ struct SceProblem {
   const T* q;          // (c, d)
   const int64_t* y;    // (n,)
   const T* w;          // (n,) weights or nullptr (= 1/n)
-  T tau;
+  const T* tau;        // (1,) on the device: the logit scale is exp(tau)
   int n, c, d;
   bool fused;
   // workspace, written by the kernel
@@ -330,7 +330,7 @@ COPA_DEVICE void totals(const SceProblem<T>& p, T* red) {
 
 template <typename T, typename Sync>
 COPA_DEVICE void run_problem(const SceProblem<T>& p, int worker, int workers, const Shared<T>& sh, Sync sync) {
-  const T scale = dev_exp(p.tau);
+  const T scale = dev_exp(p.tau[0]);
   const int ti = (p.n + kTile - 1) / kTile, tc = (p.c + kTile - 1) / kTile, td = (p.d + kTile - 1) / kTile;
   // P1
   for (int item = worker; item < p.n + 2 * p.c; item += workers) {
@@ -416,7 +416,7 @@ COPA_GLOBAL void copa_sce_episodes(SceProblem<T> base, const int64_t* rows, cons
   SceProblem<T> p = base;
   p.n = (int)rows[2 * e + 1];
   p.c = (int)cls[2 * e + 1];
-  p.tau = tau[e];
+  p.tau = tau + e;
   p.z += r0 * d;
   p.zn += r0 * d;
   p.q += c0 * d;

@@ -1,6 +1,6 @@
-"""The Triton backend's batched-episodes kernel (one launch for E ragged episodes), the batched
-adapt_many engine built on it, and the opt-in TF32 mode. Under TRITON_INTERPRET=1 on CPU in CI;
-on CUDA tensors where a GPU is present."""
+"""The batched-episodes op (E ragged episodes in one launch) of every backend that has one —
+Triton (under TRITON_INTERPRET=1 on CPU in CI), the C++ op on CPU (episode after episode) and on
+CUDA (one block per episode) — the batched adapt_many engine built on it, and the opt-in TF32 mode."""
 
 import math
 
@@ -11,8 +11,13 @@ import copa_fast
 from copa_fast import reference as ref
 from conftest import TOL, assert_rel, make_episode, rel_err
 
-pytestmark = pytest.mark.skipif("triton" not in copa_fast.available_backends(), reason="triton unavailable")
+AVAILABLE = copa_fast.available_backends()
+HAS_TRITON = "triton" in AVAILABLE
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKEND_DEVICE = {"cpu": "cpu", "triton": DEVICE, "cuda": "cuda"}
+EPISODE_BACKENDS = [pytest.param(b, id=b, marks=[pytest.mark.cuda] if BACKEND_DEVICE[b] == "cuda" else [])
+                    for b in ("cpu", "triton", "cuda") if b in AVAILABLE]
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton unavailable")
 
 # (N, C) per episode: ragged, a 1-class episode, C = N, a 1-shot class, tails of every tile size
 SIZES = [(7, 3), (5, 1), (6, 6), (70, 9), (33, 32)]
@@ -27,7 +32,7 @@ def _episodes(dtype, d, seed=0):
     return eps
 
 
-def _stack(eps, pad_rows=0, pad_cls=0, dtype=torch.float32):
+def _stack(eps, pad_rows=0, pad_cls=0, dtype=torch.float32, device=DEVICE):
     """Stacks the episodes with gaps of garbage rows between them (pad_* > 0) to check that the
     kernel reads and writes only the rows each episode owns."""
     d = eps[0][0].shape[1]
@@ -43,24 +48,26 @@ def _stack(eps, pad_rows=0, pad_cls=0, dtype=torch.float32):
         ys += [y, torch.full((pad_rows,), 10**6)]
         r += x.shape[0] + pad_rows
         c += q.shape[0] + pad_cls
-    t = lambda v: torch.tensor(v, dtype=torch.int64, device=DEVICE)  # noqa: E731
-    return (torch.cat(zs).to(DEVICE, dtype), torch.cat(qs).to(DEVICE, dtype), torch.cat(ys).to(DEVICE),
+    t = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
+    return (torch.cat(zs).to(device, dtype), torch.cat(qs).to(device, dtype), torch.cat(ys).to(device),
             t(rows), t(cls), t(s_off), s)
 
 
+@pytest.mark.parametrize("backend", EPISODE_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("pad", [0, 3], ids=["packed", "padded"])
-def test_episodes_kernel_matches_reference_per_episode(dtype, pad):
+def test_episodes_kernel_matches_reference_per_episode(backend, dtype, pad):
     from copa_fast.ops import symmetric_ce as ops
 
     d = 19
+    dev = BACKEND_DEVICE[backend]
     eps = _episodes(dtype, d)
-    z, q, y, rows, cls, s_off, s_total = _stack(eps, pad, pad, dtype)
-    taus = torch.tensor([2.0, 0.0, 5.0, 1.0, 10.0], dtype=dtype, device=DEVICE, requires_grad=True)
+    z, q, y, rows, cls, s_off, s_total = _stack(eps, pad, pad, dtype, dev)
+    taus = torch.tensor([2.0, 0.0, 5.0, 1.0, 10.0], dtype=dtype, device=dev, requires_grad=True)
     z.requires_grad_(True)
     q.requires_grad_(True)
-    loss, losses, pred, _, _, _ = ops.episodes_op()(z, q, y, rows, cls, s_off, s_total, taus, True)
-    weights = torch.rand(len(eps), dtype=dtype, device=DEVICE) + 0.5
+    loss, losses, pred, _, _, _ = ops.episodes_op(backend)(z, q, y, rows, cls, s_off, s_total, taus, True)
+    weights = torch.rand(len(eps), dtype=dtype, device=dev) + 0.5
     (loss * weights).sum().backward()
     tol = TOL[dtype]
     for k, ((x, p, lab), (r0, n), (c0, c)) in enumerate(zip(eps, rows.tolist(), cls.tolist())):
@@ -79,46 +86,53 @@ def test_episodes_kernel_matches_reference_per_episode(dtype, pad):
     owned = torch.zeros(z.shape[0], dtype=torch.bool)
     for r0, n in rows.tolist():
         owned[r0:r0 + n] = True
-    assert torch.all(z.grad[~owned.to(DEVICE)] == 0)   # gap rows: untouched gradients
+    assert torch.all(z.grad[~owned.to(dev)] == 0)   # gap rows: untouched gradients
 
 
-def test_episodes_kernel_bad_label_poisons_only_its_episode():
+@pytest.mark.parametrize("backend", EPISODE_BACKENDS)
+def test_episodes_kernel_bad_label_poisons_only_its_episode(backend):
     from copa_fast.ops import symmetric_ce as ops
 
+    dev = BACKEND_DEVICE[backend]
     eps = _episodes(torch.float32, 16, seed=3)
-    z, q, y, rows, cls, s_off, s_total = _stack(eps, 0, 0)
+    z, q, y, rows, cls, s_off, s_total = _stack(eps, 0, 0, device=dev)
     y = y.clone()
     r0, n = rows[2].tolist()
     y[r0 + 1] = 999   # out of range for episode 2, never an out-of-bounds access
-    loss, *_ = ops.episodes_op()(z, q, y, rows, cls, s_off, s_total, torch.full((len(eps),), 2.0, device=DEVICE),
-                                 True)
+    loss, *_ = ops.episodes_op(backend)(z, q, y, rows, cls, s_off, s_total,
+                                        torch.full((len(eps),), 2.0, device=dev), True)
     assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3, 4]]).all()
 
 
-def test_episodes_kernel_is_deterministic_and_forward_only_mode():
+@pytest.mark.parametrize("backend", EPISODE_BACKENDS)
+def test_episodes_kernel_is_deterministic_and_forward_only_mode(backend):
     from copa_fast.ops import symmetric_ce as ops
 
+    dev = BACKEND_DEVICE[backend]
     eps = _episodes(torch.float32, 24, seed=5)
-    args = _stack(eps, 0, 0)
-    tau = torch.full((len(eps),), 2.0, device=DEVICE)
-    a = ops.episodes_op()(*args, tau, True)
-    b = ops.episodes_op()(*args, tau, True)
+    args = _stack(eps, 0, 0, device=dev)
+    tau = torch.full((len(eps),), 2.0, device=dev)
+    a = ops.episodes_op(backend)(*args, tau, True)
+    b = ops.episodes_op(backend)(*args, tau, True)
     for u, v in zip(a, b):
         assert torch.equal(u, v)
-    f = ops.episodes_op()(*args, tau, False)
+    f = ops.episodes_op(backend)(*args, tau, False)
     assert torch.equal(f[0], a[0]) and f[3].numel() == 0
 
 
-def test_episodes_op_opcheck():
+@pytest.mark.parametrize("backend", EPISODE_BACKENDS)
+def test_episodes_op_opcheck(backend):
     from copa_fast.ops import symmetric_ce as ops
 
+    dev = BACKEND_DEVICE[backend]
     eps = _episodes(torch.float32, 12, seed=7)[:3]
-    z, q, y, rows, cls, s_off, s_total = _stack(eps, 0, 0)
-    tau = torch.full((3,), 2.0, device=DEVICE)
-    torch.library.opcheck(ops.episodes_op(), (z.requires_grad_(True), q.requires_grad_(True), y, rows, cls, s_off,
-                                              s_total, tau, True))
+    z, q, y, rows, cls, s_off, s_total = _stack(eps, 0, 0, device=dev)
+    tau = torch.full((3,), 2.0, device=dev)
+    torch.library.opcheck(ops.episodes_op(backend), (z.requires_grad_(True), q.requires_grad_(True), y, rows, cls,
+                                                     s_off, s_total, tau, True))
 
 
+@needs_triton
 def test_adapt_many_batched_equals_adapt_per_episode():
     from copa_fast.episodes import sample_episodes, synthetic_features
 
@@ -134,6 +148,7 @@ def test_adapt_many_batched_equals_adapt_per_episode():
         assert g.losses[-1] < g.losses[0]
 
 
+@needs_triton
 def test_adapt_many_batched_float64_follows_reference():
     eps = []
     for k, (n, c) in enumerate([(30, 5), (12, 3), (25, 25)]):
@@ -194,6 +209,7 @@ def test_tf32_error_model_within_documented_bound(tau):
     assert_rel(dq, pr.grad, TF32_TOL["grad"], "tf32 dq")
 
 
+@needs_triton
 def test_tf32_kernel_within_documented_bound():
     """On a GPU the kernel's real TF32 path; under the interpreter (which computes the products in
     float32) the same call checks the plumbing."""
@@ -223,3 +239,16 @@ def test_precision_argument_validated():
             copa_fast.copa_loss(x, y, w, w, backend="cpu", precision="tf32")
 
 
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif("cuda" not in AVAILABLE, reason="no CUDA kernels here")
+def test_adapt_many_on_the_cuda_backend_equals_adapt():
+    from copa_fast.episodes import sample_episodes, synthetic_features
+
+    feats, labels = synthetic_features(n_classes=12, per_class=30, dim=32, seed=2)
+    eps = [e.to("cuda") for e in sample_episodes(feats, labels, 4, seed=2, max_ways=8, max_support=60)]
+    got = copa_fast.adapt_many(eps, steps=5, backend="cuda")
+    for g, e in zip(got, eps):
+        want = copa_fast.adapt(e.support, e.support_labels, e.query, e.query_labels, steps=5, backend="cuda")
+        assert rel_err(g.w_img, want.w_img) < 1e-5 and g.query_accuracy == want.query_accuracy

@@ -1,0 +1,137 @@
+// The only file of csrc/cuda that touches ATen: argument checks, workspace allocation, the
+// current stream, and registration of the CUDA kernels for copa_fast::symmetric_ce and
+// copa_fast::episodes_sce (schemas in csrc/cpu/symmetric_ce.cpp).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../symmetric_ce_checks.h"
+#include "sce_launch.h"
+
+namespace copa_fast {
+namespace {
+
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+struct Buffers {
+  at::Tensor zn, qn, znorm, qnorm, cnt, wsum, S, R, L, row_dtau, wloss, losses, pred, dz, dq, loss, dtau;
+};
+
+Buffers allocate(const at::Tensor& z, const at::Tensor& q, int64_t s_entries, int64_t episodes, bool fused) {
+  const auto opt = z.options();
+  const int64_t n = z.size(0), c = q.size(0);
+  Buffers b;
+  b.zn = at::empty_like(z);
+  b.qn = at::empty_like(q);
+  b.znorm = at::empty({n}, opt);
+  b.qnorm = at::empty({c}, opt);
+  b.cnt = at::empty({c}, opt);
+  b.wsum = at::empty({c}, opt);
+  b.S = at::empty({std::max<int64_t>(s_entries, 1)}, opt);
+  b.R = at::empty({n}, opt);
+  b.L = at::empty({c}, opt);
+  b.row_dtau = at::empty({n}, opt);
+  b.wloss = at::empty({n}, opt);
+  b.losses = episodes ? at::zeros({n}, opt) : at::empty({n}, opt);
+  b.pred = episodes ? at::zeros({n}, opt.dtype(at::kLong)) : at::empty({n}, opt.dtype(at::kLong));
+  // episodes: rows no episode owns keep zero gradients
+  b.dz = fused ? (episodes ? at::zeros_like(z) : at::empty_like(z)) : at::empty({0}, opt);
+  b.dq = fused ? (episodes ? at::zeros_like(q) : at::empty_like(q)) : at::empty({0}, opt);
+  b.loss = at::empty({std::max<int64_t>(episodes, 1)}, opt);
+  b.dtau = fused ? at::empty({std::max<int64_t>(episodes, 1)}, opt) : at::empty({0}, opt);
+  return b;
+}
+
+template <typename T>
+cuda::SceProblem<T> problem(const at::Tensor& z, const at::Tensor& q, const at::Tensor& y, const at::Tensor* w,
+                            const at::Tensor& tau, bool fused, Buffers& b) {
+  cuda::SceProblem<T> p{};
+  p.z = z.data_ptr<T>();
+  p.q = q.data_ptr<T>();
+  p.y = y.data_ptr<int64_t>();
+  p.w = w ? w->data_ptr<T>() : nullptr;
+  p.tau = tau.data_ptr<T>();
+  p.n = static_cast<int>(z.size(0));
+  p.c = static_cast<int>(q.size(0));
+  p.d = static_cast<int>(z.size(1));
+  p.fused = fused;
+  p.zn = b.zn.data_ptr<T>();
+  p.qn = b.qn.data_ptr<T>();
+  p.znorm = b.znorm.data_ptr<T>();
+  p.qnorm = b.qnorm.data_ptr<T>();
+  p.cnt = b.cnt.data_ptr<T>();
+  p.wsum = b.wsum.data_ptr<T>();
+  p.S = b.S.data_ptr<T>();
+  p.R = b.R.data_ptr<T>();
+  p.L = b.L.data_ptr<T>();
+  p.row_dtau = b.row_dtau.data_ptr<T>();
+  p.wloss = b.wloss.data_ptr<T>();
+  p.losses = b.losses.data_ptr<T>();
+  p.pred = b.pred.data_ptr<int64_t>();
+  p.dz = fused ? b.dz.data_ptr<T>() : nullptr;
+  p.dq = fused ? b.dq.data_ptr<T>() : nullptr;
+  p.loss = b.loss.data_ptr<T>();
+  p.dtau = fused ? b.dtau.data_ptr<T>() : nullptr;
+  return p;
+}
+
+void check_size(const at::Tensor& t, const char* name) {
+  CHECK_ARG(t.numel() < (int64_t(1) << 31), name, ": the CUDA kernels index with 32-bit sizes; got ", t.numel(),
+            " elements");
+}
+
+Outputs symmetric_ce_cuda(const at::Tensor& z_in, const at::Tensor& q_in, const at::Tensor& labels,
+                          const at::Tensor& tau_in, const c10::optional<at::Tensor>& weights, bool fused_grad) {
+  check_symmetric_ce_args(z_in, q_in, labels, tau_in, weights);
+  CHECK_ARG(z_in.is_cuda(), "z: expected a CUDA tensor, got ", z_in.device());
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  auto z = z_in.contiguous(), q = q_in.contiguous();
+  auto y = labels.to(at::kLong).contiguous();
+  auto tau = tau_in.reshape({1}).to(z.scalar_type()).contiguous();
+  at::Tensor w;
+  if (weights.has_value()) w = weights->to(z.scalar_type()).contiguous();
+  check_size(z, "z");
+  CHECK_ARG(z.size(0) * q.size(0) < (int64_t(1) << 31), "z, q: N x C must stay below 2^31, got ", z.size(0), " x ",
+            q.size(0));
+  Buffers b = allocate(z, q, z.size(0) * q.size(0), 0, fused_grad);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "copa_fast_symmetric_ce_cuda", [&] {
+    auto p = problem<scalar_t>(z, q, y, weights.has_value() ? &w : nullptr, tau, fused_grad, b);
+    C10_CUDA_CHECK(cuda::launch_single<scalar_t>(p, stream));
+  });
+  return {b.loss.reshape({}), b.losses, b.pred, b.dz, b.dq, fused_grad ? b.dtau.reshape({}) : b.dtau};
+}
+
+Outputs episodes_sce_cuda(const at::Tensor& z_in, const at::Tensor& q_in, const at::Tensor& labels,
+                          const at::Tensor& rows, const at::Tensor& classes, const at::Tensor& s_off, int64_t s_total,
+                          const at::Tensor& tau_in, bool fused_grad) {
+  check_episodes_args(z_in, q_in, labels, rows, classes, s_off, tau_in);
+  CHECK_ARG(z_in.is_cuda(), "z: expected a CUDA tensor, got ", z_in.device());
+  CHECK_ARG(s_total >= 0 && s_total < (int64_t(1) << 31), "s_total: expected 0 <= s_total < 2^31, got ", s_total);
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  auto z = z_in.contiguous(), q = q_in.contiguous();
+  auto y = labels.contiguous();
+  auto tau = tau_in.to(z.scalar_type()).contiguous();
+  check_size(z, "z");
+  const int64_t E = rows.size(0);
+  Buffers b = allocate(z, q, s_total, E, fused_grad);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  auto rr = rows.contiguous(), cc = classes.contiguous(), so = s_off.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "copa_fast_episodes_sce_cuda", [&] {
+    auto p = problem<scalar_t>(z, q, y, nullptr, tau, fused_grad, b);
+    C10_CUDA_CHECK(cuda::launch_episodes<scalar_t>(p, rr.data_ptr<int64_t>(), cc.data_ptr<int64_t>(),
+                                                    so.data_ptr<int64_t>(), static_cast<int>(E), stream));
+  });
+  return {b.loss.narrow(0, 0, E), b.losses, b.pred, b.dz, b.dq, fused_grad ? b.dtau.narrow(0, 0, E) : b.dtau};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(copa_fast, CUDA, m) {
+  m.impl("symmetric_ce", &symmetric_ce_cuda);
+  m.impl("episodes_sce", &episodes_sce_cuda);
+}
+
+}  // namespace copa_fast

@@ -1,0 +1,57 @@
+// Instantiation and launch of the kernels of sce_kernels.cuh. Raw pointers and a stream only: this
+// file compiles with plain nvcc (CMakeLists.txt), without torch.
+#include "sce_launch.h"
+
+namespace copa_fast {
+namespace cuda {
+
+namespace {
+
+template <typename T>
+int co_resident_blocks() {
+  // cached per device: the occupancy of the kernel does not change during a run
+  static int cache[64] = {0};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 1;
+  if (cache[dev] == 0) {
+    int sms = 0, per_sm = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, copa_sce_single<T>, kThreads, 0);
+    cache[dev] = per_sm * sms > 0 ? per_sm * sms : 1;
+  }
+  return cache[dev];
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t launch_single(const SceProblem<T>& problem, cudaStream_t stream) {
+  const long ti = (problem.n + kTile - 1) / kTile, tc = (problem.c + kTile - 1) / kTile;
+  const long td = (problem.d + kTile - 1) / kTile;
+  long items = problem.n + 2L * problem.c;  // the widest phase bounds the useful number of blocks
+  if (ti * tc > items) items = ti * tc;
+  if ((ti + tc) * td > items) items = (ti + tc) * td;
+  const long fit = co_resident_blocks<T>();
+  const int blocks = (int)(items < fit ? items : fit);
+  SceProblem<T> p = problem;
+  void* args[] = {&p};
+  return cudaLaunchCooperativeKernel((const void*)copa_sce_single<T>, dim3(blocks), dim3(kThreads), args, 0, stream);
+}
+
+template <typename T>
+cudaError_t launch_episodes(const SceProblem<T>& stacked, const int64_t* rows, const int64_t* cls,
+                            const int64_t* s_off, int episodes, cudaStream_t stream) {
+  if (episodes <= 0) return cudaSuccess;
+  copa_sce_episodes<T><<<episodes, kThreads, 0, stream>>>(stacked, rows, cls, s_off, stacked.tau);
+  return cudaGetLastError();
+}
+
+template cudaError_t launch_single<float>(const SceProblem<float>&, cudaStream_t);
+template cudaError_t launch_single<double>(const SceProblem<double>&, cudaStream_t);
+template cudaError_t launch_episodes<float>(const SceProblem<float>&, const int64_t*, const int64_t*,
+                                            const int64_t*, int, cudaStream_t);
+template cudaError_t launch_episodes<double>(const SceProblem<double>&, const int64_t*, const int64_t*,
+                                             const int64_t*, int, cudaStream_t);
+
+}  // namespace cuda
+}  // namespace copa_fast
