@@ -27,7 +27,7 @@ def _extensions():
     sources = [os.path.relpath(p, ROOT) for p in
                sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) +
                       glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    cxx = ["-O3", "-fopenmp"]   # the C++ standard is torch's choice (C++17 or C++20, by version)
     want = os.environ.get("COPA_FAST_CUDA", "auto")
     have_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if want == "1" and not have_cuda:
@@ -39,7 +39,7 @@ def _extensions():
         ext = cpp_extension.CUDAExtension(
             "copa_fast._C", sources + cu,
             extra_compile_args={"cxx": cxx + ["-DCOPA_FAST_WITH_CUDA"],
-                                "nvcc": ["-O3", "-std=c++17", "-lineinfo", "-DCOPA_FAST_WITH_CUDA"]},
+                                "nvcc": ["-O3", "-lineinfo", "-DCOPA_FAST_WITH_CUDA"]},
             extra_link_args=["-fopenmp"])
     else:
         if want != "0":

@@ -27,7 +27,11 @@ PY
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$OUT/machine.txt"
 
 echo "== build"
-if [ "$DRY" = 1 ]; then export COPA_FAST_CUDA=0; fi
+if [ "$DRY" = 1 ]; then export COPA_FAST_CUDA=0; else export COPA_FAST_CUDA="${COPA_FAST_CUDA:-1}"; fi
+# torch finds the toolkit from nvcc's location; a wrapper script on PATH can mislead it
+for c in /usr/local/cuda /usr/local/cuda-13.0; do
+  if [ -z "${CUDA_HOME:-}" ] && [ -f "$c/include/cuda_runtime_api.h" ]; then export CUDA_HOME="$c"; fi
+done
 MAX_JOBS="${MAX_JOBS:-16}" $PY -m pip install --no-build-isolation --no-deps -q -e . 2>&1 | tail -5 | tee "$OUT/build.log"
 $PY -c "import copa_fast; print('backends', copa_fast.available_backends())" | tee -a "$OUT/machine.txt"
 
@@ -40,6 +44,8 @@ else
     echo "== compute-sanitizer memcheck (bad labels with validation off, small shapes)"
     compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest tests/test_validation.py -q -x \
       -p no:cacheprovider -k "unchecked_bad_label" 2>&1 | tail -8 | tee "$OUT/memcheck.log"
+    compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m pytest tests/test_episodes.py -q -x \
+      -p no:cacheprovider -k "bad_label" 2>&1 | tail -8 | tee -a "$OUT/memcheck.log"
   fi
 fi
 

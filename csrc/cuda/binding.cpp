@@ -2,7 +2,7 @@
 // current stream, and registration of the CUDA kernels for copa_fast::symmetric_ce and
 // copa_fast::episodes_sce (schemas in csrc/cpu/symmetric_ce.cpp).
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -96,7 +96,7 @@ Outputs symmetric_ce_cuda(const at::Tensor& z_in, const at::Tensor& q_in, const 
   CHECK_ARG(z.size(0) * q.size(0) < (int64_t(1) << 31), "z, q: N x C must stay below 2^31, got ", z.size(0), " x ",
             q.size(0));
   Buffers b = allocate(z, q, z.size(0) * q.size(0), 0, fused_grad);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "copa_fast_symmetric_ce_cuda", [&] {
     auto p = problem<scalar_t>(z, q, y, weights.has_value() ? &w : nullptr, tau, fused_grad, b);
     C10_CUDA_CHECK(cuda::launch_single<scalar_t>(p, stream));
@@ -117,7 +117,7 @@ Outputs episodes_sce_cuda(const at::Tensor& z_in, const at::Tensor& q_in, const 
   check_size(z, "z");
   const int64_t E = rows.size(0);
   Buffers b = allocate(z, q, s_total, E, fused_grad);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   auto rr = rows.contiguous(), cc = classes.contiguous(), so = s_off.contiguous();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "copa_fast_episodes_sce_cuda", [&] {
     auto p = problem<scalar_t>(z, q, y, nullptr, tau, fused_grad, b);

@@ -1,5 +1,6 @@
 // Instantiation and launch of the kernels of sce_kernels.cuh. Raw pointers and a stream only: this
 // file compiles with plain nvcc (CMakeLists.txt), without torch.
+#include "sce_kernels.cuh"
 #include "sce_launch.h"
 
 namespace copa_fast {

@@ -22,6 +22,8 @@
 
 #include <stdint.h>
 
+#include "sce_problem.h"
+
 #ifdef COPA_SIMT_HOST
 #include "simt_host.h"
 #else
@@ -39,39 +41,6 @@
 namespace copa_fast {
 namespace cuda {
 
-constexpr int kThreads = 256;  // threads per block; the tile mapping below assumes it
-constexpr int kTile = 32;      // output tile (kTile x kTile) and depth chunk of the tiled products
-
-template <typename T>
-struct SceProblem {
-  // inputs
-  const T* z;          // (n, d)
-  const T* q;          // (c, d)
-  const int64_t* y;    // (n,)
-  const T* w;          // (n,) weights or nullptr (= 1/n)
-  const T* tau;        // (1,) on the device: the logit scale is exp(tau)
-  int n, c, d;
-  bool fused;
-  // workspace, written by the kernel
-  T* zn;               // (n, d)
-  T* qn;               // (c, d)
-  T* znorm;            // (n,)
-  T* qnorm;            // (c,)
-  T* cnt;              // (c,)
-  T* wsum;             // (c,)
-  T* S;                // (n, c): scores, then G
-  T* R;                // (n,)
-  T* L;                // (c,)
-  T* row_dtau;         // (n,)
-  T* wloss;            // (n,) weighted per-sample losses
-  // outputs
-  T* losses;           // (n,)
-  int64_t* pred;       // (n,)
-  T* dz;               // (n, d) when fused
-  T* dq;               // (c, d) when fused
-  T* loss;             // (1,)
-  T* dtau;             // (1,) when fused
-};
 
 template <typename T>
 struct Shared {

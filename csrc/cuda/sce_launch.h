@@ -4,7 +4,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include "sce_kernels.cuh"
+#include "sce_problem.h"
 
 namespace copa_fast {
 namespace cuda {
