@@ -1,0 +1,173 @@
+"""GPU figures beyond the per-shape table, each measured side by side in one process:
+
+1. CUDA-graph replay of one copa_loss training step (forward + backward), N=500 C=50 D=512, for the
+   published formulation and each copa_fast backend (issue targets: >= 4x the published replay);
+2. 132 ragged episodes (N 25-500) in ONE batched launch of the episodes op: time per episode-step
+   against a single-episode call of the same backend (target: >= 10x lower);
+3. adapt_many over 600 sampled episodes x 50 steps, against the published per-episode loop timed on
+   a few episodes and scaled to 600 (stated as such).
+
+    python benchmarks/bench_gpu_extras.py [--small]    # --small: tiny sizes (a CPU dry run)
+
+Prints one markdown table per figure. Times are medians of CUDA events (perf_counter on CPU).
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import copa_fast
+from copa_fast import bench, reference as ref
+from copa_fast.episodes import sample_episodes, synthetic_features
+
+
+def _timer(device):
+    def run(fn, reps):
+        fn()
+        out = []
+        for _ in range(reps):
+            if device.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                out.append(a.elapsed_time(b) * 1e-3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t0)
+        return statistics.median(out)
+    return run
+
+
+def _fmt(s):
+    return f"{s * 1e6:.1f} us" if s < 1e-3 else f"{s * 1e3:.2f} ms"
+
+
+def graph_replay(device, n, c, d, reps):
+    print(f"\n### CUDA-graph replay of one step, N={n} C={c} D={d} fp32\n")
+    print("| implementation | plain call | graph replay |\n|---|---|---|")
+    timer = _timer(device)
+    for name, fn in bench.implementations(device, compile_published=False).items():
+        x, y, wi, wp = bench.problem(n, c, d, device)
+        step = bench.step_fn(fn, x, y, wi, wp, c)
+        plain = timer(step, reps)
+        replay = "-"
+        if device.type == "cuda":
+            wi.grad = torch.zeros_like(wi)
+            wp.grad = torch.zeros_like(wp)
+
+            def captured():
+                fn(x, y, wi, wp, c).backward()   # grads accumulate into the static buffers
+
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    captured()
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                captured()
+            replay = _fmt(timer(g.replay, reps))
+        print(f"| {name} | {_fmt(plain)} | {replay} |")
+
+
+def _ragged(count, d, device, n_lo, n_hi, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    eps = []
+    for _ in range(count):
+        n = int(torch.randint(n_lo, n_hi + 1, (1,), generator=g))
+        c = max(1, min(n // 10, 50))
+        y = torch.cat([torch.arange(c), torch.randint(0, c, (n - c,), generator=g)])
+        eps.append((torch.randn(n, d, generator=g), torch.randn(c, d, generator=g), y))
+    return eps
+
+
+def batched_episodes(device, count, d, n_lo, n_hi, reps):
+    from copa_fast.ops import symmetric_ce as ops
+
+    print(f"\n### {count} ragged episodes (N {n_lo}-{n_hi}, C = N/10 up to 50, D={d}) in one launch, fp32\n")
+    print("| backend | one launch, all episodes | per episode-step | single-episode call (N=500) | ratio |")
+    print("|---|---|---|---|---|")
+    timer = _timer(device)
+    eps = _ragged(count, d, device, n_lo, n_hi)
+    z = torch.cat([e[0] for e in eps]).to(device)
+    q = torch.cat([e[1] for e in eps]).to(device)
+    y = torch.cat([e[2] for e in eps]).to(device)
+    ns, cs = [len(e[2]) for e in eps], [e[1].shape[0] for e in eps]
+    starts_r = torch.tensor([0] + ns[:-1]).cumsum(0)
+    starts_c = torch.tensor([0] + cs[:-1]).cumsum(0)
+    rows = torch.stack([starts_r, torch.tensor(ns)], 1).to(device)
+    cls = torch.stack([starts_c, torch.tensor(cs)], 1).to(device)
+    sizes = [a * b for a, b in zip(ns, cs)]
+    s_off = torch.tensor([0] + sizes[:-1]).cumsum(0).to(device)
+    tau = torch.full((count,), 2.0, device=device)
+    x1, p1, y1 = _ragged(1, d, device, 500, 500, seed=1)[0]
+    x1, p1, y1 = x1.to(device), p1.to(device), y1.to(device)
+    tau1 = torch.tensor(2.0, device=device)
+    for backend in ("triton", "cuda", "cpu"):
+        if backend not in copa_fast.available_backends() or bench.implementations(device).get(
+                f"copa_fast-{backend}") is None:
+            continue
+        op = ops.episodes_op(backend)
+        batched = timer(lambda: op(z, q, y, rows, cls, s_off, sum(sizes), tau, True), reps)
+        single_op = ops.triton_op() if backend == "triton" else ops.cpp_op()
+        single = timer(lambda: single_op(x1, p1, y1, tau1, None, True), reps)
+        per = batched / count
+        print(f"| {backend} | {_fmt(batched)} | {_fmt(per)} | {_fmt(single)} | {single / per:.1f}x |")
+
+
+def adapt_many_run(device, count, steps, d, ref_episodes):
+    print(f"\n### adapt_many: {count} sampled episodes x {steps} steps, D={d}, fp32\n")
+    print("| implementation | total | per episode |\n|---|---|---|")
+    feats, labels = synthetic_features(dim=d, seed=0)
+    eps = [e.to(device) for e in sample_episodes(feats, labels, count, seed=0)]
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    t0 = time.perf_counter()
+    for e in eps[:ref_episodes]:
+        ref.adapt(e.support, e.support_labels, e.query, e.query_labels, steps=steps)
+    sync()
+    per_ref = (time.perf_counter() - t0) / ref_episodes
+    print(f"| published loop (reference), {ref_episodes} episodes timed, scaled to {count} | "
+          f"{per_ref * count:.1f} s | {_fmt(per_ref)} |")
+    for backend in ("triton", "cuda", "cpu"):
+        impl = bench.implementations(device).get(f"copa_fast-{backend}")
+        if impl is None:
+            continue
+        copa_fast.adapt_many(eps[:2], steps=2, backend=backend)   # warm-up (compilation)
+        sync()
+        t0 = time.perf_counter()
+        res = copa_fast.adapt_many(eps, steps=steps, backend=backend)
+        sync()
+        total = time.perf_counter() - t0
+        acc = sum(r.query_accuracy for r in res) / len(res)
+        print(f"| copa_fast.adapt_many, {backend} | {total:.2f} s | {_fmt(total / count)} "
+              f"(mean query accuracy {100 * acc:.1f} %) |")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--small", action="store_true", help="tiny sizes, for a CPU dry run")
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"machine: {bench.machine_info()}")
+    if args.small:
+        graph_replay(device, 100, 10, 64, 3)
+        batched_episodes(device, 6, 32, 25, 60, 2)
+        adapt_many_run(device, 4, 3, 32, 2)
+    else:
+        graph_replay(device, 500, 50, 512, 50)
+        batched_episodes(device, 132, 512, 25, 500, 20)
+        adapt_many_run(device, 600, 50, 512, 5)
+
+
+if __name__ == "__main__":
+    main()
