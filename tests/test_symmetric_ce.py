@@ -224,3 +224,61 @@ def test_gradient_reaches_backbone_features(backend, device):
     head(backbone(x), y).backward()
     assert backbone.weight.grad is not None and backbone.weight.grad.abs().sum() > 0
     assert head.w_img.grad.abs().sum() > 0 and head.w_proto.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_autocast_bfloat16_region(backend, device):
+    """copa_loss inside torch.autocast(bf16): the adapter GEMMs run in bf16 (autocast's choice), the
+    loss in float32; values stay within bf16 rounding of the float64 reference, gradients flow."""
+    x, y = make_episode(60, 6, 32, seed=14, device=device)
+    g = torch.Generator().manual_seed(14)
+    w_img = (torch.eye(32) + 0.05 * torch.randn(32, 32, generator=g)).to(device).requires_grad_(True)
+    w_proto = (torch.eye(32) + 0.05 * torch.randn(32, 32, generator=g)).to(device).requires_grad_(True)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        loss = copa_fast.copa_loss(x, y, w_img, w_proto, backend=backend)
+    loss.backward()
+    want = ref.copa_loss(x.double(), y, w_img.detach().double().requires_grad_(True),
+                         w_proto.detach().double())
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert_rel(loss, want, TOL[torch.bfloat16]["loss"], "loss under autocast(bf16)")
+    assert w_img.grad.dtype == torch.float32 and torch.isfinite(w_img.grad).all() and w_img.grad.abs().sum() > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend,device", [p for p in PAIRS if p.values[1] == "cuda"])
+def test_cuda_graph_capture_replays_a_training_step(backend, device):
+    """A copa_loss step captured in a CUDA graph (check_inputs=False: no host sync) replays to the
+    same loss and gradients as eager, with new data copied into the static inputs."""
+    x, y = make_episode(120, 12, 64, seed=15, device=device)
+    x2, _ = make_episode(120, 12, 64, seed=16, device=device)
+    w_img = torch.eye(64, device=device, requires_grad=True)
+    w_proto = torch.eye(64, device=device, requires_grad=True)
+    static_x = x.clone()
+
+    def step():
+        loss = copa_fast.copa_loss(static_x, y, w_img, w_proto, num_classes=12, backend=backend,
+                                   check_inputs=False)
+        loss.backward()
+        return loss
+
+    w_img.grad = torch.zeros_like(w_img)
+    w_proto.grad = torch.zeros_like(w_proto)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step()
+    for data in (x, x2):
+        static_x.copy_(data)
+        w_img.grad.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        a = data.clone()
+        wi = w_img.detach().clone().requires_grad_(True)
+        want = copa_fast.copa_loss(a, y, wi, w_proto.detach(), backend=backend)
+        want.backward()
+        torch.testing.assert_close(static_loss, want)
+        torch.testing.assert_close(w_img.grad, wi.grad)

@@ -12,6 +12,7 @@
 // A label outside 0..C-1 never causes an out-of-bounds access: its row's loss and gradient are NaN.
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -178,6 +179,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& weights, bool fused_grad) {
   check_symmetric_ce_args(z, q, labels, tau, weights);
   CHECK_ARG(z.device().is_cpu(), "z: expected a CPU tensor, got ", z.device());
+  // The products inside are part of this op: an enclosing autocast region must not recast them.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const double t = tau.to(at::kCPU).to(at::kDouble).item<double>();
   std::vector<at::Tensor> out;
   if (z.scalar_type() == at::kDouble) {
@@ -195,6 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& classes, const at::Tensor& s_off, int64_t s_total, const at::Tensor& tau, bool fused_grad) {
   check_episodes_args(z, q, labels, rows, classes, s_off, tau);
   CHECK_ARG(z.device().is_cpu(), "z: expected a CPU tensor, got ", z.device());
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t E = rows.size(0);
   auto rr = rows.to(at::kCPU).contiguous(), cc = classes.to(at::kCPU).contiguous();
   auto tt = tau.to(at::kCPU).to(at::kDouble).contiguous();
