@@ -24,22 +24,8 @@ from copa_fast.episodes import sample_episodes, synthetic_features
 
 
 def _timer(device):
-    def run(fn, reps):
-        fn()
-        out = []
-        for _ in range(reps):
-            if device.type == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                out.append(a.elapsed_time(b) * 1e-3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                out.append(time.perf_counter() - t0)
-        return statistics.median(out)
+    def run(fn, reps):   # median of `reps` calls after one warm-up (CUDA events on GPU)
+        return statistics.median(bench.time_step(fn, device, min_reps=reps, max_reps=reps, budget_s=0.0))
     return run
 
 

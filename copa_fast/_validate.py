@@ -31,6 +31,58 @@ def tensor(name: str, t, rank: int, *, dtypes=FLOAT_DTYPES, what="floating") -> 
         raise ValueError(f"{name}: expected at least one column, got shape {tuple(t.shape)}")
 
 
+def rows_tensor(name: str, t) -> None:
+    """A (rows, D) floating tensor, D >= 1, where zero rows are allowed (a shard of a batch)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating tensor, got {t.dtype}")
+    if t.dim() != 2 or t.shape[1] == 0:
+        raise ValueError(f"{name}: expected a 2-D tensor (rows, D) with D >= 1, got shape {tuple(t.shape)}")
+
+
+def sce_inputs(embeddings, prototypes, *, allow_empty: bool = False) -> None:
+    """Checks symmetric_ce's (N, D) embeddings and (C, D) prototypes."""
+    if allow_empty:
+        rows_tensor("embeddings", embeddings)
+    else:
+        tensor("embeddings", embeddings, 2)
+    tensor("prototypes", prototypes, 2)
+    same_dtype("prototypes", prototypes, "embeddings", embeddings)
+    same_device("prototypes", prototypes, "embeddings", embeddings)
+    if prototypes.shape[1] != embeddings.shape[1]:
+        raise ValueError(f"prototypes: expected {embeddings.shape[1]} columns (as embeddings), "
+                         f"got shape {tuple(prototypes.shape)}")
+
+
+def copa_inputs(features, prototype_features, w_img, w_proto, *, allow_empty: bool = False):
+    """Checks copa_loss's tensors (not the labels); returns the prototype rows (default: features)."""
+    if allow_empty:
+        rows_tensor("features", features)
+    else:
+        tensor("features", features, 2)
+    d = features.shape[1]
+    pf = features if prototype_features is None else prototype_features
+    if prototype_features is not None:
+        if allow_empty:
+            rows_tensor("prototype_features", pf)
+        else:
+            tensor("prototype_features", pf, 2)
+        same_dtype("prototype_features", pf, "features", features)
+        same_device("prototype_features", pf, "features", features)
+        if pf.shape != features.shape:
+            raise ValueError(f"prototype_features: expected shape {tuple(features.shape)} (as features, "
+                             f"same labels), got {tuple(pf.shape)}")
+    for name, w in (("w_img", w_img), ("w_proto", w_proto)):
+        tensor(name, w, 2)
+        same_device(name, w, "features", features)
+        if w.shape[1] != d:
+            raise ValueError(f"{name}: expected shape (E, {d}) to map {d}-dim features, got {tuple(w.shape)}")
+    if w_proto.shape != w_img.shape:
+        raise ValueError(f"w_proto: expected shape {tuple(w_img.shape)} (as w_img), got {tuple(w_proto.shape)}")
+    return pf
+
+
 def same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if t.device != ref.device:
         raise ValueError(f"{name}: expected a tensor on {ref.device} (as {ref_name}), got {t.device}")

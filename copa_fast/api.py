@@ -65,13 +65,7 @@ def _sce_core(z, q, labels, tau: Tau, reduction: str, backend: str, precision: s
 
 
 def _check_sce(embeddings, prototypes, labels, tau, reduction, check_inputs):
-    V.tensor("embeddings", embeddings, 2)
-    V.tensor("prototypes", prototypes, 2)
-    V.same_dtype("prototypes", prototypes, "embeddings", embeddings)
-    V.same_device("prototypes", prototypes, "embeddings", embeddings)
-    if prototypes.shape[1] != embeddings.shape[1]:
-        raise ValueError(f"prototypes: expected {embeddings.shape[1]} columns (as embeddings), "
-                         f"got shape {tuple(prototypes.shape)}")
+    V.sce_inputs(embeddings, prototypes)
     check = _check_values(check_inputs)
     V.labels("labels", labels, embeddings.shape[0], embeddings, prototypes.shape[0], check_values=check)
     V.tau(tau, check_values=check)
@@ -150,23 +144,8 @@ def copa_loss(features: torch.Tensor, labels: torch.Tensor, w_img: torch.Tensor,
     ``check_inputs=False`` and under torch.compile. ``precision="tf32"`` as in ``symmetric_ce``
     (the adapter GEMMs follow torch's own TF32 setting).
     """
-    V.tensor("features", features, 2)
-    n, d = features.shape
-    pf = features if prototype_features is None else prototype_features
-    if prototype_features is not None:
-        V.tensor("prototype_features", pf, 2)
-        V.same_dtype("prototype_features", pf, "features", features)
-        V.same_device("prototype_features", pf, "features", features)
-        if pf.shape != features.shape:
-            raise ValueError(f"prototype_features: expected shape {tuple(features.shape)} (as features, "
-                             f"same labels), got {tuple(pf.shape)}")
-    for name, w in (("w_img", w_img), ("w_proto", w_proto)):
-        V.tensor(name, w, 2)
-        V.same_device(name, w, "features", features)
-        if w.shape[1] != d:
-            raise ValueError(f"{name}: expected shape (E, {d}) to map {d}-dim features, got {tuple(w.shape)}")
-    if w_proto.shape != w_img.shape:
-        raise ValueError(f"w_proto: expected shape {tuple(w_img.shape)} (as w_img), got {tuple(w_proto.shape)}")
+    pf = V.copa_inputs(features, prototype_features, w_img, w_proto)
+    n = features.shape[0]
     check = _check_values(check_inputs)
     if num_classes is None and not check:
         raise ValueError("num_classes: required with check_inputs=False or under torch.compile "

@@ -170,15 +170,6 @@ class _GlobalSymCE(torch.autograd.Function):
 # (a rank that raised alone would leave the others waiting in a collective forever)
 
 
-def _shard(name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in V.FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected a floating tensor, got {t.dtype}")
-    if t.dim() != 2 or t.shape[1] == 0:
-        raise ValueError(f"{name}: expected a 2-D tensor (rows, D) with D >= 1, got shape {tuple(t.shape)}")
-
-
 def _shard_labels(name: str, y, n: int, ref: torch.Tensor, c: Optional[int], check: bool) -> int:
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of integer class indices, got {type(y).__name__}")
@@ -268,13 +259,7 @@ def symmetric_ce(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: tor
     check = check_inputs and not torch.compiler.is_compiling()
     err, fields = None, [0.0, 0.0, 0.0, 0.0]
     try:
-        _shard("embeddings", embeddings)
-        V.tensor("prototypes", prototypes, 2)
-        V.same_dtype("prototypes", prototypes, "embeddings", embeddings)
-        V.same_device("prototypes", prototypes, "embeddings", embeddings)
-        if prototypes.shape[1] != embeddings.shape[1]:
-            raise ValueError(f"prototypes: expected {embeddings.shape[1]} columns (as embeddings), "
-                             f"got shape {tuple(prototypes.shape)}")
+        V.sce_inputs(embeddings, prototypes, allow_empty=True)
         c = prototypes.shape[0]
         _shard_labels("labels", labels, embeddings.shape[0], embeddings, c, check)
         V.tau(tau, check_values=check)
@@ -322,22 +307,8 @@ def copa_loss(features: torch.Tensor, labels: torch.Tensor, w_img: torch.Tensor,
     err, fields = None, [0.0, 0.0, 0.0, 0.0]
     pf = features if prototype_features is None else prototype_features
     try:
-        _shard("features", features)
+        pf = V.copa_inputs(features, prototype_features, w_img, w_proto, allow_empty=True)
         n, d = features.shape
-        if prototype_features is not None:
-            _shard("prototype_features", pf)
-            V.same_dtype("prototype_features", pf, "features", features)
-            V.same_device("prototype_features", pf, "features", features)
-            if pf.shape != features.shape:
-                raise ValueError(f"prototype_features: expected shape {tuple(features.shape)} (as features, "
-                                 f"same labels), got {tuple(pf.shape)}")
-        for name, w in (("w_img", w_img), ("w_proto", w_proto)):
-            V.tensor(name, w, 2)
-            V.same_device(name, w, "features", features)
-            if w.shape[1] != d:
-                raise ValueError(f"{name}: expected shape (E, {d}) to map {d}-dim features, got {tuple(w.shape)}")
-        if w_proto.shape != w_img.shape:
-            raise ValueError(f"w_proto: expected shape {tuple(w_img.shape)} (as w_img), got {tuple(w_proto.shape)}")
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                         or num_classes < 1):
             raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")

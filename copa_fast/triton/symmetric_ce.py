@@ -381,37 +381,51 @@ def _precision(dtype, precision):
     return "ieee" if dtype == torch.float64 else precision
 
 
+class _Setup:
+    """What both launchers share: contiguous inputs, dtypes, tile sizes and the per-row and
+    per-class workspace (normalised rows and their norms, class counts, row and column LSE)."""
+
+    def __init__(self, z, q, labels, precision, fused_grad, zero_outputs):
+        if z.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"z: the Triton kernels take float32 or float64, got {z.dtype}")
+        self.z, self.q = z.contiguous(), q.contiguous()
+        self.labels = labels.to(torch.int64).contiguous()
+        self.n, self.d = z.shape
+        self.c = q.shape[0]
+        self.dev, self.dt = z.device, z.dtype
+        self.acc = tl.float64 if self.dt == torch.float64 else tl.float32
+        self.prec = _precision(self.dt, precision)
+        self.bn, self.bc, self.bd = _blocks(self.dev.type == "cpu")
+        vec = lambda k: torch.empty(k, device=self.dev, dtype=self.dt)  # noqa: E731
+        self.zn, self.qn = torch.empty_like(self.z), torch.empty_like(self.q)
+        self.znorm, self.qnorm, self.R = vec(self.n), vec(self.c), vec(self.n)
+        self.cnt, self.wsum, self.L = vec(self.c), vec(self.c), vec(self.c)
+        fill = torch.zeros if zero_outputs else torch.empty   # zero: rows no episode owns
+        self.pred = fill(self.n, device=self.dev, dtype=torch.int64)
+        self.losses = fill(self.n, device=self.dev, dtype=self.dt)
+        if fused_grad:
+            like = torch.zeros_like if zero_outputs else torch.empty_like
+            self.dz, self.dq = like(self.z), like(self.q)
+        else:
+            self.dz, self.dq = z.new_empty(0), z.new_empty(0)
+
+
 def symmetric_ce(z, q, labels, tau, weights, fused_grad, precision="ieee"):
     """Launcher with the op's schema; see copa_fast.ops.symmetric_ce. Four launches."""
-    if z.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"z: the Triton kernels take float32 or float64, got {z.dtype}")
-    z, q = z.contiguous(), q.contiguous()
-    labels = labels.to(torch.int64).contiguous()
-    n, d = z.shape
-    c = q.shape[0]
-    dev, dt = z.device, z.dtype
-    acc = tl.float64 if dt == torch.float64 else tl.float32
-    prec = _precision(dt, precision)
+    st = _Setup(z, q, labels, precision, fused_grad, zero_outputs=False)
+    z, q, labels, n, c, d, dev, dt, acc, prec = (st.z, st.q, st.labels, st.n, st.c, st.d, st.dev, st.dt, st.acc,
+                                                 st.prec)
+    bn, bc, bd = st.bn, st.bc, st.bd
     tau_t = tau.reshape(1).to(device=dev, dtype=dt)
     w = None if weights is None else weights.to(device=dev, dtype=dt).contiguous()
-    bn, bc, bd = _blocks(dev.type == "cpu")
     nbz, nbq, nbc = triton.cdiv(n, bn), triton.cdiv(c, bn), triton.cdiv(c, bc)
-
-    zn, qn = torch.empty_like(z), torch.empty_like(q)
-    znorm, qnorm = torch.empty(n, device=dev, dtype=dt), torch.empty(c, device=dev, dtype=dt)
-    cnt, wsum = torch.empty(c, device=dev, dtype=dt), torch.empty(c, device=dev, dtype=dt)
+    zn, qn, znorm, qnorm, cnt, wsum, R, L = st.zn, st.qn, st.znorm, st.qnorm, st.cnt, st.wsum, st.R, st.L
     S = torch.empty(n, c, device=dev, dtype=dt)
-    R, L = torch.empty(n, device=dev, dtype=dt), torch.empty(c, device=dev, dtype=dt)
-    pred = torch.empty(n, device=dev, dtype=torch.int64)
-    losses = torch.empty(n, device=dev, dtype=dt)
+    pred, losses, dz, dq = st.pred, st.losses, st.dz, st.dq
     ploss = torch.empty(nbz, device=dev, dtype=dt)
     pdtau = torch.empty(nbz, device=dev, dtype=dt)
     loss, dtau = torch.empty((), device=dev, dtype=dt), torch.empty((), device=dev, dtype=dt)
     ticket = torch.empty(1, device=dev, dtype=torch.int32)  # zeroed by _prep
-    if fused_grad:
-        dz, dq = torch.empty_like(z), torch.empty_like(q)
-    else:
-        dz, dq = z.new_empty(0), z.new_empty(0)
     w_arg = w if w is not None else z  # never read when HAS_W is False
 
     _prep[(nbz + nbq + nbc,)](z, q, zn, qn, znorm, qnorm, labels, w_arg, cnt, wsum, ticket, n, c, d, w is not None,
@@ -430,30 +444,12 @@ def episodes_sce(z, q, labels, rows, classes, s_off, s_total, tau, fused_grad, p
     s_off: (E,) int64 start of each episode's N_e x C_e score block in a buffer of s_total entries;
     tau: (E,). Returns loss (E,), losses, pred (rows of z), dz, dq (empty without fused_grad; rows
     no episode owns are zero), dtau (E,)."""
-    if z.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"z: the Triton kernels take float32 or float64, got {z.dtype}")
-    z, q = z.contiguous(), q.contiguous()
-    labels = labels.to(torch.int64).contiguous()
-    n, d = z.shape
-    e = rows.shape[0]
-    dev, dt = z.device, z.dtype
-    acc = tl.float64 if dt == torch.float64 else tl.float32
-    prec = _precision(dt, precision)
-    bn, bc, bd = _blocks(dev.type == "cpu")
-    zn, qn = torch.empty_like(z), torch.empty_like(q)
-    znorm, qnorm = torch.empty(n, device=dev, dtype=dt), torch.empty(q.shape[0], device=dev, dtype=dt)
-    cnt, wsum = torch.empty_like(qnorm), torch.empty_like(qnorm)
+    st = _Setup(z, q, labels, precision, fused_grad, zero_outputs=True)
+    e, dev, dt = rows.shape[0], st.dev, st.dt
     S = torch.empty(max(s_total, 1), device=dev, dtype=dt)
-    R, L = torch.empty_like(znorm), torch.empty_like(qnorm)
-    pred = torch.zeros(n, device=dev, dtype=torch.int64)
-    losses = torch.zeros(n, device=dev, dtype=dt)
     loss, dtau = torch.empty(e, device=dev, dtype=dt), torch.empty(e, device=dev, dtype=dt)
-    if fused_grad:
-        dz, dq = torch.zeros_like(z), torch.zeros_like(q)
-    else:
-        dz, dq = z.new_empty(0), z.new_empty(0)
-    _episodes[(e,)](z, q, labels, rows.contiguous(), classes.contiguous(), s_off.contiguous(),
-                    tau.to(device=dev, dtype=dt).contiguous(), zn, qn, znorm, qnorm, cnt, wsum, S, R, L, pred,
-                    losses, loss, dtau, dz, dq, d, FUSED=fused_grad, BN=bn, BC=bc, BD=bd, BI=max(bn, 16),
-                    ACC=acc, PREC=prec)
-    return loss, losses, pred, dz, dq, dtau if fused_grad else z.new_empty(0)
+    _episodes[(e,)](st.z, st.q, st.labels, rows.contiguous(), classes.contiguous(), s_off.contiguous(),
+                    tau.to(device=dev, dtype=dt).contiguous(), st.zn, st.qn, st.znorm, st.qnorm, st.cnt, st.wsum, S,
+                    st.R, st.L, st.pred, st.losses, loss, dtau, st.dz, st.dq, st.d, FUSED=fused_grad, BN=st.bn,
+                    BC=st.bc, BD=st.bd, BI=max(st.bn, 16), ACC=st.acc, PREC=st.prec)
+    return loss, st.losses, st.pred, st.dz, st.dq, dtau if fused_grad else z.new_empty(0)

@@ -70,13 +70,20 @@ constexpr double kNormEps = 1e-12;
 
 // ---- block reductions: fixed tree order over kThreads slots ----------------------------------------
 
-template <typename T>
-COPA_DEVICE T block_sum(T v, T* red) {
+struct SumOp {
+  template <typename T> COPA_DEVICE T operator()(T a, T b) const { return a + b; }
+};
+struct MaxOp {
+  template <typename T> COPA_DEVICE T operator()(T a, T b) const { return dev_max(a, b); }
+};
+
+template <typename T, typename Op>
+COPA_DEVICE T block_reduce(T v, T* red, Op op) {
   const int t = COPA_TID;
   red[t] = v;
   COPA_SYNC_BLOCK();
   for (int s = kThreads / 2; s > 0; s >>= 1) {
-    if (t < s) red[t] = red[t] + red[t + s];
+    if (t < s) red[t] = op(red[t], red[t + s]);
     COPA_SYNC_BLOCK();
   }
   T r = red[0];
@@ -84,19 +91,8 @@ COPA_DEVICE T block_sum(T v, T* red) {
   return r;
 }
 
-template <typename T>
-COPA_DEVICE T block_max(T v, T* red) {
-  const int t = COPA_TID;
-  red[t] = v;
-  COPA_SYNC_BLOCK();
-  for (int s = kThreads / 2; s > 0; s >>= 1) {
-    if (t < s) red[t] = dev_max(red[t], red[t + s]);
-    COPA_SYNC_BLOCK();
-  }
-  T r = red[0];
-  COPA_SYNC_BLOCK();
-  return r;
-}
+template <typename T> COPA_DEVICE T block_sum(T v, T* red) { return block_reduce(v, red, SumOp{}); }
+template <typename T> COPA_DEVICE T block_max(T v, T* red) { return block_reduce(v, red, MaxOp{}); }
 
 // (value, index) maximum, the smallest index on ties; index -1 marks an empty slot.
 template <typename T>
