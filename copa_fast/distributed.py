@@ -34,6 +34,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import _validate as V
+from .api import _working_dtype
+from .api import adapt_many as _local_adapt_many
 from .reference import NORM_EPS
 
 __all__ = ["symmetric_ce", "copa_loss", "adapt_many", "communication_volume", "CommLog"]
@@ -220,7 +222,7 @@ def _check_global_counts(counts: torch.Tensor, name: str) -> None:
 
 
 def _working(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+    return t.to(_working_dtype(t.dtype))   # float64 stays, everything else computes in float32
 
 
 def _tau_tensor(tau, like: torch.Tensor) -> torch.Tensor:
@@ -385,8 +387,6 @@ def adapt_many(episodes, *, steps: int = 50, lr: float = 1e-3, weight_decay: flo
     single-process run. Every rank must pass the same episode list. Returns the full list on
     ``dst`` and None elsewhere.
     """
-    from .api import adapt_many as _local_adapt_many
-
     episodes = list(episodes)
     mine = shard_indices(len(episodes), group)
     local = _local_adapt_many([_episode_parts(k, episodes[k]) for k in mine], steps=steps, lr=lr,
