@@ -119,3 +119,20 @@ def test_bench_bad_arguments(tmp_path, capsys):
     assert "--max-n" in capsys.readouterr().err
     assert cli.main(["bench", "--out", str(tmp_path), "--impls", "fastest"]) == 2
     assert "--impls" in capsys.readouterr().err
+
+
+@pytest.mark.skipif("triton" not in __import__("copa_fast").available_backends(), reason="triton unavailable")
+def test_eval_batched_backend_equals_per_episode_backend(tmp_path, capsys):
+    """With a batched backend (triton here) eval adapts all episodes with adapt_many; accuracies
+    equal the per-episode cpu run."""
+    g = np.random.default_rng(1)
+    labels = np.repeat(np.arange(6), 15)
+    path = tmp_path / "f.npz"
+    np.savez(path, features=g.normal(size=(90, 12)).astype(np.float32) + labels[:, None], labels=labels)
+    out = {}
+    for backend in ("triton", "cpu"):
+        assert cli.main(["eval", "--features", str(path), "--episodes", "2", "--steps", "3", "--methods", "copa",
+                         "--backend", backend, "--json"]) == 0
+        out[backend] = json.loads(capsys.readouterr().out)["methods"]["copa"]
+    assert out["triton"]["accuracy"] == out["cpu"]["accuracy"]
+    assert out["triton"]["max_abs_dev_vs_float64_reference"]["adapter_entries"] < 1e-4
