@@ -29,10 +29,11 @@ def test_ten_thousand_calls_keep_rss_flat():
     assert growth < 16.0, f"resident memory grew by {growth:.1f} MiB over 10,000 calls"
     if torch.cuda.is_available():
         xc, yc = x.cuda(), y.cuda()
-        headc = copa_fast.CoPAHead(24).cuda()
-        headc(xc, yc).backward()
-        base = torch.cuda.memory_allocated()
-        for _ in range(10_000):
-            headc.zero_grad(set_to_none=True)
+        for backend in [b for b in ("triton", "cuda") if b in copa_fast.available_backends()]:
+            headc = copa_fast.CoPAHead(24, backend=backend).cuda()
             headc(xc, yc).backward()
-        assert torch.cuda.memory_allocated() <= base
+            base = torch.cuda.memory_allocated()
+            for _ in range(10_000):
+                headc.zero_grad(set_to_none=True)
+                headc(xc, yc).backward()
+            assert torch.cuda.memory_allocated() <= base, f"{backend}: CUDA allocated memory grew"
