@@ -28,23 +28,78 @@ namespace {
 
 constexpr double kNormEps = 1e-12;
 
-// Row normalisation as F.normalize: x / max(||x||, eps). Vectorised ATen passes; returns (xn, norms).
-// The norm is taken of x / max|x| and scaled back, so float32 rows of magnitude 1e20 do not
-// overflow and rows of 1e-20 do not underflow.
-std::pair<at::Tensor, at::Tensor> normalize_rows(const at::Tensor& x) {
-  at::Tensor amax = x.abs().amax({1}, /*keepdim=*/true);
-  amax.masked_fill_(amax.eq(0), 1);
-  at::Tensor norms = at::linalg_vector_norm(x / amax, 2, {1}).mul_(amax.squeeze(1));
-  return {x / norms.clamp_min(kNormEps).unsqueeze(1), norms};
+// Sum / max of f(0..D-1) over 16 independent lanes (fixed order, so deterministic), a loop shape
+// the compiler vectorises without reassociating floating-point additions itself.
+template <typename T, typename F>
+inline T lane_sum(int64_t D, F f) {
+  constexpr int kLanes = 16;
+  T acc[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes)
+    for (int k = 0; k < kLanes; ++k) acc[k] += f(d + k);
+  T total = 0;
+  for (; d < D; ++d) total += f(d);
+  for (int k = 0; k < kLanes; ++k) total += acc[k];
+  return total;
 }
 
-// g <- d(normalised)/d(raw)^T g, matching F.normalize: (g - xn <xn, g>) / ||x|| where ||x|| > eps,
-// and g / eps where the norm was clamped (the clamp passes no gradient to the norm).
-at::Tensor normalize_backward(const at::Tensor& g, const at::Tensor& xn, const at::Tensor& norms) {
-  const at::Tensor live = norms.gt(kNormEps);
-  const at::Tensor dots = (g * xn).sum(1).mul_(live);
-  const at::Tensor inv = norms.clamp_min(kNormEps).reciprocal();
-  return (g - xn * dots.unsqueeze(1)).mul_(inv.unsqueeze(1));
+template <typename T>
+inline T abs_max(const T* x, int64_t D) {
+  constexpr int kLanes = 16;
+  T acc[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes)
+    for (int k = 0; k < kLanes; ++k) acc[k] = std::max(acc[k], std::abs(x[d + k]));
+  T m = 0;
+  for (; d < D; ++d) m = std::max(m, std::abs(x[d]));
+  for (int k = 0; k < kLanes; ++k) m = std::max(m, acc[k]);
+  return m;
+}
+
+// Row normalisation as F.normalize: x / max(||x||, eps), one fused pass per row; returns (xn, norms).
+// The norm is taken of x / max|x| and scaled back, so float32 rows of magnitude 1e20 do not
+// overflow and rows of 1e-20 do not underflow.
+template <typename T>
+std::pair<at::Tensor, at::Tensor> normalize_rows(const at::Tensor& x) {
+  const int64_t R = x.size(0), D = x.size(1);
+  at::Tensor xn = at::empty_like(x), norms = at::empty({R}, x.options());
+  const T* xp = x.data_ptr<T>();
+  T* op = xn.data_ptr<T>();
+  T* np = norms.data_ptr<T>();
+  at::parallel_for(0, R, 8, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const T* r = xp + i * D;
+      T* o = op + i * D;
+      const T m = abs_max(r, D);
+      const T inv_m = m > 0 ? T(1) / m : T(1);
+      const T ss = lane_sum<T>(D, [&](int64_t d) { const T v = r[d] * inv_m; return v * v; });
+      const T nrm = (m > 0 ? m : T(1)) * std::sqrt(ss);
+      np[i] = nrm;
+      const T inv = T(1) / std::max(nrm, T(kNormEps));
+      for (int64_t d = 0; d < D; ++d) o[d] = r[d] * inv;
+    }
+  });
+  return {xn, norms};
+}
+
+// In place: g <- d(normalised)/d(raw)^T g, matching F.normalize: (g - xn <xn, g>) / ||x|| where
+// ||x|| > eps, and g / eps where the norm was clamped (the clamp passes no gradient to the norm).
+template <typename T>
+void normalize_backward_(at::Tensor& g, const at::Tensor& xn, const at::Tensor& norms) {
+  const int64_t R = g.size(0), D = g.size(1);
+  T* gp = g.data_ptr<T>();
+  const T* xp = xn.data_ptr<T>();
+  const T* np = norms.data_ptr<T>();
+  at::parallel_for(0, R, 8, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      T* gi = gp + i * D;
+      const T* xi = xp + i * D;
+      const bool live = np[i] > T(kNormEps);
+      const T dot = live ? lane_sum<T>(D, [&](int64_t d) { return gi[d] * xi[d]; }) : T(0);
+      const T inv = T(1) / std::max(np[i], T(kNormEps));
+      for (int64_t d = 0; d < D; ++d) gi[d] = (gi[d] - xi[d] * dot) * inv;
+    }
+  });
 }
 
 template <typename T>
@@ -59,8 +114,8 @@ std::vector<at::Tensor> symmetric_ce_cpu_impl(const at::Tensor& z_in, const at::
   const T nan = std::numeric_limits<T>::quiet_NaN();
   const T s = T(std::exp(T(tau)));
 
-  const auto [zn, znorm] = normalize_rows(z);
-  const auto [qn, qnorm] = normalize_rows(q);
+  const auto [zn, znorm] = normalize_rows<T>(z);
+  const auto [qn, qnorm] = normalize_rows<T>(q);
 
   at::Tensor S = at::mm(zn, qn.t());
   S.mul_(s);
@@ -164,8 +219,10 @@ std::vector<at::Tensor> symmetric_ce_cpu_impl(const at::Tensor& z_in, const at::
     for (int64_t i = 0; i < N; ++i) dt += dtau_rows[i];
     dtau = at::full({}, dt, z.options());
     G.mul_(s);
-    dz = normalize_backward(at::mm(G, qn), zn, znorm);
-    dq = normalize_backward(at::mm(G.t(), zn), qn, qnorm);
+    dz = at::mm(G, qn);
+    dq = at::mm(G.t(), zn);
+    normalize_backward_<T>(dz, zn, znorm);
+    normalize_backward_<T>(dq, qn, qnorm);
   } else {
     dz = at::empty({0}, z.options());
     dq = at::empty({0}, z.options());
