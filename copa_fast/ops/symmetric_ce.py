@@ -49,6 +49,7 @@ def _make_autograd(qualname):
         ctx.extra = tuple(inputs[6:])   # the Triton op's precision
         _, _, pred, dz, dq, dtau = output
         ctx.mark_non_differentiable(pred, dz, dq, dtau)
+        ctx.set_materialize_grads(False)   # no zero-filled (N, D) grads for the unused outputs
         ctx.fused = fused_grad
         ctx.tau_meta = (tau.shape, tau.dtype)
         if fused_grad:
@@ -58,14 +59,21 @@ def _make_autograd(qualname):
 
     def backward(ctx, g_loss, g_losses, _g_pred, _g_dz, _g_dq, _g_dtau):
         tau_shape, tau_dtype = ctx.tau_meta
+        nones = (None,) * (6 + len(ctx.extra))
         if ctx.fused:
+            if g_loss is None:   # only the (gradient-free) per-sample outputs were used
+                return nones
             dz, dq, dtau = ctx.saved_tensors
             dz, dq, dtau = g_loss * dz, g_loss * dq, g_loss * dtau
         else:
+            if g_loss is None and g_losses is None:
+                return nones
             z, q, labels, tau, weights = ctx.saved_tensors
-            w = weights if weights is not None else torch.full_like(g_losses, 1.0 / z.shape[0])
+            w = weights if weights is not None else torch.full((z.shape[0],), 1.0 / z.shape[0], dtype=z.dtype,
+                                                                device=z.device)
+            row_w = (g_losses if g_losses is not None else 0) + (g_loss * w if g_loss is not None else 0)
             op = getattr(torch.ops.copa_fast, qualname.split("::")[1]).default
-            _, _, _, dz, dq, dtau = op(z, q, labels, tau, g_losses + g_loss * w, True, *ctx.extra)
+            _, _, _, dz, dq, dtau = op(z, q, labels, tau, row_w, True, *ctx.extra)
         dtau = dtau.reshape(tau_shape).to(tau_dtype) if ctx.needs_input_grad[3] else None
         return (dz if ctx.needs_input_grad[0] else None, dq if ctx.needs_input_grad[1] else None,
                 None, dtau, None, None) + (None,) * len(ctx.extra)
@@ -137,14 +145,17 @@ def _episodes_setup(ctx, inputs, output):
     z, q, labels, rows, classes, s_off, s_total, tau, fused_grad = inputs[:9]
     _, _, pred, dz, dq, dtau = output
     ctx.mark_non_differentiable(pred, dz, dq, dtau)
+    ctx.set_materialize_grads(False)
     ctx.fused = fused_grad
     ctx.n_extra = len(inputs) - 9   # the Triton op's precision
     ctx.save_for_backward(dz, dq, dtau, rows, classes)
 
 
 def _episodes_backward(ctx, g_loss, g_losses, _g_pred, _g_dz, _g_dq, _g_dtau):
+    if g_loss is None:   # only the per-row outputs were used: they carry no gradient here
+        return (None,) * (9 + ctx.n_extra)
     if not ctx.fused:
-        raise RuntimeError("episodes_sce_triton: gradients need fused_grad=True")
+        raise RuntimeError("episodes_sce: gradients need fused_grad=True")
     dz, dq, dtau, rows, classes = ctx.saved_tensors
     # scale each row (class) by its episode's grad_output; rows owned by no episode have zero grads
 
