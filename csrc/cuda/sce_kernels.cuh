@@ -166,13 +166,20 @@ COPA_DEVICE void tile_product(const T* A, long sai, long sak, const T* B, long s
   const int t = COPA_TID;
   const int ty = t / 16, tx = t % 16;
   const int i0 = tile_i * kTile, j0 = tile_j * kTile;
+  const bool a_rows_fast = sai == 1;  // A's rows are contiguous (A read transposed)
+  const bool b_cols_fast = sbj == 1;  // B's columns are contiguous
   T acc[2][2] = {{T(0), T(0)}, {T(0), T(0)}};
   for (int k0 = 0; k0 < K; k0 += kTile) {
+    // Consecutive threads walk the operand's contiguous axis (coalesced global loads); the padded
+    // row (kTile + 1) keeps the shared-memory stores free of bank conflicts either way.
     for (int e = t; e < kTile * kTile; e += kThreads) {
-      const int r = e / kTile, k = e % kTile;
-      const int gi = i0 + r, gk = k0 + k, gj = j0 + r;
+      const int fast = e % kTile, slow = e / kTile;
+      const int r = a_rows_fast ? fast : slow, k = a_rows_fast ? slow : fast;
+      const int gi = i0 + r, gk = k0 + k;
       sh.a[r * (kTile + 1) + k] = (gi < M && gk < K) ? A[gi * sai + gk * sak] : T(0);
-      sh.b[r * (kTile + 1) + k] = (gj < N && gk < K) ? B[gk * sbk + gj * sbj] : T(0);  // stored transposed
+      const int rb = b_cols_fast ? fast : slow, kb = b_cols_fast ? slow : fast;
+      const int gj = j0 + rb, gkb = k0 + kb;
+      sh.b[rb * (kTile + 1) + kb] = (gj < N && gkb < K) ? B[gkb * sbk + gj * sbj] : T(0);  // stored transposed
     }
     COPA_SYNC_BLOCK();
     for (int k = 0; k < kTile; ++k) {
