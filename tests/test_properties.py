@@ -2,6 +2,8 @@
 random shapes and class-count patterns, tau in [0, 10] (float or tensor), feature magnitudes from
 1e-20 to 1e20, zero and duplicated rows, non-contiguous and transposed inputs."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -74,3 +76,52 @@ def test_matches_reference(backend, dtype, prob):
     assert (row_err <= TOL[dtype]["grad"] * 10 * row_ref).all(), f"dembeddings: {(row_err / row_ref).max():.3e}"
     if tau_tensor:
         assert abs(got[1].item() - want[1].item()) <= TOL[dtype]["grad"] * max(1.0, abs(want[1].item())) * 10
+
+
+EPISODE_BACKENDS = [b for b in copa_fast.available_backends() if b in ("cpu", "triton")]
+
+
+@st.composite
+def episode_batches(draw):
+    """1 to 4 ragged episodes sharing D, each with its own N, C, tau and magnitude."""
+    d = draw(st.integers(1, 24))
+    eps = []
+    for _ in range(draw(st.integers(1, 4))):
+        c = draw(st.integers(1, 8))
+        n = draw(st.integers(c, 30))
+        g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+        y = torch.cat([torch.arange(c), torch.randint(0, c, (n - c,), generator=g)])[torch.randperm(n, generator=g)]
+        scale = 10.0 ** draw(st.integers(-10, 10))
+        eps.append((scale * torch.randn(n, d, generator=g, dtype=torch.float64),
+                    scale * torch.randn(c, d, generator=g, dtype=torch.float64), y, draw(st.floats(0.0, 10.0))))
+    return eps
+
+
+@pytest.mark.parametrize("backend", EPISODE_BACKENDS)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(eps=episode_batches())
+def test_episodes_op_matches_reference(backend, eps):
+    """The batched-episodes op equals the reference episode by episode (float64)."""
+    from copa_fast.ops import symmetric_ce as ops
+
+    ns, cs = [e[0].shape[0] for e in eps], [e[1].shape[0] for e in eps]
+    starts = lambda sizes: torch.tensor([0] + sizes[:-1]).cumsum(0)  # noqa: E731
+    rows = torch.stack([starts(ns), torch.tensor(ns)], 1)
+    cls = torch.stack([starts(cs), torch.tensor(cs)], 1)
+    sizes = [a * b for a, b in zip(ns, cs)]
+    z = torch.cat([e[0] for e in eps]).requires_grad_(True)
+    q = torch.cat([e[1] for e in eps]).requires_grad_(True)
+    tau = torch.tensor([e[3] for e in eps], dtype=torch.float64)
+    loss, *_ = ops.episodes_op(backend)(z, q, torch.cat([e[2] for e in eps]), rows, cls, starts(sizes), sum(sizes),
+                                        tau, True)
+    loss.sum().backward()
+    for k, (x, p, y, t) in enumerate(eps):
+        xr, pr = x.clone().requires_grad_(True), p.clone().requires_grad_(True)
+        want = ref.symmetric_ce(xr, pr, y, t)
+        want.backward()
+        assert abs(loss[k].item() - want.item()) <= 1e-9 * max(1.0, abs(want.item()))
+        r0, c0 = int(rows[k, 0]), int(cls[k, 0])
+        got_z, got_q = z.grad[r0:r0 + ns[k]], q.grad[c0:c0 + cs[k]]
+        for got, exp in ((got_z, xr.grad), (got_q, pr.grad)):
+            assert torch.isfinite(got).all()
+            assert (got - exp).norm() <= 1e-8 * max(exp.norm().item(), math.exp(t) / (ns[k] * x.norm(dim=1).min()))
