@@ -85,12 +85,7 @@ def batched_episodes(device, count, d, n_lo, n_hi, reps):
     q = torch.cat([e[1] for e in eps]).to(device)
     y = torch.cat([e[2] for e in eps]).to(device)
     ns, cs = [len(e[2]) for e in eps], [e[1].shape[0] for e in eps]
-    starts_r = torch.tensor([0] + ns[:-1]).cumsum(0)
-    starts_c = torch.tensor([0] + cs[:-1]).cumsum(0)
-    rows = torch.stack([starts_r, torch.tensor(ns)], 1).to(device)
-    cls = torch.stack([starts_c, torch.tensor(cs)], 1).to(device)
-    sizes = [a * b for a, b in zip(ns, cs)]
-    s_off = torch.tensor([0] + sizes[:-1]).cumsum(0).to(device)
+    rows, cls, s_off, s_total = ops.episode_layout(ns, cs, device)
     tau = torch.full((count,), 2.0, device=device)
     x1, p1, y1 = _ragged(1, d, device, 500, 500, seed=1)[0]
     x1, p1, y1 = x1.to(device), p1.to(device), y1.to(device)
@@ -100,7 +95,7 @@ def batched_episodes(device, count, d, n_lo, n_hi, reps):
                 f"copa_fast-{backend}") is None:
             continue
         op = ops.episodes_op(backend)
-        batched = timer(lambda: op(z, q, y, rows, cls, s_off, sum(sizes), tau, True), reps)
+        batched = timer(lambda: op(z, q, y, rows, cls, s_off, s_total, tau, True), reps)
         single_op = ops.triton_op() if backend == "triton" else ops.cpp_op()
         single = timer(lambda: single_op(x1, p1, y1, tau1, None, True), reps)
         per = batched / count

@@ -340,11 +340,7 @@ def _adapt_group(items, classes, steps, lr, weight_decay, tau, op):
         x[k, :ns[k]] = sup.to(work)
         protos[k, :c] = class_means(sup.to(work), lab, c)
         y[k, :ns[k]] = lab
-    starts = torch.arange(e, dtype=torch.int64)
-    rows = torch.stack([starts * n_max, torch.tensor(ns)], 1).to(dev)
-    cls = torch.stack([starts * c_max, torch.tensor(classes)], 1).to(dev)
-    sizes = [n * c for n, c in zip(ns, classes)]
-    s_off = torch.tensor([0] + sizes[:-1], dtype=torch.int64).cumsum(0).to(dev)
+    rows, cls, s_off, s_total = _ops.episode_layout(ns, classes, dev, row_stride=n_max, class_stride=c_max)
     tau_t = torch.full((e,), float(tau), dtype=work, device=dev)
     eye = torch.eye(d, dtype=work, device=dev)
     w_img = eye.repeat(e, 1, 1).requires_grad_(True)
@@ -355,7 +351,7 @@ def _adapt_group(items, classes, steps, lr, weight_decay, tau, op):
         opt.zero_grad(set_to_none=True)
         z = torch.bmm(x, w_img.transpose(1, 2)).reshape(e * n_max, d)
         q = torch.bmm(protos, w_proto.transpose(1, 2)).reshape(e * c_max, d)
-        loss = op(z, q, y.reshape(-1), rows, cls, s_off, sum(sizes), tau_t, True)[0]
+        loss = op(z, q, y.reshape(-1), rows, cls, s_off, s_total, tau_t, True)[0]
         loss.sum().backward()
         opt.step()
         losses.append(loss.detach())

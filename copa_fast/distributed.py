@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import _validate as V
+from .api import _tau_tensor as _api_tau_tensor
 from .api import _working_dtype
 from .api import adapt_many as _local_adapt_many
 from .reference import NORM_EPS
@@ -226,9 +227,7 @@ def _working(t: torch.Tensor) -> torch.Tensor:
 
 
 def _tau_tensor(tau, like: torch.Tensor) -> torch.Tensor:
-    if isinstance(tau, torch.Tensor):
-        return tau.reshape(()).to(device=like.device, dtype=like.dtype)
-    return torch.full((), float(tau), dtype=like.dtype, device=like.device)
+    return _api_tau_tensor(tau, like).to(like.dtype)   # one dtype for the hand-written backward
 
 
 def _check_reduction(reduction: str) -> bool:

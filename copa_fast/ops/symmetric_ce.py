@@ -175,6 +175,23 @@ if _extension.loaded():
     torch.library.register_autograd(EPISODES_CPP, _episodes_backward, setup_context=_episodes_setup)
 
 
+def episode_layout(rows_per_episode, classes_per_episode, device, *, row_stride=None, class_stride=None):
+    """Offsets of the episodes op for episodes stacked in order: packed (each episode starts where
+    the previous one ends) or padded (episode e starts at e * stride). Returns rows, classes (E, 2)
+    int64 [start, count], s_off (E,) and s_total, all but s_total on ``device``."""
+    ns, cs = list(rows_per_episode), list(classes_per_episode)
+
+    def starts(counts, stride):
+        if stride is not None:
+            return torch.arange(len(counts), dtype=torch.int64) * stride
+        return torch.tensor([0] + counts[:-1], dtype=torch.int64).cumsum(0)
+
+    sizes = [n * c for n, c in zip(ns, cs)]
+    rows = torch.stack([starts(ns, row_stride), torch.tensor(ns, dtype=torch.int64)], 1).to(device)
+    classes = torch.stack([starts(cs, class_stride), torch.tensor(cs, dtype=torch.int64)], 1).to(device)
+    return rows, classes, starts(sizes, None).to(device), sum(sizes)
+
+
 def episodes_op(backend: str = "triton"):
     """The batched-episodes op of a backend: ``triton``, or ``cpu`` / ``cuda`` (the C++ op)."""
     if backend == "triton":
