@@ -165,6 +165,13 @@ def copa_loss(features: torch.Tensor, labels: torch.Tensor, w_img: torch.Tensor,
     work = _working_dtype(features.dtype)
     x, wi, wp = features.to(work), w_img.to(work), w_proto.to(work)
     p0 = class_means(pf.to(work), labels, c)
+    if b == "cpu" and reduction != "none":   # the whole step, gradients included, in one C++ call
+        tau_t = _tau_tensor(tau, x)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, wi, wp, p0, tau_t))
+        weights = torch.ones(x.shape[0], dtype=work) if reduction == "sum" else None
+        out = _ops.copa_op()(x, labels, wi, wp, p0, tau_t, weights, needs_grad,
+                             needs_grad and (x.requires_grad or p0.requires_grad))
+        return out[0].to(features.dtype)
     return _sce_core(x @ wi.t(), p0 @ wp.t(), labels, tau, reduction, b, precision)[0].to(features.dtype)
 
 

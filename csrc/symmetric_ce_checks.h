@@ -15,30 +15,35 @@
 
 namespace copa_fast {
 
+// labels (N,), tau (one element), weights (N,) or None, all on `device`.
+inline void check_labels_tau_weights(int64_t n, const at::Device& device, const at::Tensor& labels,
+                                     const at::Tensor& tau, const c10::optional<at::Tensor>& weights) {
+  CHECK_RANK(labels, 1);
+  CHECK_TYPE(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
+             "labels: expected int64 or int32, got ", labels.scalar_type());
+  CHECK_ARG(labels.size(0) == n, "labels: expected ", n, " entries (rows of z), got ", labels.size(0));
+  CHECK_ARG(tau.numel() == 1, "tau: expected one element, got ", tau.numel());
+  CHECK_TYPE(at::isFloatingType(tau.scalar_type()), "tau: expected a floating tensor, got ", tau.scalar_type());
+  CHECK_ARG(labels.device() == device, "labels: expected device ", device, ", got ", labels.device());
+  if (weights.has_value()) {
+    CHECK_RANK((*weights), 1);
+    CHECK_ARG(weights->size(0) == n, "weights: expected ", n, " entries, got ", weights->size(0));
+    CHECK_ARG(weights->device() == device, "weights: expected device ", device, ", got ", weights->device());
+  }
+}
+
 inline void check_symmetric_ce_args(const at::Tensor& z, const at::Tensor& q, const at::Tensor& labels,
                                     const at::Tensor& tau, const c10::optional<at::Tensor>& weights) {
   CHECK_RANK(z, 2);
   CHECK_RANK(q, 2);
-  CHECK_RANK(labels, 1);
   CHECK_FLOATING(z);
   CHECK_TYPE(q.scalar_type() == z.scalar_type(), "q: expected dtype ", z.scalar_type(), " (as z), got ",
              q.scalar_type());
   CHECK_ARG(z.size(0) >= 1 && z.size(1) >= 1, "z: expected a non-empty (N, D) tensor, got ", z.sizes());
   CHECK_ARG(q.size(0) >= 1, "q: expected at least one class row, got ", q.sizes());
   CHECK_ARG(q.size(1) == z.size(1), "q: expected ", z.size(1), " columns (as z), got ", q.size(1));
-  CHECK_TYPE(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
-             "labels: expected int64 or int32, got ", labels.scalar_type());
-  CHECK_ARG(labels.size(0) == z.size(0), "labels: expected ", z.size(0), " entries (rows of z), got ",
-            labels.size(0));
-  CHECK_ARG(tau.numel() == 1, "tau: expected one element, got ", tau.numel());
-  CHECK_TYPE(at::isFloatingType(tau.scalar_type()), "tau: expected a floating tensor, got ", tau.scalar_type());
   CHECK_SAME_DEVICE(q, z);
-  CHECK_SAME_DEVICE(labels, z);
-  if (weights.has_value()) {
-    CHECK_RANK((*weights), 1);
-    CHECK_ARG(weights->size(0) == z.size(0), "weights: expected ", z.size(0), " entries, got ", weights->size(0));
-    CHECK_SAME_DEVICE((*weights), z);
-  }
+  check_labels_tau_weights(z.size(0), z.device(), labels, tau, weights);
 }
 
 // Checks of copa_fast::episodes_sce that need no data read (offsets are trusted to lie inside the

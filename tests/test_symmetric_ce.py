@@ -282,3 +282,87 @@ def test_cuda_graph_capture_replays_a_training_step(backend, device):
         want.backward()
         torch.testing.assert_close(static_loss, want)
         torch.testing.assert_close(w_img.grad, wi.grad)
+
+
+# --- the fused CoPA step op of the cpu backend (copa_fast::copa_loss) ---------------------------------
+needs_cpu = pytest.mark.skipif("cpu" not in copa_fast.available_backends(), reason="C++ extension not built")
+
+
+def _step_inputs(n, c, d, e, seed):
+    x, y = make_episode(n, c, d, seed=seed, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed + 1)
+    wi = torch.eye(e, d, dtype=torch.float64) + 0.05 * torch.randn(e, d, dtype=torch.float64, generator=gen)
+    wp = torch.eye(e, d, dtype=torch.float64) + 0.05 * torch.randn(e, d, dtype=torch.float64, generator=gen)
+    return x, y, wi, wp
+
+
+@needs_cpu
+@pytest.mark.parametrize("e", [23, 17], ids=lambda e: f"E{e}")   # square and non-square adapters
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("frozen_features", [True, False])
+def test_cpu_fused_step_matches_reference(e, reduction, frozen_features):
+    """The adapter-training case (features frozen: no input gradients formed) and the backbone
+    case, against the float64 reference; non-square (E, D) adapters included."""
+    x, y, wi, wp = _step_inputs(61, 7, 23, e, seed=30)
+    leaves64 = [x.clone().requires_grad_(not frozen_features), wi.clone().requires_grad_(True),
+                wp.clone().requires_grad_(True)]
+    expect = ref.copa_loss(*leaves64[:1], y, *leaves64[1:], 2.5, reduction=reduction)
+    leaves = [t.detach().float().requires_grad_(t.requires_grad) for t in leaves64]
+    out = copa_fast.copa_loss(leaves[0], y, leaves[1], leaves[2], 2.5, reduction=reduction, backend="cpu")
+    assert_rel(out, expect, TOL[torch.float32]["loss"], "loss")
+    wrt = [t for t in leaves if t.requires_grad]
+    got = torch.autograd.grad(out, wrt)
+    want = torch.autograd.grad(expect, [t for t in leaves64 if t.requires_grad])
+    for a, b in zip(got, want):
+        assert_rel(a, b, TOL[torch.float32]["grad"], "grad")
+
+
+@needs_cpu
+def test_cpu_fused_step_opcheck():
+    from copa_fast.ops import symmetric_ce as ops
+
+    x, y, wi, wp = [t.float() if t.is_floating_point() else t for t in _step_inputs(21, 6, 10, 8, seed=31)]
+    p0 = copa_fast.class_means(x, y, 6)
+    tau = torch.tensor(2.0)
+    for fused, inputs in ((True, True), (True, False), (False, False)):
+        for w in (None, torch.rand(21)):
+            grad = [fused and inputs, fused, fused, fused and inputs]
+            args = (x.clone().requires_grad_(grad[0]), y, wi.clone().requires_grad_(grad[1]),
+                    wp.clone().requires_grad_(grad[2]), p0.clone().requires_grad_(grad[3]), tau, w, fused, inputs)
+            torch.library.opcheck(ops.copa_op(), args)
+
+
+@needs_cpu
+def test_cpu_fused_step_refuses_gradients_it_did_not_form():
+    from copa_fast.ops import symmetric_ce as ops
+
+    x, y, wi, wp = [t.float() if t.is_floating_point() else t for t in _step_inputs(12, 3, 6, 6, seed=32)]
+    x.requires_grad_(True)
+    p0 = copa_fast.class_means(x, y, 3)
+    loss = ops.copa_op()(x, y, wi, wp, p0, torch.tensor(2.0), None, True, False)[0]
+    with pytest.raises(RuntimeError, match="input_grads=True"):
+        loss.backward()
+
+
+@needs_cpu
+@pytest.mark.parametrize("case,match", [
+    ("w_proto_shape", "w_proto: expected shape"),
+    ("p0_cols", "p0: expected 6 columns"),
+    ("dtype", "expected dtype"),
+    ("labels_len", "labels: expected 12 entries"),
+])
+def test_cpu_fused_step_op_errors_name_the_argument(case, match):
+    from copa_fast.ops import symmetric_ce as ops
+
+    x, y, wi, wp = [t.float() if t.is_floating_point() else t for t in _step_inputs(12, 3, 6, 6, seed=33)]
+    p0 = copa_fast.class_means(x, y, 3)
+    if case == "w_proto_shape":
+        wp = wp[:5]
+    elif case == "p0_cols":
+        p0 = p0[:, :4]
+    elif case == "dtype":
+        wi = wi.double()
+    elif case == "labels_len":
+        y = y[:-1]
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.copa_op()(x, y, wi, wp, p0, torch.tensor(2.0), None, False, False)

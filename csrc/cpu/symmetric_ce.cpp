@@ -56,15 +56,15 @@ inline T abs_max(const T* x, int64_t D) {
   return m;
 }
 
-// Row normalisation as F.normalize: x / max(||x||, eps), one fused pass per row; returns (xn, norms).
-// The norm is taken of x / max|x| and scaled back, so float32 rows of magnitude 1e20 do not
-// overflow and rows of 1e-20 do not underflow.
+// Row normalisation as F.normalize: out = x / max(||x||, eps), one fused pass per row (out may be
+// x itself); returns the norms. The norm is taken of x / max|x| and scaled back, so float32 rows
+// of magnitude 1e20 do not overflow and rows of 1e-20 do not underflow.
 template <typename T>
-std::pair<at::Tensor, at::Tensor> normalize_rows(const at::Tensor& x) {
+at::Tensor normalize_rows_into(const at::Tensor& x, at::Tensor& out) {
   const int64_t R = x.size(0), D = x.size(1);
-  at::Tensor xn = at::empty_like(x), norms = at::empty({R}, x.options());
+  at::Tensor norms = at::empty({R}, x.options());
   const T* xp = x.data_ptr<T>();
-  T* op = xn.data_ptr<T>();
+  T* op = out.data_ptr<T>();
   T* np = norms.data_ptr<T>();
   at::parallel_for(0, R, 8, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
@@ -79,6 +79,13 @@ std::pair<at::Tensor, at::Tensor> normalize_rows(const at::Tensor& x) {
       for (int64_t d = 0; d < D; ++d) o[d] = r[d] * inv;
     }
   });
+  return norms;
+}
+
+template <typename T>
+std::pair<at::Tensor, at::Tensor> normalize_rows(const at::Tensor& x) {
+  at::Tensor xn = at::empty_like(x);
+  at::Tensor norms = normalize_rows_into<T>(x, xn);
   return {xn, norms};
 }
 
@@ -102,25 +109,29 @@ void normalize_backward_(at::Tensor& g, const at::Tensor& xn, const at::Tensor& 
   });
 }
 
+// The N x C part once the rows are normalised (DESIGN §2). zn (N, D) and qn (C, D) unit rows with
+// their norms; returns {loss, losses, pred, dZ, dQ, dtau}, dZ / dQ the gradients w.r.t. the RAW
+// rows (normalisation backward applied; empty without fused_grad). zn and qn are only read.
+//
+// Every exponential is taken once, by ATen's vectorised exp over whole N x C buffers: the row
+// terms exp(S_ic - m_i) (m_i the row maximum over present classes) and the column terms
+// exp(S_ic - M_c) (M_c the column maximum), so no shift can overflow whatever tau is. The loops
+// around them are plain arithmetic the compiler vectorises; sums over rows accumulate in double
+// in row order (deterministic).
 template <typename T>
-std::vector<at::Tensor> symmetric_ce_cpu_impl(const at::Tensor& z_in, const at::Tensor& q_in,
-                                              const at::Tensor& labels_in, double tau,
-                                              const c10::optional<at::Tensor>& weights_in,
-                                              bool fused_grad) {
-  const at::Tensor z = z_in.contiguous();
-  const at::Tensor q = q_in.contiguous();
+std::vector<at::Tensor> sce_normalised(const at::Tensor& zn, const at::Tensor& znorm, const at::Tensor& qn,
+                                       const at::Tensor& qnorm, const at::Tensor& labels_in, double tau,
+                                       const c10::optional<at::Tensor>& weights_in, bool fused_grad) {
   const at::Tensor labels = labels_in.to(at::kLong).contiguous();
-  const int64_t N = z.size(0), C = q.size(0);
+  const int64_t N = zn.size(0), C = qn.size(0);
   const T nan = std::numeric_limits<T>::quiet_NaN();
+  const T ninf = -std::numeric_limits<T>::infinity();
   const T s = T(std::exp(T(tau)));
-
-  const auto [zn, znorm] = normalize_rows<T>(z);
-  const auto [qn, qnorm] = normalize_rows<T>(q);
+  const int64_t* y = labels.data_ptr<int64_t>();
 
   at::Tensor S = at::mm(zn, qn.t());
   S.mul_(s);
   const T* Sp = S.data_ptr<T>();
-  const int64_t* y = labels.data_ptr<int64_t>();
 
   // Per-sample weights and their per-class sums; invalid labels are left out of every count.
   std::vector<double> w(N, 1.0 / double(N));
@@ -137,98 +148,169 @@ std::vector<at::Tensor> symmetric_ce_cpu_impl(const at::Tensor& z_in, const at::
       wsum[c] += w[i];
     }
   }
+  std::vector<T> count_t(C);
+  for (int64_t c = 0; c < C; ++c) count_t[c] = T(counts[c]);
+  const T* nc = count_t.data();
 
-  at::Tensor R = at::empty({N}, z.options());
-  at::Tensor L = at::empty({C}, z.options());
+  // Column maxima (every row), then both shifted copies of S in one (2, N, C) buffer.
+  std::vector<T> colmax(C, ninf);
+  for (int64_t i = 0; i < N; ++i) {
+    const T* Si = Sp + i * C;
+    for (int64_t c = 0; c < C; ++c) colmax[c] = std::max(colmax[c], Si[c]);
+  }
+  const T* M = colmax.data();
+  at::Tensor X = at::empty({2, N, C}, S.options());
+  T* Er = X.data_ptr<T>();
+  T* Ec = Er + N * C;
+  std::vector<T> rowmax(N);
   at::Tensor pred = at::empty({N}, labels.options());
-  T* Rp = R.data_ptr<T>();
-  T* Lp = L.data_ptr<T>();
   int64_t* predp = pred.data_ptr<int64_t>();
-
-  // Row log-sum-exp over the N expanded columns: class c appears counts[c] times.
-  at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, N, 32, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const T* Si = Sp + i * C;
-      T m = -std::numeric_limits<T>::infinity();
-      T best = -std::numeric_limits<T>::infinity();
+      T m = ninf, best = ninf;
       int64_t arg = 0;
       for (int64_t c = 0; c < C; ++c) {
-        if (counts[c] > 0 && Si[c] > m) m = Si[c];
+        if (nc[c] > 0 && Si[c] > m) m = Si[c];
         if (Si[c] > best) { best = Si[c]; arg = c; }
       }
-      double acc = 0;
-      for (int64_t c = 0; c < C; ++c)
-        if (counts[c] > 0) acc += counts[c] * double(std::exp(Si[c] - m));
-      Rp[i] = T(double(m) + std::log(acc));
+      rowmax[i] = m;
       predp[i] = arg;
+      T* ri = Er + i * C;
+      T* ci = Ec + i * C;
+      for (int64_t c = 0; c < C; ++c) {
+        ri[c] = Si[c] - m;
+        ci[c] = Si[c] - M[c];
+      }
     }
   });
+  X.exp_();
 
-  // Column log-sum-exp over all rows, on a transposed copy so each class reads contiguous memory.
-  const at::Tensor ST = S.t().contiguous();
-  const T* STp = ST.data_ptr<T>();
-  at::parallel_for(0, C, 4, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) {
-      const T* col = STp + c * N;
-      T m = -std::numeric_limits<T>::infinity();
-      for (int64_t i = 0; i < N; ++i) m = std::max(m, col[i]);
-      double acc = 0;
-      for (int64_t i = 0; i < N; ++i) acc += double(std::exp(col[i] - m));
-      Lp[c] = T(double(m) + std::log(acc));
+  // Row sums over the N expanded columns (class c counted n_c times) and column sums over rows.
+  std::vector<double> rowsum(N), colsum(C, 0.0);
+  at::parallel_for(0, N, 32, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const T* ri = Er + i * C;
+      rowsum[i] = double(lane_sum<T>(C, [&](int64_t c) { return nc[c] > 0 ? nc[c] * ri[c] : T(0); }));
     }
   });
+  for (int64_t i = 0; i < N; ++i) {
+    const T* ci = Ec + i * C;
+    for (int64_t c = 0; c < C; ++c) colsum[c] += double(ci[c]);
+  }
 
-  at::Tensor losses = at::empty({N}, z.options());
+  at::Tensor losses = at::empty({N}, zn.options());
   T* lp = losses.data_ptr<T>();
+  std::vector<double> R(N), L(C);
+  for (int64_t c = 0; c < C; ++c) L[c] = double(M[c]) + std::log(colsum[c]);
   double total = 0;
   for (int64_t i = 0; i < N; ++i) {
+    R[i] = double(rowmax[i]) + std::log(rowsum[i]);
     const int64_t c = y[i];
-    lp[i] = (c >= 0 && c < C) ? T(0.5) * (Rp[i] + Lp[c] - 2 * Sp[i * C + c]) : nan;
+    lp[i] = (c >= 0 && c < C) ? T(0.5 * (R[i] + L[c] - 2.0 * double(Sp[i * C + c]))) : nan;
     total += w[i] * double(lp[i]);
   }
-  at::Tensor loss = at::full({}, total, z.options());
+  at::Tensor loss = at::full({}, total, zn.options());
 
-  at::Tensor dz, dq, dtau;
-  if (fused_grad) {
-    at::Tensor G = at::empty({N, C}, z.options());
-    T* Gp = G.data_ptr<T>();
-    std::vector<double> dtau_rows(N, 0.0);
-    at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const int64_t yi = y[i];
-        const T* Si = Sp + i * C;
-        T* Gi = Gp + i * C;
-        if (yi < 0 || yi >= C) {
-          for (int64_t c = 0; c < C; ++c) Gi[c] = nan;
-          dtau_rows[i] = double(nan);
-          continue;
-        }
-        double acc = 0;
-        for (int64_t c = 0; c < C; ++c) {
-          // exp in the working precision (float exp is several times cheaper than double).
-          double g = 0.5 * (w[i] * counts[c] * double(std::exp(Si[c] - Rp[i])) +
-                            wsum[c] * double(std::exp(Si[c] - Lp[c])));
-          if (c == yi) g -= w[i];
-          Gi[c] = T(g);
-          acc += g * double(Si[c]);
-        }
-        dtau_rows[i] = acc;
-      }
-    });
-    double dt = 0;
-    for (int64_t i = 0; i < N; ++i) dt += dtau_rows[i];
-    dtau = at::full({}, dt, z.options());
-    G.mul_(s);
-    dz = at::mm(G, qn);
-    dq = at::mm(G.t(), zn);
-    normalize_backward_<T>(dz, zn, znorm);
-    normalize_backward_<T>(dq, qn, qnorm);
-  } else {
-    dz = at::empty({0}, z.options());
-    dq = at::empty({0}, z.options());
-    dtau = at::empty({0}, z.options());
+  if (!fused_grad) {   // outputs must not alias one another: one empty tensor each
+    const auto none = [&] { return at::empty({0}, zn.options()); };
+    return {loss, losses, pred, none(), none(), none()};
   }
-  return {loss, losses, pred, dz, dq, dtau};
+  // G_ic = dloss/dS_ic = 1/2 (w_i n_c e^{S_ic - R_i} + wsum_c e^{S_ic - L_c}) - w_i [c == y_i],
+  // written over the row terms; dtau = sum G_ic S_ic; then G is scaled by s for dz = s G qn.
+  std::vector<T> col_coef(C);
+  for (int64_t c = 0; c < C; ++c) col_coef[c] = nc[c] > 0 ? T(0.5 * wsum[c] / colsum[c]) : T(0);
+  const T* cc = col_coef.data();
+  std::vector<double> dtau_rows(N);
+  at::parallel_for(0, N, 32, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t yi = y[i];
+      T* gi = Er + i * C;
+      const T* ci = Ec + i * C;
+      const T* Si = Sp + i * C;
+      if (yi < 0 || yi >= C) {
+        for (int64_t c = 0; c < C; ++c) gi[c] = nan;
+        dtau_rows[i] = double(nan);
+        continue;
+      }
+      const T row_coef = T(0.5 * w[i] / rowsum[i]);
+      for (int64_t c = 0; c < C; ++c) gi[c] = (nc[c] > 0 ? row_coef * nc[c] * gi[c] : T(0)) + cc[c] * ci[c];
+      gi[yi] -= T(w[i]);
+      dtau_rows[i] = double(lane_sum<T>(C, [&](int64_t c) { return gi[c] * Si[c]; }));
+      for (int64_t c = 0; c < C; ++c) gi[c] *= s;
+    }
+  });
+  double dt = 0;
+  for (int64_t i = 0; i < N; ++i) dt += dtau_rows[i];
+  const at::Tensor G = X[0];
+  at::Tensor dz = at::mm(G, qn);
+  at::Tensor dq = at::mm(G.t(), zn);
+  normalize_backward_<T>(dz, zn, znorm);
+  normalize_backward_<T>(dq, qn, qnorm);
+  return {loss, losses, pred, dz, dq, at::full({}, dt, zn.options())};
+}
+
+template <typename T>
+std::vector<at::Tensor> symmetric_ce_cpu_impl(const at::Tensor& z, const at::Tensor& q, const at::Tensor& labels,
+                                              double tau, const c10::optional<at::Tensor>& weights,
+                                              bool fused_grad) {
+  const auto [zn, znorm] = normalize_rows<T>(z.contiguous());
+  const auto [qn, qnorm] = normalize_rows<T>(q.contiguous());
+  return sce_normalised<T>(zn, znorm, qn, qnorm, labels, tau, weights, fused_grad);
+}
+
+// One whole CoPA step: both adapters, the symmetric CE and — with fused_grad — the gradients of
+// the loss w.r.t. both adapters and tau (and x, p0 with input_grads), all in one call. The adapted
+// rows are normalised in the GEMM's own output buffer; only the returned tensors are fresh.
+template <typename T>
+std::vector<at::Tensor> copa_loss_cpu_impl(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_img,
+                                           const at::Tensor& w_proto, const at::Tensor& p0, double tau,
+                                           const c10::optional<at::Tensor>& weights, bool fused_grad,
+                                           bool input_grads) {
+  at::Tensor zn = at::mm(x, w_img.t());   // Z, normalised in place
+  at::Tensor qn = at::mm(p0, w_proto.t());
+  const at::Tensor znorm = normalize_rows_into<T>(zn, zn);
+  const at::Tensor qnorm = normalize_rows_into<T>(qn, qn);
+  std::vector<at::Tensor> sce = sce_normalised<T>(zn, znorm, qn, qnorm, labels, tau, weights, fused_grad);
+  const auto none = [&] { return at::empty({0}, x.options()); };   // never aliased between outputs
+  if (!fused_grad) return {sce[0], sce[1], sce[2], none(), none(), none(), none(), none()};
+  const at::Tensor& dz = sce[3];
+  const at::Tensor& dq = sce[4];
+  at::Tensor dx = input_grads ? at::mm(dz, w_img) : none();
+  at::Tensor dp0 = input_grads ? at::mm(dq, w_proto) : none();
+  return {sce[0], sce[1], sce[2], dx, at::mm(dz.t(), x), at::mm(dq.t(), p0), dp0, sce[5]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+copa_loss_cpu(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_img, const at::Tensor& w_proto,
+              const at::Tensor& p0, const at::Tensor& tau, const c10::optional<at::Tensor>& weights, bool fused_grad,
+              bool input_grads) {
+  CHECK_RANK(x, 2);
+  CHECK_RANK(w_img, 2);
+  CHECK_RANK(w_proto, 2);
+  CHECK_RANK(p0, 2);
+  CHECK_FLOATING(x);
+  for (const auto* t : {&w_img, &w_proto, &p0}) {
+    CHECK_TYPE(t->scalar_type() == x.scalar_type(), "w_img, w_proto, p0: expected dtype ", x.scalar_type(),
+               " (as x), got ", t->scalar_type());
+    CHECK_SAME_DEVICE((*t), x);
+  }
+  CHECK_ARG(x.device().is_cpu(), "x: expected a CPU tensor, got ", x.device());
+  CHECK_ARG(w_img.size(1) == x.size(1), "w_img: expected ", x.size(1), " columns (as x), got ", w_img.sizes());
+  CHECK_ARG(p0.size(1) == x.size(1), "p0: expected ", x.size(1), " columns (as x), got ", p0.sizes());
+  CHECK_ARG(w_proto.sizes() == w_img.sizes(), "w_proto: expected shape ", w_img.sizes(), " (as w_img), got ",
+            w_proto.sizes());
+  CHECK_ARG(w_img.size(0) >= 1, "w_img: expected at least one output row, got ", w_img.sizes());
+  CHECK_ARG(x.size(0) >= 1, "x: expected at least one row, got ", x.sizes());
+  CHECK_ARG(p0.size(0) >= 1, "p0: expected at least one class row, got ", p0.sizes());
+  check_labels_tau_weights(x.size(0), x.device(), labels, tau, weights);
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const double t = tau.to(at::kCPU).to(at::kDouble).item<double>();
+  std::vector<at::Tensor> o =
+      x.scalar_type() == at::kDouble
+          ? copa_loss_cpu_impl<double>(x, labels, w_img, w_proto, p0, t, weights, fused_grad, input_grads)
+          : copa_loss_cpu_impl<float>(x, labels, w_img, w_proto, p0, t, weights, fused_grad, input_grads);
+  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> symmetric_ce_cpu(
@@ -301,11 +383,20 @@ TORCH_LIBRARY(copa_fast, m) {
   m.def(
       "episodes_sce(Tensor z, Tensor q, Tensor labels, Tensor rows, Tensor classes, Tensor s_off, int s_total,"
       " Tensor tau, bool fused_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // One CoPA step on CPU: z = x w_img^T, q = p0 w_proto^T, symmetric CE of (z, q) as above. With
+  // fused_grad the gradients of `loss` w.r.t. w_img, w_proto, tau (and with input_grads x, p0)
+  // are computed in the call; outputs not computed are empty.
+  m.def(
+      "copa_loss(Tensor x, Tensor labels, Tensor w_img, Tensor w_proto, Tensor p0, Tensor tau, Tensor? weights,"
+      " bool fused_grad, bool input_grads)"
+      " -> (Tensor loss, Tensor losses, Tensor pred, Tensor dx, Tensor dw_img, Tensor dw_proto, Tensor dp0,"
+      " Tensor dtau)");
 }
 
 TORCH_LIBRARY_IMPL(copa_fast, CPU, m) {
   m.impl("symmetric_ce", &symmetric_ce_cpu);
   m.impl("episodes_sce", &episodes_sce_cpu);
+  m.impl("copa_loss", &copa_loss_cpu);
 }
 
 }  // namespace copa_fast
