@@ -163,15 +163,16 @@ def copa_loss(features: torch.Tensor, labels: torch.Tensor, w_img: torch.Tensor,
         return reference.copa_loss(features, labels, w_img, w_proto, tau, prototype_features=prototype_features,
                                    reduction=reduction)
     work = _working_dtype(features.dtype)
-    x, wi, wp = features.to(work), w_img.to(work), w_proto.to(work)
-    p0 = class_means(pf.to(work), labels, c)
+    x, wi, wp, pfw = (t if t.dtype == work else t.to(work) for t in (features, w_img, w_proto, pf))
     if b == "cpu" and reduction != "none":   # the whole step, gradients included, in one C++ call
         tau_t = _tau_tensor(tau, x)
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, wi, wp, p0, tau_t))
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or wi.requires_grad or wp.requires_grad
+                                                  or pfw.requires_grad or tau_t.requires_grad)
         weights = torch.ones(x.shape[0], dtype=work) if reduction == "sum" else None
-        out = _ops.copa_op()(x, labels, wi, wp, p0, tau_t, weights, needs_grad,
-                             needs_grad and (x.requires_grad or p0.requires_grad))
-        return out[0].to(features.dtype)
+        out = _ops.copa_op()(x, labels, wi, wp, pfw, c, tau_t, weights, needs_grad,
+                             needs_grad and (x.requires_grad or pfw.requires_grad))
+        return out[0] if out[0].dtype == features.dtype else out[0].to(features.dtype)
+    p0 = class_means(pfw, labels, c)
     return _sce_core(x @ wi.t(), p0 @ wp.t(), labels, tau, reduction, b, precision)[0].to(features.dtype)
 
 

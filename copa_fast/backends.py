@@ -43,9 +43,19 @@ def available_backends() -> list[str]:
     return list(_available())
 
 
+_AVAILABLE: dict = {}   # interpreter switch -> the answer (asked on every call: keep it cheap)
+
+
 # torch.compile treats the answer as a constant of the traced graph (no graph break).
 @torch.compiler.assume_constant_result
 def _available() -> tuple:
+    key = triton_interpreted()
+    if key not in _AVAILABLE:
+        _AVAILABLE[key] = _probe()
+    return _AVAILABLE[key]
+
+
+def _probe() -> tuple:
     out = ["reference"]
     if _extension.loaded():
         out.append("cpu")

@@ -322,13 +322,14 @@ def test_cpu_fused_step_opcheck():
     from copa_fast.ops import symmetric_ce as ops
 
     x, y, wi, wp = [t.float() if t.is_floating_point() else t for t in _step_inputs(21, 6, 10, 8, seed=31)]
-    p0 = copa_fast.class_means(x, y, 6)
+    pf = x + 0.3 * torch.randn_like(x)
     tau = torch.tensor(2.0)
     for fused, inputs in ((True, True), (True, False), (False, False)):
         for w in (None, torch.rand(21)):
             grad = [fused and inputs, fused, fused, fused and inputs]
             args = (x.clone().requires_grad_(grad[0]), y, wi.clone().requires_grad_(grad[1]),
-                    wp.clone().requires_grad_(grad[2]), p0.clone().requires_grad_(grad[3]), tau, w, fused, inputs)
+                    wp.clone().requires_grad_(grad[2]), pf.clone().requires_grad_(grad[3]), 6, tau, w, fused,
+                    inputs)
             torch.library.opcheck(ops.copa_op(), args)
 
 
@@ -338,8 +339,7 @@ def test_cpu_fused_step_refuses_gradients_it_did_not_form():
 
     x, y, wi, wp = [t.float() if t.is_floating_point() else t for t in _step_inputs(12, 3, 6, 6, seed=32)]
     x.requires_grad_(True)
-    p0 = copa_fast.class_means(x, y, 3)
-    loss = ops.copa_op()(x, y, wi, wp, p0, torch.tensor(2.0), None, True, False)[0]
+    loss = ops.copa_op()(x, y, wi, wp, x, 3, torch.tensor(2.0), None, True, False)[0]
     with pytest.raises(RuntimeError, match="input_grads=True"):
         loss.backward()
 
@@ -347,7 +347,7 @@ def test_cpu_fused_step_refuses_gradients_it_did_not_form():
 @needs_cpu
 @pytest.mark.parametrize("case,match", [
     ("w_proto_shape", "w_proto: expected shape"),
-    ("p0_cols", "p0: expected 6 columns"),
+    ("pf_shape", "pf: expected shape"),
     ("dtype", "expected dtype"),
     ("labels_len", "labels: expected 12 entries"),
 ])
@@ -355,14 +355,14 @@ def test_cpu_fused_step_op_errors_name_the_argument(case, match):
     from copa_fast.ops import symmetric_ce as ops
 
     x, y, wi, wp = [t.float() if t.is_floating_point() else t for t in _step_inputs(12, 3, 6, 6, seed=33)]
-    p0 = copa_fast.class_means(x, y, 3)
+    pf = x
     if case == "w_proto_shape":
         wp = wp[:5]
-    elif case == "p0_cols":
-        p0 = p0[:, :4]
+    elif case == "pf_shape":
+        pf = pf[:, :4]
     elif case == "dtype":
         wi = wi.double()
     elif case == "labels_len":
         y = y[:-1]
     with pytest.raises((ValueError, TypeError), match=match):
-        ops.copa_op()(x, y, wi, wp, p0, torch.tensor(2.0), None, False, False)
+        ops.copa_op()(x, y, wi, wp, pf, 3, torch.tensor(2.0), None, False, False)

@@ -92,54 +92,29 @@ def cpp_op():
 
 
 # --- the fused CoPA step (CPU) ----------------------------------------------------------------------
-# copa_loss(x, labels, w_img, w_proto, p0, tau, weights, fused_grad, input_grads)
-#   -> (loss, losses, pred, dx, dw_img, dw_proto, dp0, dtau)
-# z = x w_img^T and q = p0 w_proto^T are formed inside; with fused_grad the gradients of ``loss``
-# w.r.t. w_img, w_proto and tau (with input_grads also x and p0) come out of the same call and the
-# backward only scales them. Per-sample losses carry no gradient through this op: reduction="none"
+# copa_loss(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad, input_grads)
+#   -> (loss, losses, pred, dx, dw_img, dw_proto, dpf, dtau)
+# p0 = class means of pf, z = x w_img^T and q = p0 w_proto^T are formed inside; with fused_grad the
+# gradients of ``loss`` w.r.t. w_img, w_proto and tau (with input_grads also x and pf) come out of
+# the same call and the backward only scales them (autograd registered in C++). Per-sample losses carry no gradient through this op: reduction="none"
 # uses the symmetric_ce op.
 COPA_CPP = "copa_fast::copa_loss"
 
 
-def _copa_fake(x, labels, w_img, w_proto, p0, tau, weights, fused_grad, input_grads):
-    torch._check(x.dim() == 2 and p0.dim() == 2 and w_img.dim() == 2, lambda: "x, p0, w_img: expected 2-D")
+def _copa_fake(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad, input_grads):
+    torch._check(x.dim() == 2 and pf.dim() == 2 and w_img.dim() == 2, lambda: "x, pf, w_img: expected 2-D")
     n = x.shape[0]
 
     def grad(shape, formed):   # one fresh tensor per output: outputs never alias
         return x.new_empty(shape if formed else (0,))
 
     grads = (grad(x.shape, fused_grad and input_grads), grad(w_img.shape, fused_grad),
-             grad(w_proto.shape, fused_grad), grad(p0.shape, fused_grad and input_grads), grad((), fused_grad))
+             grad(w_proto.shape, fused_grad), grad(pf.shape, fused_grad and input_grads), grad((), fused_grad))
     return (x.new_empty(()), x.new_empty((n,)), labels.new_empty((n,), dtype=torch.int64)) + grads
 
 
-def _copa_setup(ctx, inputs, output):
-    _, _, _, _, _, tau, _, fused_grad, input_grads = inputs
-    ctx.mark_non_differentiable(*output[2:])
-    ctx.set_materialize_grads(False)
-    ctx.fused, ctx.input_grads = fused_grad, input_grads
-    ctx.tau_meta = (tau.shape, tau.dtype)
-    if fused_grad:
-        ctx.save_for_backward(*output[3:])
-
-
-def _copa_backward(ctx, g_loss, g_losses, *_unused):
-    needs = ctx.needs_input_grad
-    if g_loss is None:   # only the per-sample losses were used: they carry no gradient here
-        return (None,) * 9
-    if not ctx.fused or ((needs[0] or needs[4]) and not ctx.input_grads):
-        raise RuntimeError("copa_fast::copa_loss: the gradients asked for were not computed in the forward "
-                           "(call it with fused_grad=True, and input_grads=True for x and p0)")
-    dx, dwi, dwp, dp0, dtau = ctx.saved_tensors
-    tau_shape, tau_dtype = ctx.tau_meta
-    return (g_loss * dx if needs[0] else None, None, g_loss * dwi if needs[2] else None,
-            g_loss * dwp if needs[3] else None, g_loss * dp0 if needs[4] else None,
-            (g_loss * dtau).reshape(tau_shape).to(tau_dtype) if needs[5] else None, None, None, None)
-
-
 if _extension.loaded():
-    torch.library.register_fake(COPA_CPP)(_copa_fake)
-    torch.library.register_autograd(COPA_CPP, _copa_backward, setup_context=_copa_setup)
+    torch.library.register_fake(COPA_CPP)(_copa_fake)   # its autograd is C++: csrc/cpu/copa_loss_autograd.cpp
 
 
 def copa_op():

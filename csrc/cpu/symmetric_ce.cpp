@@ -259,14 +259,46 @@ std::vector<at::Tensor> symmetric_ce_cpu_impl(const at::Tensor& z, const at::Ten
   return sce_normalised<T>(zn, znorm, qn, qnorm, labels, tau, weights, fused_grad);
 }
 
-// One whole CoPA step: both adapters, the symmetric CE and — with fused_grad — the gradients of
-// the loss w.r.t. both adapters and tau (and x, p0 with input_grads), all in one call. The adapted
-// rows are normalised in the GEMM's own output buffer; only the returned tensors are fresh.
+// Class means of pf (N, D) under labels, as (C, D), and the class counts. Rows are added in row
+// order (threads split the columns), so the result is deterministic; rows with a label outside
+// 0..C-1 are left out (their loss is NaN).
 template <typename T>
-std::vector<at::Tensor> copa_loss_cpu_impl(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_img,
-                                           const at::Tensor& w_proto, const at::Tensor& p0, double tau,
+std::pair<at::Tensor, std::vector<T>> class_means_cpu(const at::Tensor& pf, const int64_t* y, int64_t C) {
+  const int64_t N = pf.size(0), D = pf.size(1);
+  std::vector<T> counts(C, T(0));
+  for (int64_t i = 0; i < N; ++i)
+    if (y[i] >= 0 && y[i] < C) counts[y[i]] += T(1);
+  at::Tensor p0 = at::zeros({C, D}, pf.options());
+  const T* xp = pf.data_ptr<T>();
+  T* pp = p0.data_ptr<T>();
+  at::parallel_for(0, D, 128, [&](int64_t b, int64_t e) {
+    for (int64_t i = 0; i < N; ++i) {
+      if (y[i] < 0 || y[i] >= C) continue;
+      const T* r = xp + i * D;
+      T* o = pp + y[i] * D;
+      for (int64_t d = b; d < e; ++d) o[d] += r[d];
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const T inv = T(1) / std::max(counts[c], T(1));
+      for (int64_t d = b; d < e; ++d) pp[c * D + d] *= inv;
+    }
+  });
+  return {p0, counts};
+}
+
+// One whole CoPA step: class means of pf, both adapters, the symmetric CE and — with fused_grad —
+// the gradients of the loss w.r.t. both adapters and tau (and x, pf with input_grads), all in one
+// call. The adapted rows are normalised in the GEMM's own output buffer; only the returned tensors
+// are fresh.
+template <typename T>
+std::vector<at::Tensor> copa_loss_cpu_impl(const at::Tensor& x, const at::Tensor& labels_in, const at::Tensor& w_img,
+                                           const at::Tensor& w_proto, const at::Tensor& pf, int64_t C, double tau,
                                            const c10::optional<at::Tensor>& weights, bool fused_grad,
                                            bool input_grads) {
+  const at::Tensor labels = labels_in.to(at::kLong).contiguous();
+  const int64_t* y = labels.data_ptr<int64_t>();
+  const at::Tensor pfc = pf.contiguous();
+  auto [p0, counts] = class_means_cpu<T>(pfc, y, C);
   at::Tensor zn = at::mm(x, w_img.t());   // Z, normalised in place
   at::Tensor qn = at::mm(p0, w_proto.t());
   const at::Tensor znorm = normalize_rows_into<T>(zn, zn);
@@ -276,40 +308,56 @@ std::vector<at::Tensor> copa_loss_cpu_impl(const at::Tensor& x, const at::Tensor
   if (!fused_grad) return {sce[0], sce[1], sce[2], none(), none(), none(), none(), none()};
   const at::Tensor& dz = sce[3];
   const at::Tensor& dq = sce[4];
-  at::Tensor dx = input_grads ? at::mm(dz, w_img) : none();
-  at::Tensor dp0 = input_grads ? at::mm(dq, w_proto) : none();
-  return {sce[0], sce[1], sce[2], dx, at::mm(dz.t(), x), at::mm(dq.t(), p0), dp0, sce[5]};
+  at::Tensor dx = none(), dpf = none();
+  if (input_grads) {
+    dx = at::mm(dz, w_img);
+    // d pf_j = d p0_{y_j} / n_{y_j}; NaN on rows with an invalid label
+    const at::Tensor dp0 = at::mm(dq, w_proto);
+    dpf = at::empty_like(pfc);
+    const int64_t N = pf.size(0), D = pf.size(1);
+    const T* g = dp0.data_ptr<T>();
+    T* o = dpf.data_ptr<T>();
+    at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const bool ok = y[i] >= 0 && y[i] < C;
+        const T inv = ok ? T(1) / counts[y[i]] : std::numeric_limits<T>::quiet_NaN();
+        const T* gr = g + (ok ? y[i] : 0) * D;
+        for (int64_t d = 0; d < D; ++d) o[i * D + d] = gr[d] * inv;
+      }
+    });
+  }
+  return {sce[0], sce[1], sce[2], dx, at::mm(dz.t(), x), at::mm(dq.t(), p0), dpf, sce[5]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 copa_loss_cpu(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_img, const at::Tensor& w_proto,
-              const at::Tensor& p0, const at::Tensor& tau, const c10::optional<at::Tensor>& weights, bool fused_grad,
-              bool input_grads) {
+              const at::Tensor& pf, int64_t num_classes, const at::Tensor& tau,
+              const c10::optional<at::Tensor>& weights, bool fused_grad, bool input_grads) {
   CHECK_RANK(x, 2);
   CHECK_RANK(w_img, 2);
   CHECK_RANK(w_proto, 2);
-  CHECK_RANK(p0, 2);
+  CHECK_RANK(pf, 2);
   CHECK_FLOATING(x);
-  for (const auto* t : {&w_img, &w_proto, &p0}) {
-    CHECK_TYPE(t->scalar_type() == x.scalar_type(), "w_img, w_proto, p0: expected dtype ", x.scalar_type(),
+  for (const auto* t : {&w_img, &w_proto, &pf}) {
+    CHECK_TYPE(t->scalar_type() == x.scalar_type(), "w_img, w_proto, pf: expected dtype ", x.scalar_type(),
                " (as x), got ", t->scalar_type());
     CHECK_SAME_DEVICE((*t), x);
   }
   CHECK_ARG(x.device().is_cpu(), "x: expected a CPU tensor, got ", x.device());
+  CHECK_ARG(x.size(0) >= 1, "x: expected at least one row, got ", x.sizes());
   CHECK_ARG(w_img.size(1) == x.size(1), "w_img: expected ", x.size(1), " columns (as x), got ", w_img.sizes());
-  CHECK_ARG(p0.size(1) == x.size(1), "p0: expected ", x.size(1), " columns (as x), got ", p0.sizes());
+  CHECK_ARG(w_img.size(0) >= 1, "w_img: expected at least one output row, got ", w_img.sizes());
   CHECK_ARG(w_proto.sizes() == w_img.sizes(), "w_proto: expected shape ", w_img.sizes(), " (as w_img), got ",
             w_proto.sizes());
-  CHECK_ARG(w_img.size(0) >= 1, "w_img: expected at least one output row, got ", w_img.sizes());
-  CHECK_ARG(x.size(0) >= 1, "x: expected at least one row, got ", x.sizes());
-  CHECK_ARG(p0.size(0) >= 1, "p0: expected at least one class row, got ", p0.sizes());
+  CHECK_ARG(pf.sizes() == x.sizes(), "pf: expected shape ", x.sizes(), " (as x), got ", pf.sizes());
+  CHECK_ARG(num_classes >= 1, "num_classes: expected >= 1, got ", num_classes);
   check_labels_tau_weights(x.size(0), x.device(), labels, tau, weights);
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const double t = tau.to(at::kCPU).to(at::kDouble).item<double>();
   std::vector<at::Tensor> o =
       x.scalar_type() == at::kDouble
-          ? copa_loss_cpu_impl<double>(x, labels, w_img, w_proto, p0, t, weights, fused_grad, input_grads)
-          : copa_loss_cpu_impl<float>(x, labels, w_img, w_proto, p0, t, weights, fused_grad, input_grads);
+          ? copa_loss_cpu_impl<double>(x, labels, w_img, w_proto, pf, num_classes, t, weights, fused_grad, input_grads)
+          : copa_loss_cpu_impl<float>(x, labels, w_img, w_proto, pf, num_classes, t, weights, fused_grad, input_grads);
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]};
 }
 
@@ -383,13 +431,14 @@ TORCH_LIBRARY(copa_fast, m) {
   m.def(
       "episodes_sce(Tensor z, Tensor q, Tensor labels, Tensor rows, Tensor classes, Tensor s_off, int s_total,"
       " Tensor tau, bool fused_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // One CoPA step on CPU: z = x w_img^T, q = p0 w_proto^T, symmetric CE of (z, q) as above. With
-  // fused_grad the gradients of `loss` w.r.t. w_img, w_proto, tau (and with input_grads x, p0)
-  // are computed in the call; outputs not computed are empty.
+  // One CoPA step on CPU: p0 = class means of pf (N, D) over num_classes classes, z = x w_img^T,
+  // q = p0 w_proto^T, symmetric CE of (z, q) as above. With fused_grad the gradients of `loss`
+  // w.r.t. w_img, w_proto, tau (and with input_grads x, pf) are computed in the call; outputs not
+  // computed are empty.
   m.def(
-      "copa_loss(Tensor x, Tensor labels, Tensor w_img, Tensor w_proto, Tensor p0, Tensor tau, Tensor? weights,"
-      " bool fused_grad, bool input_grads)"
-      " -> (Tensor loss, Tensor losses, Tensor pred, Tensor dx, Tensor dw_img, Tensor dw_proto, Tensor dp0,"
+      "copa_loss(Tensor x, Tensor labels, Tensor w_img, Tensor w_proto, Tensor pf, int num_classes, Tensor tau,"
+      " Tensor? weights, bool fused_grad, bool input_grads)"
+      " -> (Tensor loss, Tensor losses, Tensor pred, Tensor dx, Tensor dw_img, Tensor dw_proto, Tensor dpf,"
       " Tensor dtau)");
 }
 
