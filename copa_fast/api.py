@@ -169,8 +169,7 @@ def copa_loss(features: torch.Tensor, labels: torch.Tensor, w_img: torch.Tensor,
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or wi.requires_grad or wp.requires_grad
                                                   or pfw.requires_grad or tau_t.requires_grad)
         weights = torch.ones(x.shape[0], dtype=work) if reduction == "sum" else None
-        out = _ops.copa_op()(x, labels, wi, wp, pfw, c, tau_t, weights, needs_grad,
-                             needs_grad and (x.requires_grad or pfw.requires_grad))
+        out = _ops.copa_op()(x, labels, wi, wp, pfw, c, tau_t, weights, needs_grad)
         return out[0] if out[0].dtype == features.dtype else out[0].to(features.dtype)
     p0 = class_means(pfw, labels, c)
     return _sce_core(x @ wi.t(), p0 @ wp.t(), labels, tau, reduction, b, precision)[0].to(features.dtype)

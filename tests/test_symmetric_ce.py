@@ -328,8 +328,7 @@ def test_cpu_fused_step_opcheck():
         for w in (None, torch.rand(21)):
             grad = [fused and inputs, fused, fused, fused and inputs]
             args = (x.clone().requires_grad_(grad[0]), y, wi.clone().requires_grad_(grad[1]),
-                    wp.clone().requires_grad_(grad[2]), pf.clone().requires_grad_(grad[3]), 6, tau, w, fused,
-                    inputs)
+                    wp.clone().requires_grad_(grad[2]), pf.clone().requires_grad_(grad[3]), 6, tau, w, fused)
             torch.library.opcheck(ops.copa_op(), args)
 
 
@@ -338,10 +337,27 @@ def test_cpu_fused_step_refuses_gradients_it_did_not_form():
     from copa_fast.ops import symmetric_ce as ops
 
     x, y, wi, wp = [t.float() if t.is_floating_point() else t for t in _step_inputs(12, 3, 6, 6, seed=32)]
-    x.requires_grad_(True)
-    loss = ops.copa_op()(x, y, wi, wp, x, 3, torch.tensor(2.0), None, True, False)[0]
-    with pytest.raises(RuntimeError, match="input_grads=True"):
+    wi.requires_grad_(True)
+    loss = ops.copa_op()(x, y, wi, wp, x, 3, torch.tensor(2.0), None, False)[0]
+    with pytest.raises(RuntimeError, match="fused_grad=True"):
         loss.backward()
+
+
+@needs_cpu
+@pytest.mark.parametrize("g", [1.0, -2.5])
+def test_cpu_fused_step_scales_by_grad_output(g):
+    """The backward folds grad_output into its GEMMs (no pass when it is 1): both cases exact."""
+    x, y, wi, wp = _step_inputs(40, 5, 12, 12, seed=34)
+    leaves = [t.clone().requires_grad_(True) for t in (x, wi, wp)]
+    tau = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    out = copa_fast.copa_loss(leaves[0], y, leaves[1], leaves[2], tau, backend="cpu")
+    got = torch.autograd.grad(out * g, leaves + [tau])
+    leaves64 = [t.clone().requires_grad_(True) for t in (x, wi, wp)]
+    tau64 = tau.detach().clone().requires_grad_(True)
+    want = torch.autograd.grad(ref.copa_loss(leaves64[0], y, leaves64[1], leaves64[2], tau64) * g,
+                               leaves64 + [tau64])
+    for a, b in zip(got, want):
+        assert_rel(a, b, 1e-10, "grad")
 
 
 @needs_cpu
@@ -365,4 +381,4 @@ def test_cpu_fused_step_op_errors_name_the_argument(case, match):
     elif case == "labels_len":
         y = y[:-1]
     with pytest.raises((ValueError, TypeError), match=match):
-        ops.copa_op()(x, y, wi, wp, pf, 3, torch.tensor(2.0), None, False, False)
+        ops.copa_op()(x, y, wi, wp, pf, 3, torch.tensor(2.0), None, False)

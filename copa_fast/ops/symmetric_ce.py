@@ -92,25 +92,25 @@ def cpp_op():
 
 
 # --- the fused CoPA step (CPU) ----------------------------------------------------------------------
-# copa_loss(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad, input_grads)
-#   -> (loss, losses, pred, dx, dw_img, dw_proto, dpf, dtau)
-# p0 = class means of pf, z = x w_img^T and q = p0 w_proto^T are formed inside; with fused_grad the
-# gradients of ``loss`` w.r.t. w_img, w_proto and tau (with input_grads also x and pf) come out of
-# the same call and the backward only scales them (autograd registered in C++). Per-sample losses carry no gradient through this op: reduction="none"
-# uses the symmetric_ce op.
+# copa_loss(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad)
+#   -> (loss, losses, pred, dz, dq, p0, dtau)
+# p0 = class means of pf, z = x w_img^T and q = p0 w_proto^T are formed inside; with fused_grad dz,
+# dq, dtau are the gradients of ``loss`` w.r.t. z, q and tau, and the backward (registered in C++,
+# csrc/cpu/copa_loss_autograd.cpp) forms the weight and input gradients from them with grad_output
+# folded in. Per-sample losses carry no gradient through this op: reduction="none" uses the
+# symmetric_ce op.
 COPA_CPP = "copa_fast::copa_loss"
 
 
-def _copa_fake(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad, input_grads):
+def _copa_fake(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad):
     torch._check(x.dim() == 2 and pf.dim() == 2 and w_img.dim() == 2, lambda: "x, pf, w_img: expected 2-D")
-    n = x.shape[0]
+    n, e = x.shape[0], w_img.shape[0]
 
-    def grad(shape, formed):   # one fresh tensor per output: outputs never alias
-        return x.new_empty(shape if formed else (0,))
+    def grad(*shape):   # one fresh tensor per output: outputs never alias
+        return x.new_empty(shape if fused_grad else (0,))
 
-    grads = (grad(x.shape, fused_grad and input_grads), grad(w_img.shape, fused_grad),
-             grad(w_proto.shape, fused_grad), grad(pf.shape, fused_grad and input_grads), grad((), fused_grad))
-    return (x.new_empty(()), x.new_empty((n,)), labels.new_empty((n,), dtype=torch.int64)) + grads
+    return (x.new_empty(()), x.new_empty((n,)), labels.new_empty((n,), dtype=torch.int64), grad(n, e),
+            grad(num_classes, e), x.new_empty((num_classes, x.shape[1])), grad())
 
 
 if _extension.loaded():

@@ -277,11 +277,11 @@ std::vector<at::Tensor> sce_rows(const at::Tensor& z, const at::Tensor& q, const
   return o;
 }
 
-// Class means of pf (N, D) under labels, as (C, D), and the class counts. Rows are added in row
+// Class means of pf (N, D) under labels, as (C, D). Rows are added in row
 // order (threads split the columns), so the result is deterministic; rows with a label outside
 // 0..C-1 are left out (their loss is NaN).
 template <typename T>
-std::pair<at::Tensor, std::vector<T>> class_means_cpu(const at::Tensor& pf, const int64_t* y, int64_t C) {
+at::Tensor class_means_cpu(const at::Tensor& pf, const int64_t* y, int64_t C) {
   const int64_t N = pf.size(0), D = pf.size(1);
   std::vector<T> counts(C, T(0));
   for (int64_t i = 0; i < N; ++i)
@@ -301,54 +301,29 @@ std::pair<at::Tensor, std::vector<T>> class_means_cpu(const at::Tensor& pf, cons
       for (int64_t d = b; d < e; ++d) pp[c * D + d] *= inv;
     }
   });
-  return {p0, counts};
+  return p0;
 }
 
-// One whole CoPA step: class means of pf, both adapters, the symmetric CE and — with fused_grad —
-// the gradients of the loss w.r.t. both adapters and tau (and x, pf with input_grads), all in one
-// call. The adapted rows are normalised in the GEMM's own output buffer; only the returned tensors
-// are fresh.
+// One whole CoPA step: class means p0 of pf, both adapters, the symmetric CE and — with fused_grad —
+// its gradients w.r.t. the adapted rows Z = x w_img^T and Q = p0 w_proto^T and tau. The weight
+// gradients dZ^T x and dQ^T p0 are left to the backward (csrc/cpu/copa_loss_autograd.cpp), which
+// folds grad_output into them: no separate scaling pass over D x D outputs. Z and Q are normalised
+// in the GEMMs' own output buffers; only the returned tensors are fresh.
 template <typename T>
 std::vector<at::Tensor> copa_loss_cpu_impl(const at::Tensor& x, const at::Tensor& labels_in, const at::Tensor& w_img,
                                            const at::Tensor& w_proto, const at::Tensor& pf, int64_t C, double tau,
-                                           const c10::optional<at::Tensor>& weights, bool fused_grad,
-                                           bool input_grads) {
+                                           const c10::optional<at::Tensor>& weights, bool fused_grad) {
   const at::Tensor labels = labels_in.to(at::kLong).contiguous();
-  const int64_t* y = labels.data_ptr<int64_t>();
-  const at::Tensor pfc = pf.contiguous();
-  auto [p0, counts] = class_means_cpu<T>(pfc, y, C);
-  // Z and Q are temporaries: the symmetric CE normalises them in place
+  const at::Tensor p0 = class_means_cpu<T>(pf.contiguous(), labels.data_ptr<int64_t>(), C);
   std::vector<at::Tensor> sce =
       sce_rows(at::mm(x, w_img.t()), at::mm(p0, w_proto.t()), labels, tau, weights, fused_grad, /*scratch=*/true);
-  const auto none = [&] { return at::empty({0}, x.options()); };   // never aliased between outputs
-  if (!fused_grad) return {sce[0], sce[1], sce[2], none(), none(), none(), none(), none()};
-  const at::Tensor& dz = sce[3];
-  const at::Tensor& dq = sce[4];
-  at::Tensor dx = none(), dpf = none();
-  if (input_grads) {
-    dx = at::mm(dz, w_img);
-    // d pf_j = d p0_{y_j} / n_{y_j}; NaN on rows with an invalid label
-    const at::Tensor dp0 = at::mm(dq, w_proto);
-    dpf = at::empty_like(pfc);
-    const int64_t N = pf.size(0), D = pf.size(1);
-    const T* g = dp0.data_ptr<T>();
-    T* o = dpf.data_ptr<T>();
-    at::parallel_for(0, N, 16, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const bool ok = y[i] >= 0 && y[i] < C;
-        const T inv = ok ? T(1) / counts[y[i]] : std::numeric_limits<T>::quiet_NaN();
-        const T* gr = g + (ok ? y[i] : 0) * D;
-        for (int64_t d = 0; d < D; ++d) o[i * D + d] = gr[d] * inv;
-      }
-    });
-  }
-  return {sce[0], sce[1], sce[2], dx, at::mm(dz.t(), x), at::mm(dq.t(), p0), dpf, sce[5]};
+  return {sce[0], sce[1], sce[2], sce[3], sce[4], p0, sce[5]};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-copa_loss_cpu(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_img, const at::Tensor& w_proto,
-              const at::Tensor& pf, int64_t num_classes, const at::Tensor& tau,
-              const c10::optional<at::Tensor>& weights, bool fused_grad, bool input_grads) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> copa_loss_cpu(
+    const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_img, const at::Tensor& w_proto,
+    const at::Tensor& pf, int64_t num_classes, const at::Tensor& tau, const c10::optional<at::Tensor>& weights,
+    bool fused_grad) {
   CHECK_RANK(x, 2);
   CHECK_RANK(w_img, 2);
   CHECK_RANK(w_proto, 2);
@@ -372,9 +347,9 @@ copa_loss_cpu(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w
   const double t = tau.to(at::kCPU).to(at::kDouble).item<double>();
   std::vector<at::Tensor> o =
       x.scalar_type() == at::kDouble
-          ? copa_loss_cpu_impl<double>(x, labels, w_img, w_proto, pf, num_classes, t, weights, fused_grad, input_grads)
-          : copa_loss_cpu_impl<float>(x, labels, w_img, w_proto, pf, num_classes, t, weights, fused_grad, input_grads);
-  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]};
+          ? copa_loss_cpu_impl<double>(x, labels, w_img, w_proto, pf, num_classes, t, weights, fused_grad)
+          : copa_loss_cpu_impl<float>(x, labels, w_img, w_proto, pf, num_classes, t, weights, fused_grad);
+  return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> symmetric_ce_cpu(
@@ -441,14 +416,12 @@ TORCH_LIBRARY(copa_fast, m) {
       "episodes_sce(Tensor z, Tensor q, Tensor labels, Tensor rows, Tensor classes, Tensor s_off, int s_total,"
       " Tensor tau, bool fused_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // One CoPA step on CPU: p0 = class means of pf (N, D) over num_classes classes, z = x w_img^T,
-  // q = p0 w_proto^T, symmetric CE of (z, q) as above. With fused_grad the gradients of `loss`
-  // w.r.t. w_img, w_proto, tau (and with input_grads x, pf) are computed in the call; outputs not
-  // computed are empty.
+  // q = p0 w_proto^T, symmetric CE of (z, q) as above. With fused_grad dz, dq and dtau are the
+  // gradients of `loss` w.r.t. z, q and tau (empty otherwise); p0 is returned for the backward.
   m.def(
       "copa_loss(Tensor x, Tensor labels, Tensor w_img, Tensor w_proto, Tensor pf, int num_classes, Tensor tau,"
-      " Tensor? weights, bool fused_grad, bool input_grads)"
-      " -> (Tensor loss, Tensor losses, Tensor pred, Tensor dx, Tensor dw_img, Tensor dw_proto, Tensor dpf,"
-      " Tensor dtau)");
+      " Tensor? weights, bool fused_grad)"
+      " -> (Tensor loss, Tensor losses, Tensor pred, Tensor dz, Tensor dq, Tensor p0, Tensor dtau)");
 }
 
 TORCH_LIBRARY_IMPL(copa_fast, CPU, m) {
