@@ -115,25 +115,40 @@ def step_fn(fn: Callable, x, y, wi, wp, c: int) -> Callable[[], None]:
     return step
 
 
+def _time_once(step: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e-3
+    t0 = time.perf_counter()
+    step()
+    return time.perf_counter() - t0
+
+
 def time_step(step: Callable[[], None], device: torch.device, *, min_reps: int = 3, max_reps: int = 50,
               budget_s: float = 1.0) -> np.ndarray:
     """Seconds per call of ``step`` (after one warm-up call), at least ``min_reps`` repetitions."""
-    step()
-    times = []
+    return time_interleaved({"step": step}, device, min_reps=min_reps, max_reps=max_reps, budget_s=budget_s)["step"]
+
+
+def time_interleaved(steps: dict, device: torch.device, *, min_reps: int = 3, max_reps: int = 50,
+                     budget_s: float = 1.0) -> dict:
+    """name -> seconds per call, the steps timed in turn (round after round) so that every one
+    sees the same drift of a noisy machine; one warm-up call each, at least ``min_reps`` rounds,
+    then rounds while the budget (``budget_s`` per step) lasts, at most ``max_reps``."""
+    for step in steps.values():
+        step()
+    times = {k: [] for k in steps}
     t_start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - t_start < budget_s):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e-3)
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-    return np.asarray(times)
+    rounds = 0
+    while rounds < max_reps and (rounds < min_reps or time.perf_counter() - t_start < budget_s * len(steps)):
+        for name, step in steps.items():
+            times[name].append(_time_once(step, device))
+        rounds += 1
+    return {k: np.asarray(v) for k, v in times.items()}
 
 
 _MALLOC_PINNED = False
@@ -193,15 +208,14 @@ def sweep(device: torch.device, sizes, d: int = D_DEFAULT, *, impls: Optional[li
     records, steps = [], []
     for n, c in sizes:
         x, y, wi, wp = problem(n, c, d, device)
-        for name in names:
-            if device.type == "cpu" and name.startswith("published") and n > 8192:
-                continue   # minutes per step on a CPU
-            step = step_fn(available[name], x, y, wi, wp, c)
-            t = time_step(step, device, budget_s=budget_s)
+        here = {name: step_fn(available[name], x, y, wi, wp, c) for name in names
+                if not (device.type == "cpu" and name.startswith("published") and n > 8192)}  # minutes per step
+        timed = time_interleaved(here, device, budget_s=budget_s)
+        for name, t in timed.items():
             records.append({"N": n, "C": c, "D": d, "impl": name, "median_s": float(np.median(t)),
                             "p20_s": float(np.quantile(t, 0.2)), "p80_s": float(np.quantile(t, 0.8)),
                             "reps": len(t), "peak_extra_mib": None})
-            steps.append(step)
+            steps.append(here[name])
             log(f"N={n:<6} C={c:<5} {name:<18} {_fmt(records[-1]['median_s']):>10}")
     # memory last: pinning malloc's mmap threshold (CPU) slows every later step down
     for rec, step in zip(records, steps):
