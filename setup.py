@@ -34,8 +34,9 @@ def _extensions():
         raise RuntimeError("COPA_FAST_CUDA=1 but torch has no CUDA or nvcc was not found")
     if want != "0" and have_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        cu = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) +
-                                                      glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))]
+        # the kernels and their one ATen binding (host_check.cpp is the host-emulation test driver)
+        cu = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
+        cu.append(os.path.join("csrc", "cuda", "binding.cpp"))
         ext = cpp_extension.CUDAExtension(
             "copa_fast._C", sources + cu,
             extra_compile_args={"cxx": cxx + ["-DCOPA_FAST_WITH_CUDA"],

@@ -197,6 +197,22 @@ def test_deterministic(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
+def test_copa_loss_deterministic(backend, device):
+    x, y = make_episode(150, 12, 70, seed=13, device=device)
+    outs = []
+    for _ in range(2):
+        head = copa_fast.CoPAHead(70, backend=backend).to(device)
+        with torch.no_grad():
+            head.w_img.add_(0.01 * torch.randn(70, 70, generator=torch.Generator().manual_seed(3)).to(device))
+        feats = x.clone().requires_grad_(True)
+        loss = head(feats, y)
+        loss.backward()
+        outs.append((loss.detach(), feats.grad, head.w_img.grad, head.w_proto.grad))
+    for u, v in zip(*outs):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
 def test_torch_compile_fullgraph(backend, device):
     x, y = make_episode(40, 5, 16, seed=12, device=device)
     head = copa_fast.CoPAHead(16, backend=backend).to(device)
