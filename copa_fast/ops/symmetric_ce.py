@@ -81,10 +81,9 @@ def _make_autograd(qualname):
     torch.library.register_autograd(qualname, backward, setup_context=setup_context)
 
 
-# --- the C++ op (CPU, and CUDA where built) -----------------------------------------------------
+# --- the C++ op (CPU, and CUDA where built); its autograd is C++ (csrc/cpu/autograd.cpp) -------------
 if _extension.loaded():
     torch.library.register_fake(SCE_CPP)(_fake)
-    _make_autograd(SCE_CPP)
 
 
 def cpp_op():
@@ -96,7 +95,7 @@ def cpp_op():
 #   -> (loss, losses, pred, dz, dq, p0, dtau)
 # p0 = class means of pf, z = x w_img^T and q = p0 w_proto^T are formed inside; with fused_grad dz,
 # dq, dtau are the gradients of ``loss`` w.r.t. z, q and tau, and the backward (registered in C++,
-# csrc/cpu/copa_loss_autograd.cpp) forms the weight and input gradients from them with grad_output
+# csrc/cpu/autograd.cpp) forms the weight and input gradients from them with grad_output
 # folded in. Per-sample losses carry no gradient through this op: reduction="none" uses the
 # symmetric_ce op.
 COPA_CPP = "copa_fast::copa_loss"
@@ -114,7 +113,7 @@ def _copa_fake(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_g
 
 
 if _extension.loaded():
-    torch.library.register_fake(COPA_CPP)(_copa_fake)   # its autograd is C++: csrc/cpu/copa_loss_autograd.cpp
+    torch.library.register_fake(COPA_CPP)(_copa_fake)   # its autograd is C++: csrc/cpu/autograd.cpp
 
 
 def copa_op():

@@ -306,7 +306,7 @@ at::Tensor class_means_cpu(const at::Tensor& pf, const int64_t* y, int64_t C) {
 
 // One whole CoPA step: class means p0 of pf, both adapters, the symmetric CE and — with fused_grad —
 // its gradients w.r.t. the adapted rows Z = x w_img^T and Q = p0 w_proto^T and tau. The weight
-// gradients dZ^T x and dQ^T p0 are left to the backward (csrc/cpu/copa_loss_autograd.cpp), which
+// gradients dZ^T x and dQ^T p0 are left to the backward (csrc/cpu/autograd.cpp), which
 // folds grad_output into them: no separate scaling pass over D x D outputs. Z and Q are normalised
 // in the GEMMs' own output buffers; only the returned tensors are fresh.
 template <typename T>

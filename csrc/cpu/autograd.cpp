@@ -1,12 +1,17 @@
-// Autograd of copa_fast::copa_loss, in C++.
+// Autograd of the C++ ops copa_fast::copa_loss and copa_fast::symmetric_ce (CPU and CUDA kernels),
+// registered at the Autograd key in C++: a training step pays no Python autograd wrapper (argument
+// re-packing and a Python backward, ~100 us a call). The backwards use ATen ops only, so they also
+// trace under torch.compile (the fake kernels are in copa_fast/ops/symmetric_ce.py).
 //
-// The op returns, with fused_grad, the gradients of `loss` w.r.t. the adapted rows (dz, dq) and tau.
+// copa_loss: the op returns, with fused_grad, the gradients of `loss` w.r.t. the adapted rows (dz, dq) and tau.
 // The backward forms what is asked for from them with grad_output g folded in:
 //   d w_img = g dz^T x,  d w_proto = g dq^T p0,  d x = g dz w_img,  d pf_j = g (dq w_proto)_{y_j} / n_{y_j}.
 // When g is a plain CPU tensor equal to 1 (loss.backward()) there is no scaling pass at all, and each
-// D x D gradient is a fresh GEMM output that AccumulateGrad takes without a copy. Registered at the
-// Autograd key in C++ so that a training step pays no Python autograd wrapper. The backward uses ATen
-// ops only, so it also traces under torch.compile (the fake kernel is in copa_fast/ops/symmetric_ce.py).
+// D x D gradient is a fresh GEMM output that AccumulateGrad takes without a copy.
+//
+// symmetric_ce: with fused_grad the op's dz, dq, dtau are the gradients of `loss`, scaled here by
+// grad_output (no pass when it is a CPU 1); without it (per-sample losses, reduction="none") the
+// backward calls the op again with per-row weights grad_losses + grad_loss * weights.
 
 #include <ATen/ATen.h>
 #include <ATen/TensorSubclassLikeUtils.h>
@@ -14,6 +19,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <limits>
 
 namespace copa_fast {
@@ -35,13 +41,25 @@ Outputs call_below_autograd(const at::Tensor& x, const at::Tensor& labels, const
   return op.call(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad);
 }
 
+// The value of the 0-d grad_output g when it can be read for free (a plain CPU tensor), else NaN:
+// traced (fake) tensors have no value, and reading a CUDA one would synchronise.
+double free_value(const at::Tensor& g) {
+  if (at::isTensorSubclassLike(g) || !g.device().is_cpu()) return std::numeric_limits<double>::quiet_NaN();
+  return g.item<double>();
+}
+
 // a @ b scaled by the 0-d grad_output g
 at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& g) {
   at::Tensor r = at::mm(a, b);
-  if (at::isTensorSubclassLike(g) || !g.device().is_cpu()) return r * g;   // traced (fake) tensors
-  const double v = g.item<double>();   // a CPU scalar: reading it costs no synchronisation
+  const double v = free_value(g);
+  if (std::isnan(v)) return r * g;
   if (v != 1.0) r.mul_(v);
   return r;
+}
+
+// t scaled by the 0-d grad_output g (t itself, unchanged, when g is a CPU 1)
+at::Tensor scaled(const at::Tensor& t, const at::Tensor& g) {
+  return free_value(g) == 1.0 ? t : t * g;
 }
 
 // Input slots as the autograd edges see them: the tensor arguments in order (weights last).
@@ -104,10 +122,79 @@ Outputs copa_loss_autograd(const at::Tensor& x, const at::Tensor& labels, const 
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
 }
 
+using SceOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+SceOutputs sce_below_autograd(const at::Tensor& z, const at::Tensor& q, const at::Tensor& labels,
+                              const at::Tensor& tau, const c10::optional<at::Tensor>& weights, bool fused_grad) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("copa_fast::symmetric_ce", "")
+                             .typed<SceOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, const c10::optional<at::Tensor>&, bool)>();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(z, q, labels, tau, weights, fused_grad);
+}
+
+class SymmetricCE : public torch::autograd::Function<SymmetricCE> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& z, const at::Tensor& q,
+                               const at::Tensor& labels, const at::Tensor& tau,
+                               const c10::optional<at::Tensor>& weights, bool fused_grad) {
+    auto [loss, losses, pred, dz, dq, dtau] = sce_below_autograd(z, q, labels, tau, weights, fused_grad);
+    ctx->mark_non_differentiable({pred, dz, dq, dtau});
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["fused"] = fused_grad;
+    ctx->saved_data["tau_sizes"] = tau.sizes().vec();
+    ctx->saved_data["tau_dtype"] = tau.scalar_type();
+    if (fused_grad) {
+      ctx->save_for_backward({dz, dq, dtau});
+    } else {
+      ctx->save_for_backward({z, q, labels, tau, weights.has_value() ? *weights : at::Tensor()});
+    }
+    return {loss, losses, pred, dz, dq, dtau};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(6);
+    const at::Tensor &g_loss = grads[0], &g_losses = grads[1];
+    const variable_list s = ctx->get_saved_variables();
+    at::Tensor dz, dq, dtau;
+    if (ctx->saved_data["fused"].toBool()) {
+      if (!g_loss.defined()) return out;   // only the (gradient-free) per-sample outputs were used
+      dz = scaled(s[0], g_loss);
+      dq = scaled(s[1], g_loss);
+      dtau = g_loss * s[2];
+    } else {
+      if (!g_loss.defined() && !g_losses.defined()) return out;
+      const at::Tensor &z = s[0], &q = s[1], &labels = s[2], &tau = s[3], &weights = s[4];
+      const at::Tensor w = weights.defined() ? weights : at::full({z.size(0)}, 1.0 / double(z.size(0)), z.options());
+      at::Tensor row_w = g_loss.defined() ? g_loss * w : at::zeros_like(w);
+      if (g_losses.defined()) row_w = row_w + g_losses;
+      auto r = sce_below_autograd(z, q, labels, tau, row_w, /*fused_grad=*/true);
+      dz = std::get<3>(r);
+      dq = std::get<4>(r);
+      dtau = std::get<5>(r);
+    }
+    if (ctx->needs_input_grad(0)) out[0] = dz;
+    if (ctx->needs_input_grad(1)) out[1] = dq;
+    if (ctx->needs_input_grad(3)) {
+      out[3] = dtau.reshape(ctx->saved_data["tau_sizes"].toIntVector())
+                   .to(ctx->saved_data["tau_dtype"].toScalarType());
+    }
+    return out;
+  }
+};
+
+SceOutputs symmetric_ce_autograd(const at::Tensor& z, const at::Tensor& q, const at::Tensor& labels,
+                                 const at::Tensor& tau, const c10::optional<at::Tensor>& weights, bool fused_grad) {
+  variable_list o = SymmetricCE::apply(z, q, labels, tau, weights, fused_grad);
+  return {o[0], o[1], o[2], o[3], o[4], o[5]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(copa_fast, Autograd, m) {
   m.impl("copa_loss", &copa_loss_autograd);
+  m.impl("symmetric_ce", &symmetric_ce_autograd);
 }
 
 }  // namespace copa_fast
