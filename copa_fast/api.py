@@ -55,7 +55,7 @@ def _sce_core(z, q, labels, tau: Tau, reduction: str, backend: str, precision: s
     work = _working_dtype(z.dtype)
     zw, qw = z.to(work), q.to(work)
     tau_t = _tau_tensor(tau, zw)
-    op = _ops.triton_op() if backend == "triton" else _ops.cpp_op()
+    op = _ops.triton_call() if backend == "triton" else _ops.cpp_op()
     weights = torch.ones(z.shape[0], dtype=work, device=z.device) if reduction == "sum" else None
     needs_grad = torch.is_grad_enabled() and (zw.requires_grad or qw.requires_grad or tau_t.requires_grad)
     extra = (precision,) if backend == "triton" else ()
@@ -336,7 +336,7 @@ def adapt_many(episodes, *, steps: int = 50, lr: float = 1e-3, weight_decay: flo
     for g0 in range(0, len(order), group_size):
         group = order[g0:g0 + group_size]
         results = _adapt_group([items[k] for k in group], [classes[k] for k in group], steps, lr, weight_decay, tau,
-                               _ops.episodes_op(b))
+                               _ops.episodes_call(b))
         for k, r in zip(group, results):
             out[k] = r
     return out
