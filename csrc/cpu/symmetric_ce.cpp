@@ -277,28 +277,49 @@ std::vector<at::Tensor> sce_rows(const at::Tensor& z, const at::Tensor& q, const
   return o;
 }
 
-// Class means of pf (N, D) under labels, as (C, D). Rows are added in row
-// order (threads split the columns), so the result is deterministic; rows with a label outside
-// 0..C-1 are left out (their loss is NaN).
+// Class means of pf (N, D) under labels, as (C, D); rows with a label outside 0..C-1 are left out
+// (their loss is NaN). Rows are grouped by class first (stable), then each class sums its rows in
+// row order — deterministic whatever the thread count — through a 64-wide accumulator block that
+// stays in registers: no read-modify-write of the output per row (which stalled on store-to-load
+// aliasing of rows 4 KiB apart).
+constexpr int64_t kMeanBlock = 32;
+
+// o[0..B) = inv * sum over the listed rows of x[row, 0..B): B is a compile-time width, so the
+// accumulator lives in vector registers.
+template <typename T, int64_t B>
+inline void mean_block(T* __restrict__ o, const T* __restrict__ x, int64_t stride, const int64_t* rows,
+                       int64_t count, T inv) {
+  T acc[B] = {};
+  for (int64_t k = 0; k < count; ++k) {
+    const T* __restrict__ r = x + rows[k] * stride;
+    for (int64_t d = 0; d < B; ++d) acc[d] += r[d];
+  }
+  for (int64_t d = 0; d < B; ++d) o[d] = acc[d] * inv;
+}
+
 template <typename T>
 at::Tensor class_means_cpu(const at::Tensor& pf, const int64_t* y, int64_t C) {
   const int64_t N = pf.size(0), D = pf.size(1);
-  std::vector<T> counts(C, T(0));
+  std::vector<int64_t> start(C + 1, 0), order;
   for (int64_t i = 0; i < N; ++i)
-    if (y[i] >= 0 && y[i] < C) counts[y[i]] += T(1);
-  at::Tensor p0 = at::zeros({C, D}, pf.options());
+    if (y[i] >= 0 && y[i] < C) ++start[y[i] + 1];
+  for (int64_t c = 0; c < C; ++c) start[c + 1] += start[c];
+  order.resize(start[C]);
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t i = 0; i < N; ++i)
+    if (y[i] >= 0 && y[i] < C) order[fill[y[i]]++] = i;
+  at::Tensor p0 = at::empty({C, D}, pf.options());
   const T* xp = pf.data_ptr<T>();
   T* pp = p0.data_ptr<T>();
-  at::parallel_for(0, D, 128, [&](int64_t b, int64_t e) {
-    for (int64_t i = 0; i < N; ++i) {
-      if (y[i] < 0 || y[i] >= C) continue;
-      const T* r = xp + i * D;
-      T* o = pp + y[i] * D;
-      for (int64_t d = b; d < e; ++d) o[d] += r[d];
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      const T inv = T(1) / std::max(counts[c], T(1));
-      for (int64_t d = b; d < e; ++d) pp[c * D + d] *= inv;
+  at::parallel_for(0, C, 4, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      const int64_t* rows = order.data() + start[c];
+      const int64_t count = start[c + 1] - start[c];
+      const T inv = T(1) / T(std::max<int64_t>(count, 1));
+      T* o = pp + c * D;
+      int64_t d0 = 0;
+      for (; d0 + kMeanBlock <= D; d0 += kMeanBlock) mean_block<T, kMeanBlock>(o + d0, xp + d0, D, rows, count, inv);
+      for (; d0 < D; ++d0) mean_block<T, 1>(o + d0, xp + d0, D, rows, count, inv);
     }
   });
   return p0;
