@@ -239,9 +239,8 @@ torch.library.register_autograd(EPISODES_TRITON, _episodes_backward, setup_conte
 _TritonEpisodes = _eager_function("_TritonEpisodes", _episodes_triton_impl, _episodes_setup, _episodes_backward)
 
 EPISODES_CPP = "copa_fast::episodes_sce"
-if _extension.loaded():
+if _extension.loaded():   # its autograd is C++ (csrc/cpu/autograd.cpp), the same as _episodes_backward
     torch.library.register_fake(EPISODES_CPP)(_episodes_fake)
-    torch.library.register_autograd(EPISODES_CPP, _episodes_backward, setup_context=_episodes_setup)
 
 
 def episode_layout(rows_per_episode, classes_per_episode, device, *, row_stride=None, class_stride=None):

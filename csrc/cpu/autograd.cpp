@@ -1,4 +1,4 @@
-// Autograd of the C++ ops copa_fast::copa_loss and copa_fast::symmetric_ce (CPU and CUDA kernels),
+// Autograd of the C++ ops copa_fast::copa_loss, symmetric_ce and episodes_sce (CPU and CUDA kernels),
 // registered at the Autograd key in C++: a training step pays no Python autograd wrapper (argument
 // re-packing and a Python backward, ~100 us a call). The backwards use ATen ops only, so they also
 // trace under torch.compile (the fake kernels are in copa_fast/ops/symmetric_ce.py).
@@ -190,11 +190,71 @@ SceOutputs symmetric_ce_autograd(const at::Tensor& z, const at::Tensor& q, const
   return {o[0], o[1], o[2], o[3], o[4], o[5]};
 }
 
+// episodes_sce: E ragged episodes; with fused_grad the op's dz, dq, dtau are the gradients of every
+// episode's loss, and the backward scales each row (class) by its episode's grad_output.
+using EpisodesOutputs = SceOutputs;
+
+EpisodesOutputs episodes_below_autograd(const at::Tensor& z, const at::Tensor& q, const at::Tensor& labels,
+                                        const at::Tensor& rows, const at::Tensor& classes, const at::Tensor& s_off,
+                                        int64_t s_total, const at::Tensor& tau, bool fused_grad) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("copa_fast::episodes_sce", "")
+                             .typed<EpisodesOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                    const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                                    const at::Tensor&, bool)>();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(z, q, labels, rows, classes, s_off, s_total, tau, fused_grad);
+}
+
+// (count, 1) grad_output of the episode owning each of `count` stacked items, given the episodes'
+// ascending starts; items before the first start take episode 0's (their gradient is zero anyway).
+at::Tensor per_item(const at::Tensor& g, const at::Tensor& starts, int64_t count) {
+  const at::Tensor idx = at::arange(count, starts.options());
+  const at::Tensor owner = (at::searchsorted(starts, idx, /*out_int32=*/false, /*right=*/true) - 1).clamp_min(0);
+  return g.index_select(0, owner).unsqueeze(1);
+}
+
+class EpisodesSCE : public torch::autograd::Function<EpisodesSCE> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& z, const at::Tensor& q,
+                               const at::Tensor& labels, const at::Tensor& rows, const at::Tensor& classes,
+                               const at::Tensor& s_off, int64_t s_total, const at::Tensor& tau, bool fused_grad) {
+    auto [loss, losses, pred, dz, dq, dtau] =
+        episodes_below_autograd(z, q, labels, rows, classes, s_off, s_total, tau, fused_grad);
+    ctx->mark_non_differentiable({pred, dz, dq, dtau});
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["fused"] = fused_grad;
+    ctx->save_for_backward({dz, dq, dtau, rows, classes});
+    return {loss, losses, pred, dz, dq, dtau};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(9);
+    const at::Tensor& g = grads[0];
+    if (!g.defined()) return out;   // only the per-row outputs were used: they carry no gradient here
+    TORCH_CHECK(ctx->saved_data["fused"].toBool(), "episodes_sce: gradients need fused_grad=True");
+    const variable_list s = ctx->get_saved_variables();
+    const at::Tensor &dz = s[0], &dq = s[1], &dtau = s[2], &rows = s[3], &classes = s[4];
+    if (ctx->needs_input_grad(0)) out[0] = dz * per_item(g, rows.select(1, 0).contiguous(), dz.size(0));
+    if (ctx->needs_input_grad(1)) out[1] = dq * per_item(g, classes.select(1, 0).contiguous(), dq.size(0));
+    if (ctx->needs_input_grad(6)) out[7] = g * dtau;   // edge 6: tau (s_total is no tensor)
+    return out;
+  }
+};
+
+EpisodesOutputs episodes_sce_autograd(const at::Tensor& z, const at::Tensor& q, const at::Tensor& labels,
+                                      const at::Tensor& rows, const at::Tensor& classes, const at::Tensor& s_off,
+                                      int64_t s_total, const at::Tensor& tau, bool fused_grad) {
+  variable_list o = EpisodesSCE::apply(z, q, labels, rows, classes, s_off, s_total, tau, fused_grad);
+  return {o[0], o[1], o[2], o[3], o[4], o[5]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(copa_fast, Autograd, m) {
   m.impl("copa_loss", &copa_loss_autograd);
   m.impl("symmetric_ce", &symmetric_ce_autograd);
+  m.impl("episodes_sce", &episodes_sce_autograd);
 }
 
 }  // namespace copa_fast
