@@ -94,9 +94,10 @@ def batched_episodes(device, count, d, n_lo, n_hi, reps):
         if backend not in copa_fast.available_backends() or bench.implementations(device).get(
                 f"copa_fast-{backend}") is None:
             continue
-        op = ops.episodes_op(backend)
+        # what the API calls (for triton: the kernels without torch.library's Python wrapper)
+        op = ops.episodes_call(backend)
         batched = timer(lambda: op(z, q, y, rows, cls, s_off, s_total, tau, True), reps)
-        single_op = ops.triton_op() if backend == "triton" else ops.cpp_op()
+        single_op = ops.triton_call() if backend == "triton" else ops.cpp_op()
         single = timer(lambda: single_op(x1, p1, y1, tau1, None, True), reps)
         per = batched / count
         print(f"| {backend} | {_fmt(batched)} | {_fmt(per)} | {_fmt(single)} | {single / per:.1f}x |")
