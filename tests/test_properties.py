@@ -1,4 +1,5 @@
-"""Property-based checks (hypothesis) of every CPU-runnable backend against the float64 reference:
+"""Property-based checks (hypothesis) of every CPU-runnable backend against the float64 reference
+(symmetric_ce, copa_loss, the batched-episodes op):
 random shapes and class-count patterns, tau in [0, 10] (float or tensor), feature magnitudes from
 1e-20 to 1e20, zero and duplicated rows, non-contiguous and transposed inputs."""
 
@@ -125,3 +126,52 @@ def test_episodes_op_matches_reference(backend, eps):
         for got, exp in ((got_z, xr.grad), (got_q, pr.grad)):
             assert torch.isfinite(got).all()
             assert (got - exp).norm() <= 1e-8 * max(exp.norm().item(), math.exp(t) / (ns[k] * x.norm(dim=1).min()))
+
+
+@st.composite
+def copa_steps(draw):
+    c = draw(st.integers(1, 10))
+    n = draw(st.integers(c, 36))
+    d = draw(st.integers(1, 24))
+    e = draw(st.sampled_from([d, max(1, d - 3), d + 2]))   # square and non-square adapters
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.arange(c), torch.randint(0, c, (n - c,), generator=g)])
+    labels = labels[torch.randperm(n, generator=g)]
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * 10.0 ** draw(st.integers(-6, 6))
+    pf = x + 0.5 * x.abs().mean() * torch.randn(n, d, generator=g, dtype=torch.float64) if draw(st.booleans()) else None
+    wi = torch.eye(e, d, dtype=torch.float64) + 0.3 * torch.randn(e, d, generator=g, dtype=torch.float64)
+    wp = torch.eye(e, d, dtype=torch.float64) + 0.3 * torch.randn(e, d, generator=g, dtype=torch.float64)
+    tau = draw(st.floats(0.0, 10.0))
+    frozen = draw(st.booleans())
+    reduction = draw(st.sampled_from(["mean", "sum"]))
+    return x, pf, labels, wi, wp, tau, frozen, reduction
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prob=copa_steps())
+def test_copa_loss_matches_reference(backend, prob):
+    """The whole step (class means, both adapters, symmetric CE) and its gradients, float64, against
+    the reference: frozen or trained features, separate prototype features, (E, D) adapters."""
+    x, pf, y, wi, wp, tau, frozen, reduction = prob
+    leaves = [x.clone().requires_grad_(not frozen), wi.clone().requires_grad_(True), wp.clone().requires_grad_(True)]
+    pf_leaf = pf.clone().requires_grad_(True) if pf is not None else None
+    out = copa_fast.copa_loss(*leaves[:1], y, *leaves[1:], tau, prototype_features=pf_leaf, reduction=reduction,
+                              backend=backend)
+    leaves64 = [t.detach().clone().requires_grad_(t.requires_grad) for t in leaves]
+    pf64 = pf.clone().requires_grad_(True) if pf is not None else None
+    expect = ref.copa_loss(*leaves64[:1], y, *leaves64[1:], tau, prototype_features=pf64, reduction=reduction)
+    assert abs(out.item() - expect.item()) <= 1e-9 * max(1.0, abs(expect.item()))
+    wrt = [t for t in leaves + [pf_leaf] if t is not None and t.requires_grad]
+    wrt64 = [t for t in leaves64 + [pf64] if t is not None and t.requires_grad]
+    # A gradient that cancels to ~0 (C = 1 or D = 1, say) is judged against the natural scale of
+    # the loss's derivatives: exp(tau) times the largest (input norm + adapter norm) / adapted-row
+    # norm (the normalisation divides by the adapted row's norm), times N for reduction="sum".
+    p0 = copa_fast.class_means(pf if pf is not None else x, y, int(y.max()) + 1)
+    ratio = max(((x.norm(dim=1) + wi.norm()) / (x @ wi.t()).norm(dim=1).clamp_min(1e-300)).max().item(),
+                ((p0.norm(dim=1) + wp.norm()) / (p0 @ wp.t()).norm(dim=1).clamp_min(1e-300)).max().item())
+    scale = math.exp(tau) * ratio * (x.shape[0] if reduction == "sum" else 1)
+    for got, exp in zip(torch.autograd.grad(out, wrt), torch.autograd.grad(expect, wrt64)):
+        assert torch.isfinite(got).all()
+        assert (got - exp).norm() <= 1e-8 * max(exp.norm().item(), scale)
