@@ -194,13 +194,13 @@ std::vector<at::Tensor> sce_normalised(const at::Tensor& zn, const at::Tensor& z
 
   at::Tensor losses = at::empty({N}, zn.options());
   T* lp = losses.data_ptr<T>();
-  std::vector<double> R(N), L(C);
+  std::vector<double> L(C);   // column log-sum-exp; the row one, R_i, is formed where it is used
   for (int64_t c = 0; c < C; ++c) L[c] = double(M[c]) + std::log(colsum[c]);
   double total = 0;
   for (int64_t i = 0; i < N; ++i) {
-    R[i] = double(rowmax[i]) + std::log(rowsum[i]);
+    const double R = double(rowmax[i]) + std::log(rowsum[i]);
     const int64_t c = y[i];
-    lp[i] = (c >= 0 && c < C) ? T(0.5 * (R[i] + L[c] - 2.0 * double(Sp[i * C + c]))) : nan;
+    lp[i] = (c >= 0 && c < C) ? T(0.5 * (R + L[c] - 2.0 * double(Sp[i * C + c]))) : nan;
     total += w[i] * double(lp[i]);
   }
   at::Tensor loss = at::full({}, total, zn.options());
@@ -277,11 +277,6 @@ std::vector<at::Tensor> sce_rows(const at::Tensor& z, const at::Tensor& q, const
   return o;
 }
 
-// Class means of pf (N, D) under labels, as (C, D); rows with a label outside 0..C-1 are left out
-// (their loss is NaN). Rows are grouped by class first (stable), then each class sums its rows in
-// row order — deterministic whatever the thread count — through a 64-wide accumulator block that
-// stays in registers: no read-modify-write of the output per row (which stalled on store-to-load
-// aliasing of rows 4 KiB apart).
 constexpr int64_t kMeanBlock = 32;
 
 // o[0..B) = inv * sum over the listed rows of x[row, 0..B): B is a compile-time width, so the
@@ -297,6 +292,11 @@ inline void mean_block(T* __restrict__ o, const T* __restrict__ x, int64_t strid
   for (int64_t d = 0; d < B; ++d) o[d] = acc[d] * inv;
 }
 
+// Class means of pf (N, D) under labels, as (C, D); rows with a label outside 0..C-1 are left out
+// (their loss is NaN). Rows are grouped by class first (stable), then each class sums its rows in
+// row order — deterministic whatever the thread count — kMeanBlock columns at a time through an
+// accumulator that stays in registers: no read-modify-write of the output per row (which stalled
+// on store-to-load aliasing of rows 4 KiB apart).
 template <typename T>
 at::Tensor class_means_cpu(const at::Tensor& pf, const int64_t* y, int64_t C) {
   const int64_t N = pf.size(0), D = pf.size(1);
