@@ -5,7 +5,9 @@
 2. 132 ragged episodes (N 25-500) in ONE batched launch of the episodes op: time per episode-step
    against a single-episode call of the same backend (target: >= 10x lower);
 3. adapt_many over 600 sampled episodes x 50 steps, against the published per-episode loop timed on
-   a few episodes and scaled to 600 (stated as such).
+   a few episodes and scaled to 600 (stated as such);
+4. the Triton kernels under each candidate launch configuration (tiles, warps): the default (no
+   register spills, see benchmarks/triton_aot.py) against the larger tiles it replaced.
 
     python benchmarks/bench_gpu_extras.py [--small]    # --small: tiny sizes (a CPU dry run)
 
@@ -135,6 +137,36 @@ def adapt_many_run(device, count, steps, d, ref_episodes):
               f"(mean query accuracy {100 * acc:.1f} %) |")
 
 
+# (BN, BC, BD, num_warps) candidates for float32 launches: the default first
+TRITON_CONFIGS = {"32x32x64, 8 warps (default)": (32, 32, 64, 8), "64x32x64, 4 warps": (64, 32, 64, 4),
+                  "64x32x64, 8 warps": (64, 32, 64, 8)}
+
+
+def triton_configs(device, n, c, d, count, reps):
+    if "triton" not in copa_fast.available_backends():
+        return
+    from copa_fast.ops import symmetric_ce as ops
+    from copa_fast.triton import symmetric_ce as kernels
+
+    print(f"\n### Triton launch configurations, fp32: one problem N={n} C={c} D={d}; {count} ragged episodes\n")
+    print("| configuration | one problem, forward + backward | batched episodes, one launch |\n|---|---|---|")
+    timer = _timer(device)
+    x1, p1, y1 = (t.to(device) for t in _ragged(1, d, device, n, n, seed=1)[0])
+    eps = _ragged(count, d, device, 25, max(25, n))
+    z, q, y = (torch.cat([e[k] for e in eps]).to(device) for k in range(3))
+    rows, cls, s_off, s_total = ops.episode_layout([len(e[2]) for e in eps], [e[1].shape[0] for e in eps], device)
+    tau, tau1 = torch.full((count,), 2.0, device=device), torch.tensor(2.0, device=device)
+    default = kernels._launch_config
+    try:
+        for name, cfg in TRITON_CONFIGS.items():
+            kernels._launch_config = lambda interpreted, dtype, cfg=cfg: cfg
+            single = timer(lambda: kernels.symmetric_ce(x1, p1, y1, tau1, None, True), reps)
+            batched = timer(lambda: kernels.episodes_sce(z, q, y, rows, cls, s_off, s_total, tau, True), reps)
+            print(f"| {name} | {_fmt(single)} | {_fmt(batched)} |")
+    finally:
+        kernels._launch_config = default
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--small", action="store_true", help="tiny sizes, for a CPU dry run")
@@ -145,10 +177,12 @@ def main():
         graph_replay(device, 100, 10, 64, 3)
         batched_episodes(device, 6, 32, 25, 60, 2)
         adapt_many_run(device, 4, 3, 32, 2)
+        triton_configs(device, 60, 6, 32, 3, 2)
     else:
         graph_replay(device, 500, 50, 512, 50)
         batched_episodes(device, 132, 512, 25, 500, 20)
         adapt_many_run(device, 600, 50, 512, 5)
+        triton_configs(device, 500, 50, 512, 132, 20)
 
 
 if __name__ == "__main__":

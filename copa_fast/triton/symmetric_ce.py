@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-NORM_EPS: tl.constexpr = 1e-12
+NORM_EPS = tl.constexpr(1e-12)
 
 
 @triton.jit
@@ -365,11 +365,20 @@ def _norm_backward(g_ptr, xn_ptr, norm_ptr, rows, rmask, dot, D, BD: tl.constexp
         tl.store(g_ptr + rows[:, None] * D + cols[None, :], (g - xn * dot[:, None]) * inv[:, None], mask=m2)
 
 
-def _blocks(interpreted):
-    # Under the interpreter every tile op is a numpy call: larger tiles mean fewer Python steps.
+_WARPS = 8
+
+
+def _launch_config(interpreted, dtype):
+    """(BN, BC, BD, num_warps) of a launch. Under the interpreter every tile op is a numpy call:
+    larger tiles mean fewer Python steps. On a GPU: the largest tiles with which every kernel
+    compiles for sm_80 and sm_90 without local-memory spills, checked by ``benchmarks/triton_aot.py``
+    (triton 3.6: 64-row tiles or 4 warps spill up to 240 B a thread in the fused gradient kernels;
+    float64 needs half of each)."""
     if interpreted:
-        return 32, 32, 64
-    return 64, 32, 64
+        return 32, 32, 64, 4
+    if dtype == torch.float64:
+        return 16, 16, 64, _WARPS
+    return 32, 32, 64, _WARPS
 
 
 PRECISIONS = ("ieee", "tf32")
@@ -395,7 +404,7 @@ class _Setup:
         self.dev, self.dt = z.device, z.dtype
         self.acc = tl.float64 if self.dt == torch.float64 else tl.float32
         self.prec = _precision(self.dt, precision)
-        self.bn, self.bc, self.bd = _blocks(self.dev.type == "cpu")
+        self.bn, self.bc, self.bd, self.warps = _launch_config(self.dev.type == "cpu", self.dt)
         vec = lambda k: torch.empty(k, device=self.dev, dtype=self.dt)  # noqa: E731
         self.zn, self.qn = torch.empty_like(self.z), torch.empty_like(self.q)
         self.znorm, self.qnorm, self.R = vec(self.n), vec(self.c), vec(self.n)
@@ -430,12 +439,13 @@ def symmetric_ce(z, q, labels, tau, weights, fused_grad, precision="ieee"):
 
     _prep[(nbz + nbq + nbc,)](z, q, zn, qn, znorm, qnorm, labels, w_arg, cnt, wsum, ticket, n, c, d, w is not None,
                               nbz, nbq, BR=bn, BD=bd, BI=max(bn, 16), BC=bc, ACC=acc)
-    _scores[(nbz,)](zn, qn, cnt, tau_t, S, R, pred, n, c, d, BN=bn, BC=bc, BD=bd, ACC=acc, PREC=prec)
+    _scores[(nbz,)](zn, qn, cnt, tau_t, S, R, pred, n, c, d, BN=bn, BC=bc, BD=bd, ACC=acc, PREC=prec,
+                    num_warps=st.warps)
     _colstats[(nbc,)](S, L, n, c, BN=bn, BC=bc, ACC=acc)
     _grads[(nbz + (nbc if fused_grad else 0),)](
         zn, qn, znorm, qnorm, S, R, L, cnt, wsum, labels, w_arg, tau_t, losses, ploss, pdtau, ticket, loss,
         dtau, dz, dq, n, c, d, nbz, HAS_W=w is not None, FUSED=fused_grad, BN=bn, BC=bc, BD=bd, BP=64,
-        ACC=acc, PREC=prec)
+        ACC=acc, PREC=prec, num_warps=st.warps)
     return loss, losses, pred, dz, dq, dtau if fused_grad else z.new_empty(0)
 
 
@@ -451,5 +461,5 @@ def episodes_sce(z, q, labels, rows, classes, s_off, s_total, tau, fused_grad, p
     _episodes[(e,)](st.z, st.q, st.labels, rows.contiguous(), classes.contiguous(), s_off.contiguous(),
                     tau.to(device=dev, dtype=dt).contiguous(), st.zn, st.qn, st.znorm, st.qnorm, st.cnt, st.wsum, S,
                     st.R, st.L, st.pred, st.losses, loss, dtau, st.dz, st.dq, st.d, FUSED=fused_grad, BN=st.bn,
-                    BC=st.bc, BD=st.bd, BI=max(st.bn, 16), ACC=st.acc, PREC=st.prec)
+                    BC=st.bc, BD=st.bd, BI=max(st.bn, 16), ACC=st.acc, PREC=st.prec, num_warps=st.warps)
     return loss, st.losses, st.pred, st.dz, st.dq, dtau if fused_grad else z.new_empty(0)

@@ -1,0 +1,193 @@
+"""Compile every Triton kernel of copa_fast for a GPU architecture on a machine WITHOUT a GPU, and
+report each kernel's registers, spills and shared memory.
+
+The launchers of ``copa_fast.triton.symmetric_ce`` run on CPU tensors with the GPU tile sizes; a
+stand-in driver names the target (no device is touched) and every launch compiles instead of
+running (Triton's ``warmup`` path: source -> TTIR -> TTGIR -> LLVM IR -> PTX -> cubin through
+the ptxas Triton ships); registers and spills are what ``ptxas -v`` reports for each PTX. What this
+proves: the kernels compile for that architecture with this Triton, without local-memory spills,
+within the shared memory an SM offers. It proves nothing about their results or speed.
+
+Run: ``python benchmarks/triton_aot.py [--arch 90 80] [--json out.json]``; exit status 1 when a
+kernel fails to compile, spills more than SPILL_LIMIT bytes a thread, or needs more shared memory
+than the architecture has. CI runs it (tests/test_build.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("triton_aot.py compiles real kernels: unset TRITON_INTERPRET")
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.runtime import driver as _driver
+from triton.runtime.jit import JITFunction
+
+from copa_fast.triton import symmetric_ce as K
+
+# Spilled bytes a thread may store + load before a kernel counts as spilling: a few bytes stay in
+# L1; the tiles used before this check existed spilled 240 to 2,984 B a thread.
+SPILL_LIMIT = 32
+# Shared memory per block an SM can give (opt-in maximum), bytes.
+MAX_SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+class _TargetOnly:
+    """The parts of a Triton driver the compile path asks for: a device id, a stream, a target. The
+    device id is the architecture, so that each architecture gets its own kernel cache."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def is_active(self):
+        return True
+
+    def get_current_device(self):
+        return self.target.arch
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+def _resources(ptx: str, arch: int) -> dict:
+    """Registers, stack frame and spill bytes of a kernel, from ``ptxas -v`` on its PTX: the ptxas
+    Triton itself uses for that architecture, for the PTX's own target."""
+    tool = get_ptxas(arch).path
+    target = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M)
+    if not target:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([tool, "-v", f"--gpu-name={target.group(1)}", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True)
+    text = out.stdout + out.stderr
+    res = {}
+    for key, pattern in (("reg", r"Used (\d+) registers"), ("stack", r"(\d+) bytes stack frame"),
+                         ("spill_stores", r"(\d+) bytes spill stores"), ("spill_loads", r"(\d+) bytes spill loads")):
+        m = re.search(pattern, text)
+        if m:
+            res[key] = int(m.group(1))
+    return res
+
+
+def _cases():
+    """(name, launcher call) at the shapes and flags that give distinct specialisations."""
+    g = torch.Generator().manual_seed(0)
+
+    def problem(n, c, d, dtype):
+        y = torch.cat([torch.arange(c), torch.randint(0, c, (n - c,), generator=g)])
+        return torch.randn(n, d, generator=g, dtype=dtype), torch.randn(c, d, generator=g, dtype=dtype), y
+
+    def single(n, c, d, dtype, fused, weights=False, precision="ieee"):
+        def run():
+            z, q, y = problem(n, c, d, dtype)
+            w = torch.rand(n, dtype=dtype, generator=g) if weights else None
+            K.symmetric_ce(z, q, y, torch.tensor(2.0, dtype=dtype), w, fused, precision)
+        return run
+
+    def episodes(sizes, d, dtype, fused, precision="ieee"):
+        def run():
+            zs, qs, ys, rows, cls, soff = [], [], [], [], [], []
+            r0 = c0 = s0 = 0
+            for n, c in sizes:
+                z, q, y = problem(n, c, d, dtype)
+                zs.append(z), qs.append(q), ys.append(y)
+                rows.append([r0, n]), cls.append([c0, c]), soff.append(s0)
+                r0, c0, s0 = r0 + n, c0 + c, s0 + n * c
+            K.episodes_sce(torch.cat(zs), torch.cat(qs), torch.cat(ys), torch.tensor(rows), torch.tensor(cls),
+                           torch.tensor(soff), s0, torch.full((len(sizes),), 2.0, dtype=dtype), fused, precision)
+        return run
+
+    f32, f64 = torch.float32, torch.float64
+    return [
+        ("single 500x50x512 fp32 fused", single(500, 50, 512, f32, True)),
+        ("single 500x50x512 fp32 forward", single(500, 50, 512, f32, False)),
+        ("single 500x50x512 fp32 fused tf32", single(500, 50, 512, f32, True, precision="tf32")),
+        ("single 500x50x512 fp32 fused weights", single(500, 50, 512, f32, True, weights=True)),
+        ("single 500x50x512 fp64 fused", single(500, 50, 512, f64, True)),
+        ("single 33x1x17 fp32 fused (C = 1, odd D)", single(33, 1, 17, f32, True)),
+        ("episodes 3 ragged x512 fp32 fused", episodes([(25, 5), (100, 10), (500, 50)], 512, f32, True)),
+        ("episodes 3 ragged x512 fp32 forward", episodes([(25, 5), (100, 10), (500, 50)], 512, f32, False)),
+        ("episodes 2 ragged x512 fp32 fused tf32", episodes([(25, 5), (40, 8)], 512, f32, True, "tf32")),
+        ("episodes 2 ragged x512 fp64 fused", episodes([(25, 5), (40, 8)], 512, f64, True)),
+    ]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities, e.g. 90 80")
+    ap.add_argument("--json", help="write the report here")
+    args = ap.parse_args(argv)
+
+    compiled = []
+    original_run = JITFunction.run
+
+    def compile_only(self, *a, grid, warmup, **kw):
+        kernel = original_run(self, *a, grid=grid, warmup=True, **kw)
+        compiled.append((self.fn.__name__, kernel))
+        return kernel
+
+    report, failures = [], 0
+    gpu_config = K._launch_config
+    K._launch_config = lambda interpreted, dtype: gpu_config(False, dtype)   # a GPU launch's tiles, CPU tensors
+    JITFunction.run = compile_only
+    try:
+        for arch in args.arch:
+            _driver.set_active(_TargetOnly(arch))
+            for name, run in _cases():
+                compiled.clear()
+                try:
+                    run()
+                except Exception as e:  # a compile error: report it, go on with the next case
+                    failures += 1
+                    report.append({"arch": arch, "case": name, "error": f"{type(e).__name__}: {e}"[:2000]})
+                    print(f"sm_{arch}  {name}: FAILED {type(e).__name__}: {str(e)[:300]}")
+                    continue
+                for kname, kern in compiled:
+                    res = _resources(kern.asm["ptx"], arch)
+                    shared = int(kern.metadata.shared)
+                    row = {"arch": arch, "case": name, "kernel": kname, "num_warps": kern.metadata.num_warps,
+                           "shared_bytes": shared, **res}
+                    bad = []
+                    if "reg" not in res:
+                        bad.append("ptxas -v gave no resource report")
+                    spilled = res.get("spill_stores", 0) + res.get("spill_loads", 0)
+                    if spilled > SPILL_LIMIT:
+                        bad.append(f"spills {spilled} B a thread to local memory")
+                    if shared > MAX_SHARED.get(arch, 48 * 1024):
+                        bad.append(f"shared memory {shared} B > {MAX_SHARED.get(arch, 48 * 1024)} B")
+                    row["problems"] = bad
+                    failures += bool(bad)
+                    report.append(row)
+                    print(f"sm_{arch}  {name:42s} {kname:10s} warps {row['num_warps']}  regs {res.get('reg', '?'):>3}  "
+                          f"shared {shared:6d} B  stack {res.get('stack', '?'):>3} B  "
+                          f"spills {res.get('spill_stores', '?')}/{res.get('spill_loads', '?')} B"
+                          + (f"  PROBLEM: {', '.join(bad)}" if bad else ""))
+    finally:
+        JITFunction.run = original_run
+        K._launch_config = gpu_config
+        _driver._active = None   # back to whatever driver this machine has (none without a GPU)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"triton": triton.__version__, "torch": torch.__version__, "kernels": report}, f, indent=1)
+    print(f"triton {triton.__version__}: {len(report)} kernel compilations, {failures} problem(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
