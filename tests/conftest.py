@@ -28,12 +28,30 @@ KERNEL_BACKENDS = [b for b in copa_fast.available_backends() if b != "reference"
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def runs_on(backend: str, device: str) -> bool:
+    """Whether ``backend`` takes tensors of ``device`` here (Triton: CUDA tensors, and CPU tensors
+    only under the interpreter, which is on exactly where there is no GPU)."""
+    if backend in ("cpu", "cuda"):
+        return device == backend
+    if backend == "triton":
+        return device == "cuda" or copa_fast.backends.triton_interpreted()
+    return True
+
+
+def device_for(backend: str) -> torch.device:
+    """The device a single-device test runs ``backend`` on: CUDA where the backend needs it or a
+    GPU exists for it, else the CPU (Triton under the interpreter)."""
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def backend_device_pairs():
     """Every (backend, device) combination that can run here."""
     out = []
     for b in KERNEL_BACKENDS:
         for d in DEVICES:
-            if b == "cpu" and d != "cpu" or b == "cuda" and d != "cuda":
+            if not runs_on(b, d):
                 continue
             marks = [pytest.mark.cuda] if d == "cuda" else []
             out.append(pytest.param(b, d, id=f"{b}-{d}", marks=marks))

@@ -5,7 +5,7 @@ import torch
 
 import copa_fast
 from copa_fast import reference as ref
-from conftest import KERNEL_BACKENDS, make_episode, rel_err
+from conftest import KERNEL_BACKENDS, device_for, make_episode, rel_err
 
 CPU_KERNELS = [b for b in KERNEL_BACKENDS if b in ("cpu", "triton")]
 
@@ -26,12 +26,13 @@ def _split(n_support, n_query, c, d, seed):
 
 @pytest.mark.parametrize("backend", CPU_KERNELS)
 def test_adapt_float64_follows_reference_trajectory(backend):
-    if backend == "triton":
+    dev = device_for(backend)
+    if backend == "triton" and dev.type == "cpu":
         steps = 5  # the interpreter is slow; a few steps still exercise the whole loop
     else:
         steps = 50
     xs, ys, xq, yq = _split(60, 40, 6, 24, seed=1)
-    got = copa_fast.adapt(xs, ys, xq, yq, steps=steps, backend=backend)
+    got = copa_fast.adapt(*(t.to(dev) for t in (xs, ys, xq, yq)), steps=steps, backend=backend)
     want = ref.adapt(xs, ys, xq, yq, steps=steps)
     assert len(got.losses) == steps
     assert rel_err(got.w_img, want.w_img) < 1e-9

@@ -130,9 +130,9 @@ def test_eval_batched_backend_equals_per_episode_backend(tmp_path, capsys):
     path = tmp_path / "f.npz"
     np.savez(path, features=g.normal(size=(90, 12)).astype(np.float32) + labels[:, None], labels=labels)
     out = {}
-    for backend in ("triton", "cpu"):
+    for backend, device in (("triton", "cuda" if torch.cuda.is_available() else "cpu"), ("cpu", "cpu")):
         assert cli.main(["eval", "--features", str(path), "--episodes", "2", "--steps", "3", "--methods", "copa",
-                         "--backend", backend, "--json"]) == 0
+                         "--backend", backend, "--device", device, "--json"]) == 0
         out[backend] = json.loads(capsys.readouterr().out)["methods"]["copa"]
     assert out["triton"]["accuracy"] == out["cpu"]["accuracy"]
     assert out["triton"]["max_abs_dev_vs_float64_reference"]["adapter_entries"] < 1e-4

@@ -1,5 +1,5 @@
-"""Property-based checks (hypothesis) of every CPU-runnable backend against the float64 reference
-(symmetric_ce, copa_loss, the batched-episodes op):
+"""Property-based checks (hypothesis) of the cpu and triton backends against the float64 reference
+(symmetric_ce, copa_loss, the batched-episodes op), Triton on CUDA tensors where there is a GPU:
 random shapes and class-count patterns, tau in [0, 10] (float or tensor), feature magnitudes from
 1e-20 to 1e20, zero and duplicated rows, non-contiguous and transposed inputs."""
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import copa_fast
 from copa_fast import reference as ref
-from conftest import TOL
+from conftest import TOL, device_for
 
 BACKENDS = [b for b in copa_fast.available_backends() if b in ("cpu", "triton")]
 
@@ -54,10 +54,11 @@ def _layout(t, layout):
 @given(prob=problems())
 def test_matches_reference(backend, dtype, prob):
     x, p, y, tau, tau_tensor, layout = prob
-    xs, ps = _layout(x.to(dtype), layout), _layout(p.to(dtype), layout)
+    dev = device_for(backend)
+    xs, ps = _layout(x.to(dev, dtype, copy=True), layout), _layout(p.to(dev, dtype, copy=True), layout)
     xs.requires_grad_(True)
-    t = torch.tensor(tau, dtype=dtype, requires_grad=True) if tau_tensor else tau
-    out = copa_fast.symmetric_ce(xs, ps, y, t, backend=backend)
+    t = torch.tensor(tau, dtype=dtype, device=dev, requires_grad=True) if tau_tensor else tau
+    out = copa_fast.symmetric_ce(xs, ps, y.to(dev), t, backend=backend)
     x64 = x.clone().requires_grad_(True)
     t64 = torch.tensor(tau, dtype=torch.float64, requires_grad=True) if tau_tensor else tau
     expect = ref.symmetric_ce(x64, p, y, t64)
@@ -65,7 +66,7 @@ def test_matches_reference(backend, dtype, prob):
     assert abs(out.item() - expect.item()) <= TOL[dtype]["loss"] * max(1.0, abs(expect.item())) * 10
     wrt = (xs, t) if tau_tensor else (xs,)
     wrt64 = (x64, t64) if tau_tensor else (x64,)
-    got = torch.autograd.grad(out, wrt)
+    got = [g.cpu() for g in torch.autograd.grad(out, wrt)]
     want = torch.autograd.grad(expect, wrt64)
     assert torch.isfinite(got[0]).all()
     # Row i's gradient has the natural scale exp(tau) / (N ||x_i||) (the normalisation divides by
@@ -105,24 +106,26 @@ def test_episodes_op_matches_reference(backend, eps):
     """The batched-episodes op equals the reference episode by episode (float64)."""
     from copa_fast.ops import symmetric_ce as ops
 
+    dev = device_for(backend)
     ns, cs = [e[0].shape[0] for e in eps], [e[1].shape[0] for e in eps]
     starts = lambda sizes: torch.tensor([0] + sizes[:-1]).cumsum(0)  # noqa: E731
     rows = torch.stack([starts(ns), torch.tensor(ns)], 1)
     cls = torch.stack([starts(cs), torch.tensor(cs)], 1)
     sizes = [a * b for a, b in zip(ns, cs)]
-    z = torch.cat([e[0] for e in eps]).requires_grad_(True)
-    q = torch.cat([e[1] for e in eps]).requires_grad_(True)
-    tau = torch.tensor([e[3] for e in eps], dtype=torch.float64)
-    loss, *_ = ops.episodes_op(backend)(z, q, torch.cat([e[2] for e in eps]), rows, cls, starts(sizes), sum(sizes),
-                                        tau, True)
+    z = torch.cat([e[0] for e in eps]).to(dev).requires_grad_(True)
+    q = torch.cat([e[1] for e in eps]).to(dev).requires_grad_(True)
+    tau = torch.tensor([e[3] for e in eps], dtype=torch.float64, device=dev)
+    loss, *_ = ops.episodes_op(backend)(z, q, torch.cat([e[2] for e in eps]).to(dev), rows.to(dev), cls.to(dev),
+                                        starts(sizes).to(dev), sum(sizes), tau, True)
     loss.sum().backward()
+    loss, zgrad, qgrad = loss.cpu(), z.grad.cpu(), q.grad.cpu()
     for k, (x, p, y, t) in enumerate(eps):
         xr, pr = x.clone().requires_grad_(True), p.clone().requires_grad_(True)
         want = ref.symmetric_ce(xr, pr, y, t)
         want.backward()
         assert abs(loss[k].item() - want.item()) <= 1e-9 * max(1.0, abs(want.item()))
         r0, c0 = int(rows[k, 0]), int(cls[k, 0])
-        got_z, got_q = z.grad[r0:r0 + ns[k]], q.grad[c0:c0 + cs[k]]
+        got_z, got_q = zgrad[r0:r0 + ns[k]], qgrad[c0:c0 + cs[k]]
         for got, exp in ((got_z, xr.grad), (got_q, pr.grad)):
             assert torch.isfinite(got).all()
             assert (got - exp).norm() <= 1e-8 * max(exp.norm().item(), math.exp(t) / (ns[k] * x.norm(dim=1).min()))
@@ -155,11 +158,12 @@ def test_copa_loss_matches_reference(backend, prob):
     """The whole step (class means, both adapters, symmetric CE) and its gradients, float64, against
     the reference: frozen or trained features, separate prototype features, (E, D) adapters."""
     x, pf, y, wi, wp, tau, frozen, reduction = prob
-    leaves = [x.clone().requires_grad_(not frozen), wi.clone().requires_grad_(True), wp.clone().requires_grad_(True)]
-    pf_leaf = pf.clone().requires_grad_(True) if pf is not None else None
-    out = copa_fast.copa_loss(*leaves[:1], y, *leaves[1:], tau, prototype_features=pf_leaf, reduction=reduction,
-                              backend=backend)
-    leaves64 = [t.detach().clone().requires_grad_(t.requires_grad) for t in leaves]
+    dev = device_for(backend)
+    leaves = [t.to(dev, copy=True).requires_grad_(g) for t, g in ((x, not frozen), (wi, True), (wp, True))]
+    pf_leaf = pf.to(dev, copy=True).requires_grad_(True) if pf is not None else None
+    out = copa_fast.copa_loss(*leaves[:1], y.to(dev), *leaves[1:], tau, prototype_features=pf_leaf,
+                              reduction=reduction, backend=backend)
+    leaves64 = [t.detach().cpu().clone().requires_grad_(t.requires_grad) for t in leaves]
     pf64 = pf.clone().requires_grad_(True) if pf is not None else None
     expect = ref.copa_loss(*leaves64[:1], y, *leaves64[1:], tau, prototype_features=pf64, reduction=reduction)
     assert abs(out.item() - expect.item()) <= 1e-9 * max(1.0, abs(expect.item()))
@@ -173,5 +177,6 @@ def test_copa_loss_matches_reference(backend, prob):
                 ((p0.norm(dim=1) + wp.norm()) / (p0 @ wp.t()).norm(dim=1).clamp_min(1e-300)).max().item())
     scale = math.exp(tau) * ratio * (x.shape[0] if reduction == "sum" else 1)
     for got, exp in zip(torch.autograd.grad(out, wrt), torch.autograd.grad(expect, wrt64)):
+        got = got.cpu()
         assert torch.isfinite(got).all()
         assert (got - exp).norm() <= 1e-8 * max(exp.norm().item(), scale)
