@@ -5,6 +5,12 @@
 # Stages can be picked to split the work over two calls on a warm machine (the build stays):
 #   gpu_check.sh [--dry-run] [build] [tests] [bench]      (no stage named: all three)
 #
+# With a lent GPU (15 minutes of device time, 10 a call): first call `bash benchmarks/gpu_check.sh
+# build tests` (the build stays on the warm machine), second call `bash benchmarks/gpu_check.sh
+# bench`, then give the machine back. Before spending device time, on the CPU machine:
+# `python benchmarks/triton_aot.py` (every Triton kernel compiles for sm_90 / sm_80, no spills)
+# and `bash benchmarks/gpu_check.sh --dry-run`.
+#
 # Expects torch, triton, numpy, pytest, pytest-benchmark installed; downloads nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
