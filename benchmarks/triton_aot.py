@@ -121,6 +121,8 @@ def _cases():
         ("single 500x50x512 fp32 fused weights", single(500, 50, 512, f32, True, weights=True)),
         ("single 500x50x512 fp64 fused", single(500, 50, 512, f64, True)),
         ("single 33x1x17 fp32 fused (C = 1, odd D)", single(33, 1, 17, f32, True)),
+        ("single 16384x1000x1024 fp32 fused", single(16384, 1000, 1024, f32, True)),
+        ("single 16384x1000x1024 fp32 fused tf32", single(16384, 1000, 1024, f32, True, precision="tf32")),
         ("episodes 3 ragged x512 fp32 fused", episodes([(25, 5), (100, 10), (500, 50)], 512, f32, True)),
         ("episodes 3 ragged x512 fp32 forward", episodes([(25, 5), (100, 10), (500, 50)], 512, f32, False)),
         ("episodes 2 ragged x512 fp32 fused tf32", episodes([(25, 5), (40, 8)], 512, f32, True, "tf32")),
