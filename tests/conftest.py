@@ -28,16 +28,6 @@ KERNEL_BACKENDS = [b for b in copa_fast.available_backends() if b != "reference"
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def runs_on(backend: str, device: str) -> bool:
-    """Whether ``backend`` takes tensors of ``device`` here (Triton: CUDA tensors, and CPU tensors
-    only under the interpreter, which is on exactly where there is no GPU)."""
-    if backend in ("cpu", "cuda"):
-        return device == backend
-    if backend == "triton":
-        return device == "cuda" or copa_fast.backends.triton_interpreted()
-    return True
-
-
 def device_for(backend: str) -> torch.device:
     """The device a single-device test runs ``backend`` on: CUDA where the backend needs it or a
     GPU exists for it, else the CPU (Triton under the interpreter)."""
@@ -51,7 +41,7 @@ def backend_device_pairs():
     out = []
     for b in KERNEL_BACKENDS:
         for d in DEVICES:
-            if not runs_on(b, d):
+            if not copa_fast.backends._runs_on(b, torch.device(d)):   # triton: CPU only when interpreted
                 continue
             marks = [pytest.mark.cuda] if d == "cuda" else []
             out.append(pytest.param(b, d, id=f"{b}-{d}", marks=marks))

@@ -9,12 +9,12 @@ import torch
 
 import copa_fast
 from copa_fast import reference as ref
-from conftest import TOL, assert_rel, make_episode, rel_err
+from conftest import TOL, assert_rel, device_for, make_episode, rel_err
 
 AVAILABLE = copa_fast.available_backends()
 HAS_TRITON = "triton" in AVAILABLE
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKEND_DEVICE = {"cpu": "cpu", "triton": DEVICE, "cuda": "cuda"}
+BACKEND_DEVICE = {b: device_for(b).type for b in ("cpu", "triton", "cuda")}
+DEVICE = BACKEND_DEVICE["triton"]
 EPISODE_BACKENDS = [pytest.param(b, id=b, marks=[pytest.mark.cuda] if BACKEND_DEVICE[b] == "cuda" else [])
                     for b in ("cpu", "triton", "cuda") if b in AVAILABLE]
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton unavailable")

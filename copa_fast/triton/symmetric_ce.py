@@ -365,20 +365,17 @@ def _norm_backward(g_ptr, xn_ptr, norm_ptr, rows, rmask, dot, D, BD: tl.constexp
         tl.store(g_ptr + rows[:, None] * D + cols[None, :], (g - xn * dot[:, None]) * inv[:, None], mask=m2)
 
 
-_WARPS = 8
-
-
 def _launch_config(interpreted, dtype):
     """(BN, BC, BD, num_warps) of a launch. Under the interpreter every tile op is a numpy call:
     larger tiles mean fewer Python steps. On a GPU: the largest tiles with which every kernel
     compiles for sm_80 and sm_90 without local-memory spills, checked by ``benchmarks/triton_aot.py``
-    (triton 3.6: 64-row tiles or 4 warps spill up to 240 B a thread in the fused gradient kernels;
-    float64 needs half of each)."""
+    (triton 3.6, sm_90: 64-row tiles with 4 warps spilled 268 to 1,092 B a thread in the fused
+    gradient kernels; float64 needs half of each tile)."""
     if interpreted:
         return 32, 32, 64, 4
     if dtype == torch.float64:
-        return 16, 16, 64, _WARPS
-    return 32, 32, 64, _WARPS
+        return 16, 16, 64, 8
+    return 32, 32, 64, 8
 
 
 PRECISIONS = ("ieee", "tf32")
