@@ -142,27 +142,37 @@ TRITON_CONFIGS = {"32x32x64, 8 warps (default)": (32, 32, 64, 8), "64x32x64, 4 w
                   "64x32x64, 8 warps": (64, 32, 64, 8)}
 
 
-def triton_configs(device, n, c, d, count, reps):
+def triton_configs(device, n, d, count, reps, large=None):
+    """Each TRITON_CONFIGS entry timed on one N-row problem (C = N/10 up to 50), on ``count`` ragged
+    episodes in one launch and, with ``large`` = (N, C), on one large tiled problem."""
     if "triton" not in copa_fast.available_backends():
         return
     from copa_fast.ops import symmetric_ce as ops
     from copa_fast.triton import symmetric_ce as kernels
 
-    print(f"\n### Triton launch configurations, fp32: one problem N={n} C={c} D={d}; {count} ragged episodes\n")
-    print("| configuration | one problem, forward + backward | batched episodes, one launch |\n|---|---|---|")
+    big = f"; one problem N={large[0]} C={large[1]}" if large else ""
+    print(f"\n### Triton launch configurations, fp32, D={d}: one problem N={n}; {count} ragged episodes{big}\n")
+    print("| configuration | one problem N=" + str(n) + " | batched episodes, one launch |"
+          + (f" one problem N={large[0]} |" if large else "") + "\n|---|---|---|" + ("---|" if large else ""))
     timer = _timer(device)
     x1, p1, y1 = (t.to(device) for t in _ragged(1, d, device, n, n, seed=1)[0])
     eps = _ragged(count, d, device, 25, max(25, n))
     z, q, y = (torch.cat([e[k] for e in eps]).to(device) for k in range(3))
     rows, cls, s_off, s_total = ops.episode_layout([len(e[2]) for e in eps], [e[1].shape[0] for e in eps], device)
     tau, tau1 = torch.full((count,), 2.0, device=device), torch.tensor(2.0, device=device)
+    if large:
+        xl, _, yl, _ = bench.problem(large[0], large[1], d, device)
+        ql = torch.randn(large[1], d, device=device)
     default = kernels._launch_config
     try:
         for name, cfg in TRITON_CONFIGS.items():
             kernels._launch_config = lambda interpreted, dtype, cfg=cfg: cfg
             single = timer(lambda: kernels.symmetric_ce(x1, p1, y1, tau1, None, True), reps)
             batched = timer(lambda: kernels.episodes_sce(z, q, y, rows, cls, s_off, s_total, tau, True), reps)
-            print(f"| {name} | {_fmt(single)} | {_fmt(batched)} |")
+            row = f"| {name} | {_fmt(single)} | {_fmt(batched)} |"
+            if large:
+                row += f" {_fmt(timer(lambda: kernels.symmetric_ce(xl, ql, yl, tau1, None, True), reps))} |"
+            print(row)
     finally:
         kernels._launch_config = default
 
@@ -177,12 +187,12 @@ def main():
         graph_replay(device, 100, 10, 64, 3)
         batched_episodes(device, 6, 32, 25, 60, 2)
         adapt_many_run(device, 4, 3, 32, 2)
-        triton_configs(device, 60, 6, 32, 3, 2)
+        triton_configs(device, 60, 32, 3, 2, large=(120, 12))
     else:
         graph_replay(device, 500, 50, 512, 50)
         batched_episodes(device, 132, 512, 25, 500, 20)
         adapt_many_run(device, 600, 50, 512, 5)
-        triton_configs(device, 500, 50, 512, 132, 20)
+        triton_configs(device, 500, 512, 132, 20, large=(16384, 1000))
 
 
 if __name__ == "__main__":
