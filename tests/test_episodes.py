@@ -252,3 +252,35 @@ def test_adapt_many_on_the_cuda_backend_equals_adapt():
     for g, e in zip(got, eps):
         want = copa_fast.adapt(e.support, e.support_labels, e.query, e.query_labels, steps=5, backend="cuda")
         assert rel_err(g.w_img, want.w_img) < 1e-5 and g.query_accuracy == want.query_accuracy
+
+
+@pytest.mark.skipif(not (HAS_TRITON and copa_fast.backends.triton_interpreted()),
+                    reason="on a GPU every Triton test already runs the GPU tiles")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_triton_gpu_tiles_under_the_interpreter(monkeypatch, dtype):
+    """The interpreter runs its own (larger) tiles; here the kernels run with the tiles a GPU launch
+    uses for ``dtype``, at shapes with a ragged tail in every tile dimension (rows, classes, D)."""
+    from copa_fast.ops import symmetric_ce as ops
+    from copa_fast.triton import symmetric_ce as kernels
+
+    gpu = kernels._launch_config(False, dtype)
+    monkeypatch.setattr(kernels, "_launch_config", lambda interpreted, dt: gpu)
+    n, c, d = gpu[0] + 13, gpu[1] + 5, gpu[2] + 6
+    x, y = make_episode(n, c, d, seed=41, dtype=torch.float64, one_shot=1)
+    p = torch.randn(c, d, generator=torch.Generator().manual_seed(42), dtype=torch.float64)
+    xs, ps = x.to(dtype, copy=True).requires_grad_(True), p.to(dtype, copy=True).requires_grad_(True)
+    loss = copa_fast.symmetric_ce(xs, ps, y, 3.0, backend="triton")
+    loss.backward()
+    xr, pr = x.clone().requires_grad_(True), p.clone().requires_grad_(True)
+    want = ref.symmetric_ce(xr, pr, y, 3.0)
+    want.backward()
+    assert_rel(loss, want, TOL[dtype]["loss"], "loss")
+    assert_rel(xs.grad, xr.grad, TOL[dtype]["grad"], "dembeddings")
+    assert_rel(ps.grad, pr.grad, TOL[dtype]["grad"], "dprototypes")
+
+    eps = _episodes(dtype, d)
+    z, q, yy, rows, cls, s_off, s_total = _stack(eps, 2, 2, dtype, "cpu")
+    taus = torch.full((len(eps),), 2.0, dtype=dtype)
+    got, *_ = ops.episodes_op("triton")(z, q, yy, rows, cls, s_off, s_total, taus, False)
+    for k, (xe, pe, ye) in enumerate(eps):
+        assert_rel(got[k], ref.symmetric_ce(xe, pe, ye, 2.0), TOL[dtype]["loss"], f"episode {k} loss")
