@@ -4,7 +4,8 @@ N x C rewrite in eager PyTorch, and every copa_fast backend available for the de
 
 Run: ``pytest benchmarks/bench_copa_loss.py --benchmark-group-by=param:shape``.
 COPA_BENCH_SHAPES=small keeps to the two smallest shapes (the CPU dry run of gpu_check.sh);
-COPA_BENCH_COMPILE=1 adds the torch.compile row (minutes of compilation on a CPU).
+COPA_BENCH_COMPILE=1 adds the torch.compile row on a CPU (minutes of compilation there); =0 drops it
+on a GPU, where it is on by default.
 """
 
 import os

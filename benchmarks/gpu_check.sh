@@ -74,6 +74,8 @@ fi
 if want bench; then
 echo "== benchmarks"
 if [ "$DRY" = 1 ]; then export COPA_BENCH_SHAPES=small; fi
+# the published step under torch.compile costs minutes of compilation per shape: opt in with =1
+export COPA_BENCH_COMPILE="${COPA_BENCH_COMPILE:-0}"
 $PY -m pytest benchmarks/bench_copa_loss.py -q -p no:cacheprovider --benchmark-json="$OUT/bench.json" \
   --benchmark-group-by=param:shape 2>&1 | tail -3
 echo "== sweep (copa-fast bench: time and memory vs N, markdown + PNG)"

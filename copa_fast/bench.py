@@ -82,8 +82,9 @@ def _ours(backend: str) -> Callable:
 def implementations(device: torch.device, *, compile_published: Optional[bool] = None) -> dict:
     """name -> fn(x, y, w_img, w_proto, num_classes) returning the loss, for what runs on ``device``."""
     impls = {"published-eager": _published}
-    if compile_published is None:
-        compile_published = device.type == "cuda" or os.environ.get("COPA_BENCH_COMPILE") == "1"
+    if compile_published is None:   # COPA_BENCH_COMPILE=1 / =0 forces the row on / off
+        env = os.environ.get("COPA_BENCH_COMPILE")
+        compile_published = env == "1" if env in ("0", "1") else device.type == "cuda"
     if compile_published:
         impls["published-compile"] = torch.compile(_published)
     impls["nxc-eager"] = _nxc_eager
