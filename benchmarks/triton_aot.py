@@ -6,11 +6,12 @@ stand-in driver names the target (no device is touched) and every launch compile
 running (Triton's ``warmup`` path: source -> TTIR -> TTGIR -> LLVM IR -> PTX -> cubin through
 the ptxas Triton ships); registers and spills are what ``ptxas -v`` reports for each PTX. What this
 proves: the kernels compile for that architecture with this Triton, without local-memory spills,
-within the shared memory an SM offers. It proves nothing about their results or speed.
+within the shared memory an SM offers, and the default float32 kernels hold no TF32 tensor-core
+product (precision="tf32" ones do). It proves nothing about their results or speed.
 
 Run: ``python benchmarks/triton_aot.py [--arch 90 80] [--json out.json]``; exit status 1 when a
-kernel fails to compile, spills more than SPILL_LIMIT bytes a thread, or needs more shared memory
-than the architecture has. CI runs it (tests/test_build.py).
+kernel fails to compile, spills more than SPILL_LIMIT bytes a thread, needs more shared memory
+than the architecture has, or uses TF32 tensor cores without precision="tf32". CI runs it (tests/test_build.py).
 """
 
 from __future__ import annotations
@@ -163,9 +164,13 @@ def main(argv=None) -> int:
                 for kname, kern in compiled:
                     res = _resources(kern.asm["ptx"], arch)
                     shared = int(kern.metadata.shared)
+                    # tensor-core products reading TF32 operands: only where precision="tf32" asks for them
+                    tf32 = len(re.findall(r"\bw?gmma[\w.]*\.tf32|\bmma[\w.]*\.tf32", kern.asm["ptx"]))
                     row = {"arch": arch, "case": name, "kernel": kname, "num_warps": kern.metadata.num_warps,
-                           "shared_bytes": shared, **res}
+                           "shared_bytes": shared, "tf32_mma": tf32, **res}
                     bad = []
+                    if tf32 and "tf32" not in name:
+                        bad.append("TF32 tensor-core products without precision='tf32'")
                     if "reg" not in res:
                         bad.append("ptxas -v gave no resource report")
                     spilled = res.get("spill_stores", 0) + res.get("spill_loads", 0)
@@ -178,7 +183,7 @@ def main(argv=None) -> int:
                     report.append(row)
                     print(f"sm_{arch}  {name:42s} {kname:10s} warps {row['num_warps']}  regs {res.get('reg', '?'):>3}  "
                           f"shared {shared:6d} B  stack {res.get('stack', '?'):>3} B  "
-                          f"spills {res.get('spill_stores', '?')}/{res.get('spill_loads', '?')} B"
+                          f"spills {res.get('spill_stores', '?')}/{res.get('spill_loads', '?')} B  tf32 mma {tf32}"
                           + (f"  PROBLEM: {', '.join(bad)}" if bad else ""))
     finally:
         JITFunction.run = original_run

@@ -61,4 +61,9 @@ def test_triton_kernels_compile_for_sm90_and_sm80(tmp_path):
     expected = {"_prep", "_scores", "_colstats", "_grads", "_episodes"}
     assert names == {(a, n) for a in (90, 80) for n in expected}
     assert all(not k["problems"] and k["reg"] <= 255 for k in kernels)
+    # the opt-in TF32 mode really runs its products on TF32 tensor cores (the default never does:
+    # a "problem" above)
+    for kernel in ("_scores", "_grads", "_episodes"):
+        assert all(k["tf32_mma"] > 0 for k in kernels
+                   if k["kernel"] == kernel and "tf32" in k["case"] and "fused" in k["case"]), kernel
     print(out.stdout[-3000:])
