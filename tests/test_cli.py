@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from copa_fast import cli
+from conftest import device_for
 
 
 def test_eval_embedded_default_json(capsys):
@@ -130,7 +131,7 @@ def test_eval_batched_backend_equals_per_episode_backend(tmp_path, capsys):
     path = tmp_path / "f.npz"
     np.savez(path, features=g.normal(size=(90, 12)).astype(np.float32) + labels[:, None], labels=labels)
     out = {}
-    for backend, device in (("triton", "cuda" if torch.cuda.is_available() else "cpu"), ("cpu", "cpu")):
+    for backend, device in (("triton", device_for("triton").type), ("cpu", "cpu")):
         assert cli.main(["eval", "--features", str(path), "--episodes", "2", "--steps", "3", "--methods", "copa",
                          "--backend", backend, "--device", device, "--json"]) == 0
         out[backend] = json.loads(capsys.readouterr().out)["methods"]["copa"]
