@@ -71,6 +71,11 @@ for c in /usr/local/cuda /usr/local/cuda-13.0; do
   if [ -z "${CUDA_HOME:-}" ] && [ -f "$c/include/cuda_runtime_api.h" ]; then export CUDA_HOME="$c"; fi
 done
 export MAX_JOBS="${MAX_JOBS:-16}"
+# kernels for this machine's GPU only (setup.py's default, sm_80 + sm_90, compiles twice)
+if [ "$DRY" = 0 ] && [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  TORCH_CUDA_ARCH_LIST="$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || true)"
+  [ -n "$TORCH_CUDA_ARCH_LIST" ] && export TORCH_CUDA_ARCH_LIST && echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
+fi
 timed build "${BUILD_BUDGET_S:-180}" "$OUT/build.log" $PY -m pip install -v --no-build-isolation --no-deps -e .
 if ! $PY -c "import copa_fast._C" 2>/dev/null; then   # e.g. a read-only site-packages: build in place
   echo "pip install failed (tail of build.log below); building in place"; tail -5 "$OUT/build.log"
