@@ -77,20 +77,21 @@ if [ "$DRY" = 0 ] && [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   [ -n "$TORCH_CUDA_ARCH_LIST" ] && export TORCH_CUDA_ARCH_LIST && echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
 fi
 timed build "${BUILD_BUDGET_S:-180}" "$OUT/build.log" $PY -m pip install -v --no-build-isolation --no-deps -e .
-if ! $PY -c "import copa_fast._C" 2>/dev/null; then   # e.g. a read-only site-packages: build in place
+case "$STATUS" in *" build=ok"*) ;; *)   # e.g. a read-only site-packages: build in place
   echo "pip install failed (tail of build.log below); building in place"; tail -5 "$OUT/build.log"
   timed build-inplace "${BUILD_BUDGET_S:-180}" "$OUT/build-inplace.log" $PY setup.py build_ext --inplace
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-  tail -3 "$OUT/build-inplace.log"
-fi
+  tail -3 "$OUT/build-inplace.log" ;;
+esac
 tail -2 "$OUT/build.log"
+$PY -c "import copa_fast._C" || echo "the extension does not import (error above)"
 $PY -c "import copa_fast; print('backends', copa_fast.available_backends())" | tee -a "$OUT/machine.txt"
 fi
 
 if want tests; then
 echo "== tests"
 if [ "$DRY" = 1 ]; then
-  timed tests 300 "$OUT/tests-full.log" $PY -m pytest tests -q -x -p no:cacheprovider -k "deterministic or opcheck or bad_label"
+  timed tests "${TESTS_BUDGET_S:-300}" "$OUT/tests-full.log" $PY -m pytest tests -q -x -p no:cacheprovider -k "deterministic or opcheck or bad_label"
   tail -3 "$OUT/tests-full.log" | tee "$OUT/tests.log"
 else
   # The CPU-only checks (plain-nvcc and Triton AOT builds, host emulation of the CUDA kernels) ran
