@@ -77,13 +77,13 @@ if [ "$DRY" = 0 ] && [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   [ -n "$TORCH_CUDA_ARCH_LIST" ] && export TORCH_CUDA_ARCH_LIST && echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
 fi
 timed build "${BUILD_BUDGET_S:-180}" "$OUT/build.log" $PY -m pip install -v --no-build-isolation --no-deps -e .
-case "$STATUS" in *" build=ok"*) ;; *)   # e.g. a read-only site-packages: build in place
-  echo "pip install failed (tail of build.log below); building in place"; tail -5 "$OUT/build.log"
+case "$STATUS" in *" build=rc"*)   # pip failed (e.g. a read-only site-packages): build in place
+  echo "pip install failed (tail of build.log below); building in place"; tail -n 5 "$OUT/build.log" 2>/dev/null || true
   timed build-inplace "${BUILD_BUDGET_S:-180}" "$OUT/build-inplace.log" $PY setup.py build_ext --inplace
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-  tail -3 "$OUT/build-inplace.log" ;;
+  tail -n 3 "$OUT/build-inplace.log" 2>/dev/null || true ;;
 esac
-tail -2 "$OUT/build.log"
+tail -n 2 "$OUT/build.log" 2>/dev/null || true
 $PY -c "import copa_fast._C" || echo "the extension does not import (error above)"
 $PY -c "import copa_fast; print('backends', copa_fast.available_backends())" | tee -a "$OUT/machine.txt"
 fi
@@ -92,7 +92,7 @@ if want tests; then
 echo "== tests"
 if [ "$DRY" = 1 ]; then
   timed tests "${TESTS_BUDGET_S:-300}" "$OUT/tests-full.log" $PY -m pytest tests -q -x -p no:cacheprovider -k "deterministic or opcheck or bad_label"
-  tail -3 "$OUT/tests-full.log" | tee "$OUT/tests.log"
+  tail -n 3 "$OUT/tests-full.log" 2>/dev/null | tee "$OUT/tests.log" || true
 else
   # The CPU-only checks (plain-nvcc and Triton AOT builds, host emulation of the CUDA kernels) ran
   # in CI; here every test that can take CUDA tensors, over workers where pytest-xdist is
@@ -110,7 +110,7 @@ else
       $PY -m pytest tests/test_validation.py -q -x -p no:cacheprovider -k unchecked_bad_label
     timed memcheck-episodes "${MEMCHECK_BUDGET_S:-60}" "$OUT/memcheck-episodes.log" compute-sanitizer --tool memcheck --error-exitcode 3 \
       $PY -m pytest tests/test_episodes.py -q -x -p no:cacheprovider -k bad_label
-    tail -n 4 "$OUT/memcheck.log" "$OUT/memcheck-episodes.log" || true
+    tail -n 4 "$OUT/memcheck.log" "$OUT/memcheck-episodes.log" 2>/dev/null || true
     if grep -qs "not supported" "$OUT/memcheck.log"; then   # the sandbox's refusal, not a finding
       STATUS="${STATUS// memcheck-validation=rc/ memcheck-validation=refused-rc}"
       STATUS="${STATUS// memcheck-episodes=rc/ memcheck-episodes=refused-rc}"
@@ -126,17 +126,17 @@ if [ "$DRY" = 1 ]; then export COPA_BENCH_SHAPES=small; fi
 export COPA_BENCH_COMPILE="${COPA_BENCH_COMPILE:-0}"
 timed bench "${BENCH_BUDGET_S:-180}" "$OUT/bench.log" $PY -m pytest benchmarks/bench_copa_loss.py -q \
   -p no:cacheprovider --benchmark-json="$OUT/bench.json" --benchmark-group-by=param:shape
-tail -2 "$OUT/bench.log" || true
+tail -n 2 "$OUT/bench.log" 2>/dev/null || true
 echo "== sweep (copa-fast bench: time and memory vs N, markdown + PNG)"
 SWEEP_ARGS=(--budget 0.5)
 if [ "$DRY" = 1 ]; then SWEEP_ARGS=(--max-n 500 --budget 0.2); fi
 timed sweep "${SWEEP_BUDGET_S:-90}" "$OUT/sweep.log" $PY -m copa_fast bench --out "$OUT/sweep" "${SWEEP_ARGS[@]}"
-tail -2 "$OUT/sweep.log" || true
+tail -n 2 "$OUT/sweep.log" 2>/dev/null || true
 echo "== extras (CUDA-graph replay, batched episodes, adapt_many, Triton tiles)"
 EXTRA_ARGS=()
 if [ "$DRY" = 1 ]; then EXTRA_ARGS=(--small); fi
 timed extras "${EXTRAS_BUDGET_S:-170}" "$OUT/extras.md" $PY benchmarks/bench_gpu_extras.py "${EXTRA_ARGS[@]}"
-tail -40 "$OUT/extras.md" || true
+tail -n 40 "$OUT/extras.md" 2>/dev/null || true
 echo "== table"
 [ -s "$OUT/bench.json" ] && $PY benchmarks/report.py "$OUT/bench.json" | tee "$OUT/table.md"
 fi
