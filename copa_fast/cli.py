@@ -123,9 +123,24 @@ def run_eval(args) -> dict:
     except (ValueError, TypeError) as exc:
         raise CliError(str(exc)) from None
     dist_ctx = _init_distributed(device)
-    if dist_ctx is not None:
-        device = dist_ctx[2]
-    rank, world = (dist_ctx[0], dist_ctx[1]) if dist_ctx else (0, 1)
+    if dist_ctx is None:
+        return _eval_methods(args, methods, episodes, device, backend, source, lr, wd, 0, 1)
+    import torch.distributed as dist
+
+    rank, world, device, owned = dist_ctx
+    try:
+        res = _eval_methods(args, methods, episodes, device, backend, source, lr, wd, rank, world)
+        if owned:
+            dist.barrier()   # rank 0 holds every rank's results before any rank leaves
+    finally:
+        if owned:   # gloo's worker threads must not outlive the interpreter: SIGABRT at exit otherwise
+            dist.destroy_process_group()
+    return res
+
+
+def _eval_methods(args, methods, episodes, device, backend, source, lr, wd, rank, world):
+    """Every method on this rank's share of the episodes (all of them in a single process);
+    the results dict on rank 0, None on the other ranks."""
     episodes = [e.to(device) for e in episodes]
     mine = list(range(rank, len(episodes), world))   # round-robin split over torchrun ranks
     show = not args.json and sys.stderr.isatty() and rank == 0
@@ -186,7 +201,8 @@ def _deviation(r, ep, steps, lr, wd):
 
 def _init_distributed(device):
     """Under torchrun (WORLD_SIZE > 1): joins the process group (gloo on CPU, NCCL on CUDA).
-    Returns (rank, world, device) or None for a single process."""
+    Returns (rank, world, device, owned) or None for a single process; ``owned``: the group was
+    created here (and is destroyed by run_eval)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     import torch.distributed as dist
@@ -194,9 +210,10 @@ def _init_distributed(device):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+    return dist.get_rank(), dist.get_world_size(), device, owned
 
 
 def print_eval(res: dict) -> None:
