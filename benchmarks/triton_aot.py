@@ -34,6 +34,7 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.runtime import driver as _driver
 from triton.runtime.jit import JITFunction
 
+from copa_fast.ops.symmetric_ce import episode_layout
 from copa_fast.triton import symmetric_ce as K
 
 # Spilled bytes a thread may store + load before a kernel counts as spilling: a few bytes stay in
@@ -103,15 +104,10 @@ def _cases():
 
     def episodes(sizes, d, dtype, fused, precision="ieee"):
         def run():
-            zs, qs, ys, rows, cls, soff = [], [], [], [], [], []
-            r0 = c0 = s0 = 0
-            for n, c in sizes:
-                z, q, y = problem(n, c, d, dtype)
-                zs.append(z), qs.append(q), ys.append(y)
-                rows.append([r0, n]), cls.append([c0, c]), soff.append(s0)
-                r0, c0, s0 = r0 + n, c0 + c, s0 + n * c
-            K.episodes_sce(torch.cat(zs), torch.cat(qs), torch.cat(ys), torch.tensor(rows), torch.tensor(cls),
-                           torch.tensor(soff), s0, torch.full((len(sizes),), 2.0, dtype=dtype), fused, precision)
+            zs, qs, ys = zip(*(problem(n, c, d, dtype) for n, c in sizes))
+            rows, cls, s_off, s_total = episode_layout([n for n, _ in sizes], [c for _, c in sizes], "cpu")
+            K.episodes_sce(torch.cat(zs), torch.cat(qs), torch.cat(ys), rows, cls, s_off, s_total,
+                           torch.full((len(sizes),), 2.0, dtype=dtype), fused, precision)
         return run
 
     f32, f64 = torch.float32, torch.float64
