@@ -3,7 +3,12 @@
 Shapes: N samples, C classes, D input feature dimension, E adapted dimension (E = D for the
 published square maps). Every function validates its inputs first (DESIGN §5); pass
 ``check_inputs=False`` to skip the checks that read the data (needed for CUDA-graph capture;
-they are skipped automatically while torch.compile traces).
+they are skipped automatically while torch.compile traces, and cannot read a tensor batched by
+torch.vmap).
+
+Derivatives: the kernels form the gradient during the forward; a backward with
+create_graph=True and calls under torch.func transforms use the differentiable composite of
+``ops/composite.py`` instead, so higher derivatives are those of the loss on every backend.
 
 Precision: float32 and float64 inputs are computed in their own precision; float16 and bfloat16
 inputs are computed in float32 and the result is returned in the input dtype.
@@ -11,6 +16,7 @@ inputs are computed in float32 and the result is returned in the input dtype.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Union
 
 import torch
@@ -19,14 +25,31 @@ from torch import nn
 from . import _validate as V
 from . import backends as _backends
 from . import reference
+from .ops import composite as _composite
 from .ops import symmetric_ce as _ops
+from .ops.composite import class_means
 from .reference import AdaptResult
 
 Tau = Union[float, torch.Tensor]
 
 
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
 def _check_values(check_inputs: bool) -> bool:
     return check_inputs and not torch.compiler.is_compiling()
+
+
+@contextlib.contextmanager
+def _readable_values():
+    """The value checks read the data; inside torch.vmap a batched tensor cannot be read: say so."""
+    try:
+        yield
+    except RuntimeError as e:
+        if _functorch_active() and "vmap" in str(e):
+            raise ValueError("check_inputs: the input checks read the data, which torch.vmap cannot do for a "
+                             "batched tensor; pass check_inputs=False (and num_classes to copa_loss)") from e
+        raise
 
 
 def _working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -55,6 +78,10 @@ def _sce_core(z, q, labels, tau: Tau, reduction: str, backend: str, precision: s
     work = _working_dtype(z.dtype)
     zw, qw = z.to(work), q.to(work)
     tau_t = _tau_tensor(tau, zw)
+    if _functorch_active():   # torch.func transforms: differentiable ops (ops/composite.py), not the kernels
+        with torch.no_grad():
+            pred = _cosine_predict(zw, qw)
+        return reference._reduce(_composite.sce_losses(zw, qw, labels, tau_t), reduction).to(z.dtype), pred
     op = _ops.triton_call() if backend == "triton" else _ops.cpp_op()
     weights = torch.ones(z.shape[0], dtype=work, device=z.device) if reduction == "sum" else None
     needs_grad = torch.is_grad_enabled() and (zw.requires_grad or qw.requires_grad or tau_t.requires_grad)
@@ -67,12 +94,13 @@ def _sce_core(z, q, labels, tau: Tau, reduction: str, backend: str, precision: s
 def _check_sce(embeddings, prototypes, labels, tau, reduction, check_inputs):
     V.sce_inputs(embeddings, prototypes)
     check = _check_values(check_inputs)
-    V.labels("labels", labels, embeddings.shape[0], embeddings, prototypes.shape[0], check_values=check)
-    V.tau(tau, check_values=check)
-    V.reduction(reduction)
-    if check:
-        V.finite("embeddings", embeddings)
-        V.finite("prototypes", prototypes)
+    with _readable_values():
+        V.labels("labels", labels, embeddings.shape[0], embeddings, prototypes.shape[0], check_values=check)
+        V.tau(tau, check_values=check)
+        V.reduction(reduction)
+        if check:
+            V.finite("embeddings", embeddings)
+            V.finite("prototypes", prototypes)
 
 
 def symmetric_ce(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, tau: Tau = 2.0,
@@ -111,24 +139,6 @@ def symmetric_ce_with_stats(embeddings: torch.Tensor, prototypes: torch.Tensor, 
     return loss, {"loss": loss.item(), "acc": pred.eq(labels).float().mean().item()}
 
 
-def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(N, D) features, (N,) labels -> (C, D) class means; differentiable w.r.t. features.
-
-    Memory-safe for any label: out-of-range labels are clamped here (the loss then turns NaN in
-    the kernel, which sees the raw labels). Deterministic on every device.
-    """
-    n, d = features.shape
-    y = labels.long().clamp(0, num_classes - 1)
-    ones = torch.ones(n, dtype=features.dtype, device=features.device)
-    counts = features.new_zeros(num_classes).index_add_(0, y, ones)  # sums of ones: exact in any order
-    if features.device.type == "cpu":
-        sums = features.new_zeros(num_classes, d).index_add(0, y, features)
-    else:  # index_add on CUDA uses float atomics (order-dependent): a one-hot GEMM is deterministic
-        onehot = (y[None, :] == torch.arange(num_classes, device=y.device)[:, None]).to(features.dtype)
-        sums = onehot @ features
-    return sums / counts.clamp_min(1)[:, None]
-
-
 def copa_loss(features: torch.Tensor, labels: torch.Tensor, w_img: torch.Tensor, w_proto: torch.Tensor,
               tau: Tau = 2.0, *, prototype_features: Optional[torch.Tensor] = None, reduction: str = "mean",
               num_classes: Optional[int] = None, backend: Optional[str] = None,
@@ -150,13 +160,14 @@ def copa_loss(features: torch.Tensor, labels: torch.Tensor, w_img: torch.Tensor,
     if num_classes is None and not check:
         raise ValueError("num_classes: required with check_inputs=False or under torch.compile "
                          "(reading it from the labels would synchronise)")
-    c = V.labels("labels", labels, n, features, num_classes, check_values=check)
-    V.tau(tau, check_values=check)
-    V.reduction(reduction)
-    if check:
-        V.finite("features", features)
-        if prototype_features is not None:
-            V.finite("prototype_features", pf)
+    with _readable_values():
+        c = V.labels("labels", labels, n, features, num_classes, check_values=check)
+        V.tau(tau, check_values=check)
+        V.reduction(reduction)
+        if check:
+            V.finite("features", features)
+            if prototype_features is not None:
+                V.finite("prototype_features", pf)
     b = _backends.resolve(backend, features.device)
     _check_precision(precision, b)
     if b == "reference":
@@ -164,6 +175,9 @@ def copa_loss(features: torch.Tensor, labels: torch.Tensor, w_img: torch.Tensor,
                                    reduction=reduction)
     work = _working_dtype(features.dtype)
     x, wi, wp, pfw = (t if t.dtype == work else t.to(work) for t in (features, w_img, w_proto, pf))
+    if _functorch_active():   # torch.func transforms: differentiable ops (ops/composite.py), not the kernels
+        losses = _composite.copa_losses(x, labels, wi, wp, pfw, c, _tau_tensor(tau, x))
+        return reference._reduce(losses, reduction).to(features.dtype)
     if b == "cpu" and reduction != "none":   # the whole step, gradients included, in one C++ call
         tau_t = _tau_tensor(tau, x)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or wi.requires_grad or wp.requires_grad

@@ -74,7 +74,9 @@ def test_gpu_check_script_bench_stage_dry_run(tmp_path):
     """benchmarks/gpu_check.sh, the script a lent GPU runs, keeps working: its bench stage in dry-run
     mode (small shapes, CPU) ends with every stage ok and writes the table; the tests stage is
     skipped through its budget of 0 (the path a short lease takes)."""
-    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, TESTS_BUDGET_S="0")
+    # not an xdist worker's variables: pytest-benchmark would see them and disable itself
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env.update(OUT=str(tmp_path), PYTHON=sys.executable, TESTS_BUDGET_S="0")
     r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--dry-run", "tests", "bench"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from .. import _extension
+from . import composite as _composite
 
 SCE_CPP = "copa_fast::symmetric_ce"
 SCE_TRITON = "copa_fast::symmetric_ce_triton"
@@ -54,30 +55,32 @@ def _autograd_parts(qualname):
         ctx.set_materialize_grads(False)   # no zero-filled (N, D) grads for the unused outputs
         ctx.fused = fused_grad
         ctx.tau_meta = (tau.shape, tau.dtype)
-        if fused_grad:
-            ctx.save_for_backward(dz, dq, dtau)
-        else:
-            ctx.save_for_backward(z, q, labels, tau, weights)
+        # the inputs too: a create_graph backward recomputes the loss from them (ops/composite.py)
+        ctx.save_for_backward(z, q, labels, tau, weights, dz, dq, dtau)
 
     def backward(ctx, g_loss, g_losses, _g_pred, _g_dz, _g_dq, _g_dtau):
         tau_shape, tau_dtype = ctx.tau_meta
         nones = (None,) * (6 + len(ctx.extra))
-        if ctx.fused:
-            if g_loss is None:   # only the (gradient-free) per-sample outputs were used
-                return nones
-            dz, dq, dtau = ctx.saved_tensors
+        if g_loss is None and (ctx.fused or g_losses is None):
+            return nones   # with fused_grad the per-sample outputs carry no gradient
+        z, q, labels, tau, weights, dz, dq, dtau = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():   # create_graph=True: a gradient that is itself differentiable
+            w = _composite.row_weights(z.shape[0], weights, z)
+            row_w = (g_loss * w if g_loss is not None else 0) + (g_losses if g_losses is not None and not ctx.fused
+                                                                 else 0)
+            dz, dq, dtau = _composite.differentiable_grads(
+                _composite.sce_losses(z, q, labels, tau),
+                [z if need[0] else None, q if need[1] else None, tau if need[3] else None], row_w)
+        elif ctx.fused:
             dz, dq, dtau = g_loss * dz, g_loss * dq, g_loss * dtau
         else:
-            if g_loss is None and g_losses is None:
-                return nones
-            z, q, labels, tau, weights = ctx.saved_tensors
-            w = weights if weights is not None else torch.full((z.shape[0],), 1.0 / z.shape[0], dtype=z.dtype,
-                                                                device=z.device)
+            w = _composite.row_weights(z.shape[0], weights, z)
             row_w = (g_losses if g_losses is not None else 0) + (g_loss * w if g_loss is not None else 0)
             op = getattr(torch.ops.copa_fast, qualname.split("::")[1]).default
             _, _, _, dz, dq, dtau = op(z, q, labels, tau, row_w, True, *ctx.extra)
-        dtau = dtau.reshape(tau_shape).to(tau_dtype) if ctx.needs_input_grad[3] else None
-        return (dz if ctx.needs_input_grad[0] else None, dq if ctx.needs_input_grad[1] else None,
+        dtau = dtau.reshape(tau_shape).to(tau_dtype) if need[3] and dtau is not None else None
+        return (dz if need[0] else None, dq if need[1] else None,
                 None, dtau, None, None) + (None,) * len(ctx.extra)
 
     return setup_context, backward
@@ -222,6 +225,9 @@ def _episodes_backward(ctx, g_loss, g_losses, _g_pred, _g_dz, _g_dq, _g_dtau):
         return (None,) * (9 + ctx.n_extra)
     if not ctx.fused:
         raise RuntimeError("episodes_sce: gradients need fused_grad=True")
+    if torch.is_grad_enabled():
+        raise RuntimeError("episodes_sce: no second-order gradients (backward with create_graph=True); "
+                           "copa_loss and symmetric_ce have them")
     dz, dq, dtau, rows, classes = ctx.saved_tensors
     # scale each row (class) by its episode's grad_output; rows owned by no episode have zero grads
 

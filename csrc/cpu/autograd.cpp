@@ -12,10 +12,17 @@
 // symmetric_ce: with fused_grad the op's dz, dq, dtau are the gradients of `loss`, scaled here by
 // grad_output (no pass when it is a CPU 1); without it (per-sample losses, reduction="none") the
 // backward calls the op again with per-row weights grad_losses + grad_loss * weights.
+//
+// A backward called with create_graph=True (grad mode on inside it) needs a gradient that is itself
+// differentiable, which a precomputed one is not: it recomputes the per-sample losses with the
+// CompositeImplicitAutograd ops of copa_fast/ops/composite.py (the same N x C form in ATen ops,
+// registered by the Python package) and differentiates them with create_graph, so second-order
+// terms reach every input. Under torch.compile and in plain backward calls grad mode is off there.
 
 #include <ATen/ATen.h>
 #include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -62,6 +69,32 @@ at::Tensor scaled(const at::Tensor& t, const at::Tensor& g) {
   return free_value(g) == 1.0 ? t : t * g;
 }
 
+// The row weights w of `loss = sum_i w_i losses_i`: `weights`, or 1/N each when undefined (the mean).
+at::Tensor row_weights(const at::Tensor& weights, const at::Tensor& like) {
+  return weights.defined() ? weights : at::full({like.size(0)}, 1.0 / double(std::max<int64_t>(like.size(0), 1)),
+                                                like.options());
+}
+
+// Differentiable gradients of sum_i row_w_i losses_i, losses = composite op `name`(args), w.r.t. the
+// tensor arguments at positions `wanted` (each through a fresh view of its own, so that one tensor
+// passed twice, as features and prototype features, gets each path's share in its own slot).
+variable_list composite_grads(const char* name, std::vector<c10::IValue> args, const std::vector<size_t>& wanted,
+                              const at::Tensor& row_w) {
+  const auto op = c10::Dispatcher::singleton().findSchema({name, ""});
+  TORCH_CHECK(op.has_value(), "copa_fast: second-order gradients (create_graph=True) need the Python package "
+              "(`import copa_fast`), which registers ", name);
+  variable_list inputs;
+  for (size_t i : wanted) {
+    at::Tensor t = args[i].toTensor();
+    inputs.push_back(t.view_as(t));
+    args[i] = inputs.back();
+  }
+  if (inputs.empty()) return {};
+  op->callBoxed(args);   // the arguments are replaced by the op's one output
+  return torch::autograd::grad({args[0].toTensor()}, inputs, {row_w}, std::nullopt, /*create_graph=*/true,
+                               /*allow_unused=*/true);
+}
+
 // Input slots as the autograd edges see them: the tensor arguments in order (weights last).
 enum Slot : size_t { kX = 0, kLabels, kWImg, kWProto, kPf, kTau };
 
@@ -79,7 +112,10 @@ class CopaLoss : public torch::autograd::Function<CopaLoss> {
     ctx->saved_data["num_classes"] = num_classes;
     ctx->saved_data["tau_sizes"] = tau.sizes().vec();
     ctx->saved_data["tau_dtype"] = tau.scalar_type();
-    if (fused_grad) ctx->save_for_backward({x, labels, w_img, w_proto, dz, dq, p0, dtau});
+    if (fused_grad) {
+      ctx->save_for_backward(
+          {x, labels, w_img, w_proto, dz, dq, p0, dtau, pf, tau, weights.has_value() ? *weights : at::Tensor()});
+    }
     return {loss, losses, pred, dz, dq, p0, dtau};
   }
 
@@ -92,6 +128,22 @@ class CopaLoss : public torch::autograd::Function<CopaLoss> {
     const variable_list s = ctx->get_saved_variables();
     const at::Tensor &x = s[0], &labels = s[1], &w_img = s[2], &w_proto = s[3], &dz = s[4], &dq = s[5],
                      &p0 = s[6], &dtau = s[7];
+    if (at::GradMode::is_enabled()) {   // create_graph=True: through the composite op
+      const at::Tensor &pf = s[8], &tau = s[9];
+      const std::vector<std::pair<Slot, size_t>> slots = {{kX, 0}, {kWImg, 2}, {kWProto, 3}, {kPf, 4}, {kTau, 6}};
+      std::vector<size_t> wanted, outs;   // composite-op argument positions and output slots, in order
+      for (const auto& [edge, o] : slots) {
+        if (!ctx->needs_input_grad(edge)) continue;
+        wanted.push_back(o);   // the composite op's arguments sit in the forward's positions
+        outs.push_back(o);
+      }
+      const variable_list gr = composite_grads(
+          "copa_fast::copa_losses_composite",
+          {x, labels, w_img, w_proto, pf, ctx->saved_data["num_classes"].toInt(), tau}, wanted,
+          g * row_weights(s[10], x));
+      for (size_t k = 0; k < gr.size(); ++k) out[outs[k]] = gr[k];
+      return out;
+    }
     if (ctx->needs_input_grad(kWImg)) out[2] = scaled_mm(dz.t(), x, g);
     if (ctx->needs_input_grad(kWProto)) out[3] = scaled_mm(dq.t(), p0, g);
     if (ctx->needs_input_grad(kX)) out[0] = scaled_mm(dz, w_img, g);
@@ -145,29 +197,38 @@ class SymmetricCE : public torch::autograd::Function<SymmetricCE> {
     ctx->saved_data["fused"] = fused_grad;
     ctx->saved_data["tau_sizes"] = tau.sizes().vec();
     ctx->saved_data["tau_dtype"] = tau.scalar_type();
-    if (fused_grad) {
-      ctx->save_for_backward({dz, dq, dtau});
-    } else {
-      ctx->save_for_backward({z, q, labels, tau, weights.has_value() ? *weights : at::Tensor()});
-    }
+    // the inputs also with fused_grad: a create_graph backward recomputes the losses from them
+    ctx->save_for_backward({z, q, labels, tau, weights.has_value() ? *weights : at::Tensor(), dz, dq, dtau});
     return {loss, losses, pred, dz, dq, dtau};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list out(6);
     const at::Tensor &g_loss = grads[0], &g_losses = grads[1];
+    const bool fused = ctx->saved_data["fused"].toBool();
+    // with fused_grad the per-sample outputs carry no gradient
+    if (!g_loss.defined() && (fused || !g_losses.defined())) return out;
     const variable_list s = ctx->get_saved_variables();
+    const at::Tensor &z = s[0], &q = s[1], &labels = s[2], &tau = s[3], &weights = s[4];
     at::Tensor dz, dq, dtau;
-    if (ctx->saved_data["fused"].toBool()) {
-      if (!g_loss.defined()) return out;   // only the (gradient-free) per-sample outputs were used
-      dz = scaled(s[0], g_loss);
-      dq = scaled(s[1], g_loss);
-      dtau = g_loss * s[2];
+    if (at::GradMode::is_enabled()) {   // create_graph=True: through the composite op
+      at::Tensor row_w = g_loss.defined() ? g_loss * row_weights(weights, z) : at::zeros({z.size(0)}, z.options());
+      if (g_losses.defined() && !fused) row_w = row_w + g_losses;
+      std::vector<size_t> wanted;
+      for (size_t i : {0, 1, 3}) {
+        if (ctx->needs_input_grad(i)) wanted.push_back(i);
+      }
+      const variable_list gr = composite_grads("copa_fast::sce_losses_composite", {z, q, labels, tau}, wanted, row_w);
+      for (size_t k = 0; k < gr.size(); ++k) out[wanted[k]] = gr[k];
+      if (out[3].defined()) out[3] = out[3].reshape(ctx->saved_data["tau_sizes"].toIntVector());
+      return out;
+    }
+    if (fused) {
+      dz = scaled(s[5], g_loss);
+      dq = scaled(s[6], g_loss);
+      dtau = g_loss * s[7];
     } else {
-      if (!g_loss.defined() && !g_losses.defined()) return out;
-      const at::Tensor &z = s[0], &q = s[1], &labels = s[2], &tau = s[3], &weights = s[4];
-      const at::Tensor w = weights.defined() ? weights : at::full({z.size(0)}, 1.0 / double(z.size(0)), z.options());
-      at::Tensor row_w = g_loss.defined() ? g_loss * w : at::zeros_like(w);
+      at::Tensor row_w = g_loss.defined() ? g_loss * row_weights(weights, z) : at::zeros({z.size(0)}, z.options());
       if (g_losses.defined()) row_w = row_w + g_losses;
       auto r = sce_below_autograd(z, q, labels, tau, row_w, /*fused_grad=*/true);
       dz = std::get<3>(r);
@@ -233,6 +294,8 @@ class EpisodesSCE : public torch::autograd::Function<EpisodesSCE> {
     const at::Tensor& g = grads[0];
     if (!g.defined()) return out;   // only the per-row outputs were used: they carry no gradient here
     TORCH_CHECK(ctx->saved_data["fused"].toBool(), "episodes_sce: gradients need fused_grad=True");
+    TORCH_CHECK(!at::GradMode::is_enabled(), "episodes_sce: no second-order gradients (backward with "
+                "create_graph=True); copa_loss and symmetric_ce have them");
     const variable_list s = ctx->get_saved_variables();
     const at::Tensor &dz = s[0], &dq = s[1], &dtau = s[2], &rows = s[3], &classes = s[4];
     if (ctx->needs_input_grad(0)) out[0] = dz * per_item(g, rows.select(1, 0).contiguous(), dz.size(0));

@@ -1,0 +1,160 @@
+"""Second-order gradients and torch.func transforms on every backend, against the float64 reference.
+
+The kernels' backward scales a gradient formed during the forward; a backward called with
+create_graph=True and calls under torch.func go through the differentiable N x C composite
+(copa_fast/ops/composite.py) instead. These tests fail if a second-order term is dropped.
+"""
+
+import pytest
+import torch
+
+import copa_fast
+from copa_fast import reference as ref
+from conftest import backend_device_pairs, make_episode
+
+PAIRS = backend_device_pairs()
+ALL = [pytest.param("reference", "cpu", id="reference-cpu")] + PAIRS
+
+
+def _episode(device, n=14, c=4, d=6, seed=0):
+    x, y = make_episode(n, c, d, seed=seed, dtype=torch.float64, device=device)
+    g = torch.Generator().manual_seed(seed + 1)
+    wi = (torch.eye(d, dtype=torch.float64) + 0.2 * torch.randn(d, d, generator=g, dtype=torch.float64)).to(device)
+    wp = (torch.eye(d, dtype=torch.float64) + 0.2 * torch.randn(d, d, generator=g, dtype=torch.float64)).to(device)
+    return x, y, wi, wp
+
+
+@pytest.mark.parametrize("backend,device", ALL)
+def test_gradgradcheck(backend, device):
+    x, y, wi, wp = _episode(device)
+    tau = torch.tensor(1.3, dtype=torch.float64, device=device, requires_grad=True)
+    fast = backend == "triton" and device == "cpu"   # each evaluation is slow under the interpreter
+    z = (x @ wi.t()).detach().requires_grad_(True)
+    q = ref.class_prototypes(x, y).detach().requires_grad_(True)
+    for red in ("mean", "sum", "none"):
+        assert torch.autograd.gradgradcheck(
+            lambda a, b, t: copa_fast.symmetric_ce(a, b, y, t, reduction=red, backend=backend), (z, q, tau),
+            fast_mode=fast)
+    xs, ws, ps = (t.clone().requires_grad_(True) for t in (x, wi, wp))
+    # features doubling as prototype features: each path's second-order share in its own slot
+    assert torch.autograd.gradgradcheck(
+        lambda a, u, v, t: copa_fast.copa_loss(a, y, u, v, t, backend=backend), (xs, ws, ps, tau), fast_mode=fast)
+    pf = (x + 0.3).requires_grad_(True)
+    assert torch.autograd.gradgradcheck(
+        lambda a, p, u: copa_fast.copa_loss(a, y, u, wp, prototype_features=p, backend=backend), (xs, pf, ws),
+        fast_mode=fast)
+
+
+def _maml_outer_grad(loss_fn, x, y, xq, yq, wi, wp, lr, create_graph):
+    """d/d(w_img, w_proto) of the query loss after one inner step on the support loss."""
+    wi, wp = wi.clone().requires_grad_(True), wp.clone().requires_grad_(True)
+    gi, gp = torch.autograd.grad(loss_fn(x, y, wi, wp), (wi, wp), create_graph=create_graph)
+    outer = loss_fn(xq, yq, wi - lr * gi, wp - lr * gp)
+    return torch.autograd.grad(outer, (wi, wp))
+
+
+@pytest.mark.parametrize("backend,device", ALL)
+def test_maml_second_order_step_matches_reference(backend, device):
+    x, y, wi, wp = _episode(device, seed=3)
+    xq, yq = make_episode(12, 4, 6, seed=4, dtype=torch.float64, device=device)
+
+    def ours(a, b, u, v):
+        return copa_fast.copa_loss(a, b, u, v, backend=backend)
+
+    lr = 0.5
+    got = _maml_outer_grad(ours, x, y, xq, yq, wi, wp, lr, True)
+    want = _maml_outer_grad(ref.copa_loss, x, y, xq, yq, wi, wp, lr, True)
+    first_order = _maml_outer_grad(ref.copa_loss, x, y, xq, yq, wi, wp, lr, False)
+    for a, b, f in zip(got, want, first_order):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+        # the second-order term is large enough here that dropping it could not pass
+        assert (b - f).norm() > 1e-3 * b.norm()
+
+
+@pytest.mark.parametrize("backend,device", ALL)
+def test_gradient_penalty_matches_reference(backend, device):
+    x, y, wi, wp = _episode(device, seed=5)
+    xf = x.clone().requires_grad_(True)   # a backbone output: the penalty's gradient reaches it
+    tau = torch.tensor(2.0, dtype=torch.float64, device=device, requires_grad=True)
+
+    def total(fn):
+        w = wi.clone().requires_grad_(True)
+        loss = fn(xf, y, w, wp, tau)
+        (g,) = torch.autograd.grad(loss, w, create_graph=True)
+        return torch.autograd.grad(loss + g.pow(2).sum(), (xf, w, tau))
+
+    got = total(lambda *a: copa_fast.copa_loss(*a, backend=backend))
+    want = total(ref.copa_loss)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend,device", ALL)
+def test_torch_func_transforms(backend, device):
+    x, y, wi, wp = _episode(device, seed=6)
+    tau = torch.tensor(1.7, dtype=torch.float64, device=device)
+
+    def ours(u, t):
+        return copa_fast.copa_loss(x, y, u, wp, t, backend=backend)
+
+    def theirs(u, t):
+        return ref.copa_loss(x, y, u, wp, t)
+
+    for transform in (torch.func.grad, lambda f: torch.func.grad(f, argnums=1)):
+        torch.testing.assert_close(transform(ours)(wi, tau), transform(theirs)(wi, tau), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(torch.func.hessian(ours, argnums=1)(wi, tau),
+                               torch.func.hessian(theirs, argnums=1)(wi, tau), rtol=1e-9, atol=1e-12)
+    v = torch.randn_like(wi)
+    torch.testing.assert_close(torch.func.jvp(lambda u: ours(u, tau), (wi,), (v,)),
+                               torch.func.jvp(lambda u: theirs(u, tau), (wi,), (v,)), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend,device", ALL)
+def test_vmap_over_episodes(backend, device):
+    xs = torch.stack([_episode(device, seed=s)[0] for s in (7, 8, 9)])
+    _, y, wi, wp = _episode(device, seed=7)
+
+    def ours(a):
+        return copa_fast.copa_loss(a, y, wi, wp, num_classes=4, backend=backend, check_inputs=False)
+
+    want = torch.stack([ref.copa_loss(a, y, wi, wp) for a in xs])
+    torch.testing.assert_close(torch.vmap(ours)(xs), want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="check_inputs"):
+        torch.vmap(lambda a: copa_fast.copa_loss(a, y, wi, wp, backend=backend))(xs)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_compiled_backward_keeps_the_fused_gradient(backend, device):
+    """Under torch.compile the backward is traced with grad mode off: the plain fused path, no
+    recomputation (the composite's logsumexp would show in the backward graph)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    seen = []
+
+    def keep(gm, _):
+        seen.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return make_boxed_func(gm.forward)
+
+    x, y = make_episode(30, 5, 12, seed=10, device=device)
+    w = torch.eye(12, device=device, requires_grad=True)
+    step = torch.compile(lambda a, u: copa_fast.copa_loss(a, y, u, u, num_classes=5, backend=backend,
+                                                          check_inputs=False),
+                         backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
+    step(x, w).backward()
+    assert len(seen) == 2 and w.grad is not None
+    assert not any("logsumexp" in t for t in seen[1]), sorted(seen[1])
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_episodes_op_refuses_create_graph(backend, device):
+    from copa_fast.ops import symmetric_ce as ops
+
+    x, y = make_episode(10, 3, 8, seed=11, device=device)
+    z = x.clone().requires_grad_(True)
+    q = ref.class_prototypes(x, y).clone()
+    rows, classes, s_off, s_total = ops.episode_layout([10], [3], device)
+    tau = torch.full((1,), 2.0, device=device)
+    loss = ops.episodes_call(backend)(z, q, y, rows, classes, s_off, s_total, tau, True)[0]
+    with pytest.raises(RuntimeError, match="second-order"):
+        torch.autograd.grad(loss.sum(), z, create_graph=True)
