@@ -7,8 +7,9 @@ they are skipped automatically while torch.compile traces, and cannot read a ten
 torch.vmap).
 
 Derivatives: the kernels form the gradient during the forward; a backward with
-create_graph=True and calls under torch.func transforms use the differentiable composite of
-``ops/composite.py`` instead, so higher derivatives are those of the loss on every backend.
+create_graph=True, calls under torch.func transforms and forward-mode AD use the differentiable
+composite of ``ops/composite.py`` instead, so higher derivatives are those of the loss on every
+backend.
 
 Precision: float32 and float64 inputs are computed in their own precision; float16 and bfloat16
 inputs are computed in float32 and the result is returned in the input dtype.
@@ -34,6 +35,16 @@ Tau = Union[float, torch.Tensor]
 
 
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def _composite_only(*tensors) -> bool:
+    """True where only differentiable ops will do (ops/composite.py): under torch.func transforms,
+    and for forward-mode AD (a dual tensor among the inputs), which the kernels' autograd lacks."""
+    if _functorch_active():
+        return True
+    if getattr(torch.autograd.forward_ad, "_current_level", -1) < 0:
+        return False
+    return any(t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _check_values(check_inputs: bool) -> bool:
@@ -78,7 +89,7 @@ def _sce_core(z, q, labels, tau: Tau, reduction: str, backend: str, precision: s
     work = _working_dtype(z.dtype)
     zw, qw = z.to(work), q.to(work)
     tau_t = _tau_tensor(tau, zw)
-    if _functorch_active():   # torch.func transforms: differentiable ops (ops/composite.py), not the kernels
+    if _composite_only(zw, qw, tau_t):   # torch.func, forward AD: differentiable ops, not the kernels
         with torch.no_grad():
             pred = _cosine_predict(zw, qw)
         return reference._reduce(_composite.sce_losses(zw, qw, labels, tau_t), reduction).to(z.dtype), pred
@@ -175,7 +186,8 @@ def copa_loss(features: torch.Tensor, labels: torch.Tensor, w_img: torch.Tensor,
                                    reduction=reduction)
     work = _working_dtype(features.dtype)
     x, wi, wp, pfw = (t if t.dtype == work else t.to(work) for t in (features, w_img, w_proto, pf))
-    if _functorch_active():   # torch.func transforms: differentiable ops (ops/composite.py), not the kernels
+    if _composite_only(x, wi, wp, pfw, tau if isinstance(tau, torch.Tensor) else None):
+        # torch.func, forward AD: differentiable ops (ops/composite.py), not the kernels
         losses = _composite.copa_losses(x, labels, wi, wp, pfw, c, _tau_tensor(tau, x))
         return reference._reduce(losses, reduction).to(features.dtype)
     if b == "cpu" and reduction != "none":   # the whole step, gradients included, in one C++ call

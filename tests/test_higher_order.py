@@ -158,3 +158,16 @@ def test_episodes_op_refuses_create_graph(backend, device):
     loss = ops.episodes_call(backend)(z, q, y, rows, classes, s_off, s_total, tau, True)[0]
     with pytest.raises(RuntimeError, match="second-order"):
         torch.autograd.grad(loss.sum(), z, create_graph=True)
+
+
+@pytest.mark.parametrize("backend,device", ALL)
+def test_forward_mode_ad_matches_reference(backend, device):
+    import torch.autograd.forward_ad as fwAD
+
+    x, y, wi, wp = _episode(device, seed=12)
+    v = torch.randn_like(wi)
+    tangents = []
+    for fn in (lambda u: copa_fast.copa_loss(x, y, u, wp, backend=backend), lambda u: ref.copa_loss(x, y, u, wp)):
+        with fwAD.dual_level():
+            tangents.append(fwAD.unpack_dual(fn(fwAD.make_dual(wi, v))).tangent)
+    torch.testing.assert_close(tangents[0], tangents[1], rtol=1e-9, atol=1e-12)
