@@ -171,3 +171,24 @@ def test_forward_mode_ad_matches_reference(backend, device):
         with fwAD.dual_level():
             tangents.append(fwAD.unpack_dual(fn(fwAD.make_dual(wi, v))).tangent)
     torch.testing.assert_close(tangents[0], tangents[1], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend,device", ALL)
+def test_create_graph_backward_is_deterministic_and_safe_on_bad_labels(backend, device):
+    x, y, wi, wp = _episode(device, seed=13)
+
+    def second_order(labels):
+        w = wi.clone().requires_grad_(True)
+        loss = copa_fast.copa_loss(x, labels, w, wp, num_classes=4, backend=backend, check_inputs=False)
+        (g,) = torch.autograd.grad(loss, w, create_graph=True)
+        return loss, g, torch.autograd.grad(g.pow(2).sum(), w)[0]
+
+    first, again = second_order(y), second_order(y)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    if backend == "reference":
+        return   # the oracle indexes with the labels: it is not the memory-safe path
+    bad = y.clone()
+    bad[3] = 4   # out of range with validation off: NaN, never an out-of-bounds access
+    loss, g, h = second_order(bad)
+    assert loss.isnan() and g.isnan().any() and h.isnan().any()

@@ -4,8 +4,8 @@ The kernels compute the gradient during the forward and their backward only scal
 grad_output: exact, but not itself differentiable. What needs a differentiable gradient runs here
 instead: a backward called with ``create_graph=True`` (second-order terms: MAML-style inner
 steps, gradient penalties, ``torch.autograd.gradgradcheck``) and calls under ``torch.func``
-transforms. Same semantics as the kernels and memory-safe for any label: out-of-range labels are
-clamped where they index and their rows' losses are NaN.
+transforms. Same semantics as the kernels and memory-safe for any label: a row whose label is out of
+range matches no class and its loss is NaN. Deterministic on every device.
 
 ``sce_losses_composite`` and ``copa_losses_composite`` are also registered as
 CompositeImplicitAutograd ops, which the C++ autograd (csrc/cpu/autograd.cpp) calls in its
@@ -47,16 +47,17 @@ def sce_losses(z: torch.Tensor, q: torch.Tensor, labels: torch.Tensor, tau: torc
     valid = (y >= 0) & (y < c)
     if c == 0:   # no class: NaN rows, still connected to the inputs
         return (z.sum(1) + tau.reshape(()).to(z.dtype)) * float("nan")
-    yc = y.clamp(0, c - 1)
     zn = F.normalize(z, dim=1, eps=NORM_EPS)
     qn = F.normalize(q, dim=1, eps=NORM_EPS)
     s = tau.reshape(()).to(z.dtype).exp() * (zn @ qn.t())
-    counts = z.new_zeros(c).index_add(0, yc, valid.to(z.dtype))
-    row = torch.logsumexp(s + counts.log(), dim=1)
+    # label lookups as a one-hot (N, C) matrix, the size of s: their gradients are GEMMs and
+    # sums, deterministic on every device (index_select's backward accumulates with atomics on CUDA)
+    onehot = (y[:, None] == torch.arange(c, device=y.device)[None, :]).to(z.dtype)
+    row = torch.logsumexp(s + onehot.sum(0).log(), dim=1)
     col = torch.logsumexp(s, dim=0)
-    target = s.gather(1, yc[:, None]).squeeze(1)
-    losses = 0.5 * (row + col.index_select(0, yc) - 2 * target)
-    return losses.masked_fill(~valid, float("nan"))
+    losses = 0.5 * (row + onehot @ col - 2 * (onehot * s).sum(1))
+    # NaN rows for out-of-range labels, in value and (through the product) in the gradient, as the kernels
+    return losses * torch.where(valid, 1.0, float("nan")).to(losses.dtype)
 
 
 def copa_losses(x: torch.Tensor, labels: torch.Tensor, w_img: torch.Tensor, w_proto: torch.Tensor,
