@@ -35,6 +35,11 @@ def test_gradgradcheck(backend, device):
         assert torch.autograd.gradgradcheck(
             lambda a, b, t: copa_fast.symmetric_ce(a, b, y, t, reduction=red, backend=backend), (z, q, tau),
             fast_mode=fast)
+    # embeddings as their own prototypes (C = N, one class per row): one tensor in both slots
+    e = z[:6].detach().clone().requires_grad_(True)
+    assert torch.autograd.gradgradcheck(
+        lambda a, t: copa_fast.symmetric_ce(a, a, torch.arange(6, device=device), t, backend=backend), (e, tau),
+        fast_mode=fast)
     xs, ws, ps = (t.clone().requires_grad_(True) for t in (x, wi, wp))
     # features doubling as prototype features: each path's second-order share in its own slot
     assert torch.autograd.gradgradcheck(
@@ -192,3 +197,22 @@ def test_create_graph_backward_is_deterministic_and_safe_on_bad_labels(backend, 
     bad[3] = 4   # out of range with validation off: NaN, never an out-of-bounds access
     loss, g, h = second_order(bad)
     assert loss.isnan() and g.isnan().any() and h.isnan().any()
+
+
+@pytest.mark.parametrize("backend,device", ALL)
+def test_create_graph_gradient_equals_the_plain_one(backend, device):
+    """The create_graph path's first derivative is the loss's, also where one tensor fills two
+    argument slots (gradgradcheck alone would accept a consistently wrong first derivative)."""
+    x, y, wi, wp = _episode(device, seed=14)
+    tau = torch.tensor(1.1, dtype=torch.float64, device=device, requires_grad=True)
+    e = (x[:6] @ wi.t()).detach().requires_grad_(True)
+    cases = [
+        (lambda a, t: copa_fast.symmetric_ce(a, a, torch.arange(6, device=device), t, backend=backend), (e, tau)),
+        (lambda a, u, t: copa_fast.copa_loss(a, y, u, wp, t, backend=backend),
+         (x.clone().requires_grad_(True), wi.clone().requires_grad_(True), tau)),
+    ]
+    for fn, args in cases:
+        plain = torch.autograd.grad(fn(*args), args)
+        graphed = torch.autograd.grad(fn(*args), args, create_graph=True)
+        for a, b in zip(graphed, plain):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

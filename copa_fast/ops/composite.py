@@ -71,14 +71,20 @@ def row_weights(n: int, weights, like: torch.Tensor) -> torch.Tensor:
     return weights if weights is not None else like.new_full((n,), 1.0 / max(n, 1))
 
 
-def differentiable_grads(losses: torch.Tensor, inputs, row_w: torch.Tensor):
-    """Gradients of ``sum_i row_w_i losses_i`` w.r.t. ``inputs`` (None entries are skipped),
-    themselves differentiable (create_graph): what a backward called with create_graph=True returns."""
-    wanted = [t for t in inputs if t is not None]
-    if not wanted:
-        return [None] * len(inputs)
-    grads = iter(torch.autograd.grad(losses, wanted, row_w, create_graph=True, allow_unused=True))
-    return [next(grads) if t is not None else None for t in inputs]
+def differentiable_grads(fn, args, wanted, row_w: torch.Tensor):
+    """Gradients of ``sum_i row_w_i fn(*args)_i`` w.r.t. ``args[i]`` for i in ``wanted`` (None for
+    the others), themselves differentiable: what a backward called with create_graph=True returns.
+    Each wanted argument goes in through a fresh view of its own, so that one tensor passed twice
+    (embeddings as their own prototypes) gets each path's share in its own slot."""
+    args = list(args)
+    for i in wanted:
+        args[i] = args[i].view_as(args[i])
+    out = [None] * len(args)
+    if wanted:
+        grads = torch.autograd.grad(fn(*args), [args[i] for i in wanted], row_w, create_graph=True, allow_unused=True)
+        for i, g in zip(wanted, grads):
+            out[i] = g
+    return out
 
 
 _lib = torch.library.Library("copa_fast", "FRAGMENT")

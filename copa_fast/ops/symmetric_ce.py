@@ -69,9 +69,8 @@ def _autograd_parts(qualname):
             w = _composite.row_weights(z.shape[0], weights, z)
             row_w = (g_loss * w if g_loss is not None else 0) + (g_losses if g_losses is not None and not ctx.fused
                                                                  else 0)
-            dz, dq, dtau = _composite.differentiable_grads(
-                _composite.sce_losses(z, q, labels, tau),
-                [z if need[0] else None, q if need[1] else None, tau if need[3] else None], row_w)
+            dz, dq, _, dtau = _composite.differentiable_grads(
+                _composite.sce_losses, (z, q, labels, tau), [i for i in (0, 1, 3) if need[i]], row_w)
         elif ctx.fused:
             dz, dq, dtau = g_loss * dz, g_loss * dq, g_loss * dtau
         else:
