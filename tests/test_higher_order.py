@@ -202,7 +202,8 @@ def test_create_graph_backward_is_deterministic_and_safe_on_bad_labels(backend, 
 @pytest.mark.parametrize("backend,device", ALL)
 def test_create_graph_gradient_equals_the_plain_one(backend, device):
     """The create_graph path's first derivative is the loss's, also where one tensor fills two
-    argument slots (gradgradcheck alone would accept a consistently wrong first derivative)."""
+    argument slots (gradgradcheck alone would accept a consistently wrong first derivative); and
+    both paths agree with the reference."""
     x, y, wi, wp = _episode(device, seed=14)
     tau = torch.tensor(1.1, dtype=torch.float64, device=device, requires_grad=True)
     e = (x[:6] @ wi.t()).detach().requires_grad_(True)
@@ -210,9 +211,15 @@ def test_create_graph_gradient_equals_the_plain_one(backend, device):
         (lambda a, t: copa_fast.symmetric_ce(a, a, torch.arange(6, device=device), t, backend=backend), (e, tau)),
         (lambda a, u, t: copa_fast.copa_loss(a, y, u, wp, t, backend=backend),
          (x.clone().requires_grad_(True), wi.clone().requires_grad_(True), tau)),
+        # one map tied for both adapters
+        (lambda u: copa_fast.copa_loss(x, y, u, u, backend=backend), (wi.clone().requires_grad_(True),)),
     ]
     for fn, args in cases:
         plain = torch.autograd.grad(fn(*args), args)
         graphed = torch.autograd.grad(fn(*args), args, create_graph=True)
         for a, b in zip(graphed, plain):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    u = wi.clone().requires_grad_(True)
+    want = torch.autograd.grad(ref.copa_loss(x, y, u, u), u)[0]
+    torch.testing.assert_close(torch.autograd.grad(cases[2][0](*cases[2][1]), cases[2][1])[0], want,
+                               rtol=1e-9, atol=1e-12)
