@@ -151,6 +151,9 @@ class _GlobalSymCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        if torch.is_grad_enabled():   # create_graph=True: the saved statistics carry no graph to the inputs
+            raise RuntimeError("copa_fast.distributed: no second-order gradients (backward with create_graph=True); "
+                               "copa_fast.copa_loss and copa_fast.symmetric_ce on one process have them")
         zn, qn, zn_norm, qn_norm, scores, row_lse, col_lse, counts, y, bad, scale, s = ctx.saved_tensors
         present = counts > 0
         row_p = counts * (scores - row_lse[:, None]).exp()

@@ -70,6 +70,8 @@ def run_case(case, rank, world):
                 inputs["prototype_features"] = pf
         if isinstance(tau, torch.Tensor):
             inputs["tau"] = tau
+        if case.get("create_graph"):
+            torch.autograd.grad(loss, list(inputs.values()), create_graph=True)
         loss.backward()
     out = {"loss": loss.detach(), "bytes": log.total_bytes, "ops": [op for op, _ in log.records]}
     out["grads"] = {k: (v.grad.detach() if v.grad is not None else None) for k, v in inputs.items()}

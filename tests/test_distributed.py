@@ -40,6 +40,7 @@ def _cases(world):
     cases["bad_label"] = dict(fn="copa", dtype="float32", n=N, c=C, d=D, seed=8, bad_label_rank=1, num_classes=C)
     cases["bad_label_unchecked"] = dict(fn="copa", dtype="float32", n=N, c=C, d=D, seed=8, bad_label_rank=1,
                                         num_classes=C, check=False)
+    cases["bad_create_graph"] = dict(fn="copa", dtype="float64", n=N, c=C, d=D, seed=11, create_graph=True)
     cases["tau_differs"] = dict(fn="symmetric_ce", dtype="float32", n=N, c=C, d=D, seed=9, tau_per_rank=True)
     cases["adapt_many"] = dict(fn="adapt_many", d=16, seed=10, episodes=5, steps=3, backend="cpu")
     return cases
@@ -141,6 +142,13 @@ def test_bad_label_unchecked_gives_nan_on_every_rank(run):
     _ok("bad_label_unchecked", results)
     for r in range(world):
         assert torch.isnan(results[r]["bad_label_unchecked"]["loss"])
+
+
+def test_create_graph_raises_on_every_rank(run):
+    """No silent first-order answer where a second-order one was asked for."""
+    world, _, results = run
+    for r in range(world):
+        assert "no second-order gradients" in results[r]["bad_create_graph"]["error"]
 
 
 def test_tau_must_agree_across_ranks(run):
