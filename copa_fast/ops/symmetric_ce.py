@@ -65,17 +65,16 @@ def _autograd_parts(qualname):
             return nones   # with fused_grad the per-sample outputs carry no gradient
         z, q, labels, tau, weights, dz, dq, dtau = ctx.saved_tensors
         need = ctx.needs_input_grad
-        if torch.is_grad_enabled():   # create_graph=True: a gradient that is itself differentiable
-            w = _composite.row_weights(z.shape[0], weights, z)
-            row_w = (g_loss * w if g_loss is not None else 0) + (g_losses if g_losses is not None and not ctx.fused
-                                                                 else 0)
+        create_graph = torch.is_grad_enabled()   # only a create_graph backward runs with grad mode on
+        if create_graph or not ctx.fused:   # the loss's gradient taken as sum_i row_w_i losses_i
+            row_w = (g_loss * _composite.row_weights(z.shape[0], weights, z) if g_loss is not None else 0) + (
+                g_losses if g_losses is not None and not ctx.fused else 0)
+        if create_graph:   # a gradient that is itself differentiable
             dz, dq, _, dtau = _composite.differentiable_grads(
                 _composite.sce_losses, (z, q, labels, tau), [i for i in (0, 1, 3) if need[i]], row_w)
         elif ctx.fused:
             dz, dq, dtau = g_loss * dz, g_loss * dq, g_loss * dtau
         else:
-            w = _composite.row_weights(z.shape[0], weights, z)
-            row_w = (g_losses if g_losses is not None else 0) + (g_loss * w if g_loss is not None else 0)
             op = getattr(torch.ops.copa_fast, qualname.split("::")[1]).default
             _, _, _, dz, dq, dtau = op(z, q, labels, tau, row_w, True, *ctx.extra)
         dtau = dtau.reshape(tau_shape).to(tau_dtype) if need[3] and dtau is not None else None

@@ -210,10 +210,13 @@ class SymmetricCE : public torch::autograd::Function<SymmetricCE> {
     if (!g_loss.defined() && (fused || !g_losses.defined())) return out;
     const variable_list s = ctx->get_saved_variables();
     const at::Tensor &z = s[0], &q = s[1], &labels = s[2], &tau = s[3], &weights = s[4];
-    at::Tensor dz, dq, dtau;
-    if (at::GradMode::is_enabled()) {   // create_graph=True: through the composite op
-      at::Tensor row_w = g_loss.defined() ? g_loss * row_weights(weights, z) : at::zeros({z.size(0)}, z.options());
+    const bool create_graph = at::GradMode::is_enabled();   // only a create_graph backward runs with it on
+    at::Tensor dz, dq, dtau, row_w;   // row_w: the loss's gradient taken as sum_i row_w_i losses_i
+    if (create_graph || !fused) {
+      row_w = g_loss.defined() ? g_loss * row_weights(weights, z) : at::zeros({z.size(0)}, z.options());
       if (g_losses.defined() && !fused) row_w = row_w + g_losses;
+    }
+    if (create_graph) {   // through the composite op
       std::vector<size_t> wanted;
       for (size_t i : {0, 1, 3}) {
         if (ctx->needs_input_grad(i)) wanted.push_back(i);
@@ -228,8 +231,6 @@ class SymmetricCE : public torch::autograd::Function<SymmetricCE> {
       dq = scaled(s[6], g_loss);
       dtau = g_loss * s[7];
     } else {
-      at::Tensor row_w = g_loss.defined() ? g_loss * row_weights(weights, z) : at::zeros({z.size(0)}, z.options());
-      if (g_losses.defined()) row_w = row_w + g_losses;
       auto r = sce_below_autograd(z, q, labels, tau, row_w, /*fused_grad=*/true);
       dz = std::get<3>(r);
       dq = std::get<4>(r);
