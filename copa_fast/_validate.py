@@ -151,7 +151,9 @@ def tau(t, *, check_values: bool) -> None:
 
 
 def _tau_value(v: float) -> None:
-    if not math.isfinite(v):
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) Dynamo puts math.isfinite of
+    # even a constant float into the graph and refuses it; NaN fails both comparisons.
+    if not -math.inf < v < math.inf:
         raise ValueError(f"tau: expected a finite value, got {v}")
     if v > 80.0:
         raise ValueError(f"tau: expected at most 80 (exp(tau) overflows float32 beyond ~88), got {v}")

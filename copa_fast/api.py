@@ -183,7 +183,7 @@ def copa_loss(features: torch.Tensor, labels: torch.Tensor, w_img: torch.Tensor,
     _check_precision(precision, b)
     if b == "reference":
         return reference.copa_loss(features, labels, w_img, w_proto, tau, prototype_features=prototype_features,
-                                   reduction=reduction)
+                                   reduction=reduction, num_classes=c)
     work = _working_dtype(features.dtype)
     x, wi, wp, pfw = (t if t.dtype == work else t.to(work) for t in (features, w_img, w_proto, pf))
     if _composite_only(x, wi, wp, pfw, tau if isinstance(tau, torch.Tensor) else None):

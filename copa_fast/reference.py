@@ -102,15 +102,20 @@ def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     """Class means: (N, D) features, (N,) labels -> (C, D)."""
     if num_classes is None:
         num_classes = int(labels.max()) + 1
-    onehot = F.one_hot(labels, num_classes).to(features.dtype)  # (N, C)
+    # (N, C); a comparison with arange rather than F.one_hot, which fixes C in a compiled graph
+    onehot = (labels[:, None] == torch.arange(num_classes, device=labels.device)).to(features.dtype)
     return (onehot.t() @ features) / onehot.sum(0)[:, None]
 
 
-def copa_loss(features, labels, w_img, w_proto, tau=2.0, *, prototype_features=None, reduction="mean"):
-    """Both adapters + published symmetric CE: prototypes are class means of prototype_features."""
+def copa_loss(features, labels, w_img, w_proto, tau=2.0, *, prototype_features=None, reduction="mean",
+              num_classes=None):
+    """Both adapters + published symmetric CE: prototypes are class means of prototype_features.
+
+    num_classes (C) is read from the labels when not given.
+    """
     pf = features if prototype_features is None else prototype_features
     z = features @ w_img.t()
-    q = class_prototypes(pf, labels) @ w_proto.t()
+    q = class_prototypes(pf, labels, num_classes) @ w_proto.t()
     return symmetric_ce(z, q, labels, tau, reduction=reduction)
 
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import copa_fast
 from copa_fast import reference as ref
@@ -237,6 +238,49 @@ def test_torch_compile_fullgraph(backend, device):
     out.backward()
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(head.w_img.grad, g_eager)
+
+
+@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference-cpu")] + PAIRS)
+@pytest.mark.parametrize("learn_tau", [False, True], ids=["tau-float", "tau-tensor"])
+def test_torch_compile_dynamic_shapes(backend, device, learn_tau):
+    """Episodes change N and C every step: one graph compiled with dynamic=True serves them all
+    (the value checks of a float tau once broke Dynamo there), with eager's loss and gradients."""
+    d = 12
+
+    def step(feats, labels, w_img, w_proto, tau, c):
+        a = copa_fast.copa_loss(feats, labels, w_img, w_proto, tau, num_classes=c, backend=backend,
+                                check_inputs=False)
+        b = copa_fast.symmetric_ce(feats @ w_img.t(), feats[:c] @ w_proto.t(), labels, tau,
+                                   backend=backend, check_inputs=False)
+        return a + b
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend=counter)
+    g = torch.Generator().manual_seed(15)
+    w_img = (torch.eye(d) + 0.1 * torch.randn(d, d, generator=g)).to(device).requires_grad_(True)
+    w_proto = (torch.eye(d) + 0.1 * torch.randn(d, d, generator=g)).to(device).requires_grad_(True)
+    for i, (n, c) in enumerate([(20, 4), (33, 7), (9, 9)]):
+        x, y = make_episode(n, c, d, seed=n, device=device)
+        x.requires_grad_(True)
+        tau = torch.tensor(1.5, device=device, requires_grad=True) if learn_tau else 1.5
+        wanted = [x, w_img, w_proto] + ([tau] if learn_tau else [])
+        out = compiled(x, y, w_img, w_proto, tau, c)
+        if i == 0:
+            first = counter.frame_count   # the graphs the first call made
+        grads = torch.autograd.grad(out, wanted)
+        eager = step(x, y, w_img, w_proto, tau, c)
+        torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+        for u, v in zip(grads, torch.autograd.grad(eager, wanted)):
+            torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-6)
+    assert counter.frame_count == first, "a new episode shape recompiled the step"
+    if backend != "reference":   # the kernels' policy for a label out of range, in the compiled graph too
+        x, y = make_episode(20, 4, d, seed=16, device=device)
+        y[3] = 4
+        x.requires_grad_(True)
+        out = compiled(x, y, w_img, w_proto, tau, 4)
+        (gx,) = torch.autograd.grad(out, [x])
+        assert torch.isnan(out) and torch.isnan(gx[3]).all()
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)

@@ -89,5 +89,5 @@ _lib = torch.library.Library("copa_fast", "FRAGMENT")
 _lib.define("sce_losses_composite(Tensor z, Tensor q, Tensor labels, Tensor tau) -> Tensor")
 _lib.impl("sce_losses_composite", sce_losses, "CompositeImplicitAutograd")
 _lib.define("copa_losses_composite(Tensor x, Tensor labels, Tensor w_img, Tensor w_proto, Tensor pf, "
-            "int num_classes, Tensor tau) -> Tensor")
+            "SymInt num_classes, Tensor tau) -> Tensor")
 _lib.impl("copa_losses_composite", copa_losses, "CompositeImplicitAutograd")

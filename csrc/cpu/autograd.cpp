@@ -37,12 +37,12 @@ using torch::autograd::variable_list;
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 Outputs call_below_autograd(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_img,
-                            const at::Tensor& w_proto, const at::Tensor& pf, int64_t num_classes,
+                            const at::Tensor& w_proto, const at::Tensor& pf, const c10::SymInt& num_classes,
                             const at::Tensor& tau, const c10::optional<at::Tensor>& weights, bool fused_grad) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("copa_fast::copa_loss", "")
                              .typed<Outputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                            const at::Tensor&, const at::Tensor&, int64_t, const at::Tensor&,
+                                            const at::Tensor&, const at::Tensor&, c10::SymInt, const at::Tensor&,
                                             const c10::optional<at::Tensor>&, bool)>();
   at::AutoDispatchBelowADInplaceOrView guard;
   return op.call(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad);
@@ -102,7 +102,8 @@ class CopaLoss : public torch::autograd::Function<CopaLoss> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& labels,
                                const at::Tensor& w_img, const at::Tensor& w_proto, const at::Tensor& pf,
-                               int64_t num_classes, const at::Tensor& tau, const c10::optional<at::Tensor>& weights,
+                               const c10::SymInt& num_classes, const at::Tensor& tau,
+                               const c10::optional<at::Tensor>& weights,
                                bool fused_grad) {
     auto [loss, losses, pred, dz, dq, p0, dtau] =
         call_below_autograd(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad);
@@ -139,7 +140,7 @@ class CopaLoss : public torch::autograd::Function<CopaLoss> {
       }
       const variable_list gr = composite_grads(
           "copa_fast::copa_losses_composite",
-          {x, labels, w_img, w_proto, pf, ctx->saved_data["num_classes"].toInt(), tau}, wanted,
+          {x, labels, w_img, w_proto, pf, ctx->saved_data["num_classes"].toSymInt(), tau}, wanted,
           g * row_weights(s[10], x));
       for (size_t k = 0; k < gr.size(); ++k) out[outs[k]] = gr[k];
       return out;
@@ -149,11 +150,13 @@ class CopaLoss : public torch::autograd::Function<CopaLoss> {
     if (ctx->needs_input_grad(kX)) out[0] = scaled_mm(dz, w_img, g);
     if (ctx->needs_input_grad(kPf)) {
       // d pf_j = d p0_{y_j} / n_{y_j} over valid labels; NaN on rows with an invalid label
-      const int64_t C = ctx->saved_data["num_classes"].toInt();
+      // (C symbolic under torch.compile with dynamic shapes: sizes and bounds stay SymInts)
+      const c10::SymInt C = ctx->saved_data["num_classes"].toSymInt();
       const at::Tensor y = labels.to(at::kLong);
-      const at::Tensor valid = (y >= 0).logical_and(y < C);
-      const at::Tensor yc = y.clamp(0, C - 1);
-      const at::Tensor counts = at::zeros({C}, dq.options()).index_add_(0, yc, valid.to(dq.scalar_type()));
+      const at::Tensor valid = (y >= 0).logical_and(y.lt(c10::Scalar(C)));
+      const at::Tensor yc = y.clamp(0, c10::Scalar(C - 1));
+      const at::Tensor counts =
+          at::zeros_symint({C}, dq.options()).index_add_(0, yc, valid.to(dq.scalar_type()));
       const at::Tensor dp0 = scaled_mm(dq, w_proto, g).div_(counts.clamp_min(1).unsqueeze(1));
       out[4] = dp0.index_select(0, yc).masked_fill_(valid.logical_not().unsqueeze(1),
                                                     std::numeric_limits<double>::quiet_NaN());
@@ -168,8 +171,8 @@ class CopaLoss : public torch::autograd::Function<CopaLoss> {
 };
 
 Outputs copa_loss_autograd(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_img,
-                           const at::Tensor& w_proto, const at::Tensor& pf, int64_t num_classes, const at::Tensor& tau,
-                           const c10::optional<at::Tensor>& weights, bool fused_grad) {
+                           const at::Tensor& w_proto, const at::Tensor& pf, c10::SymInt num_classes,
+                           const at::Tensor& tau, const c10::optional<at::Tensor>& weights, bool fused_grad) {
   variable_list o = CopaLoss::apply(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad);
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
 }

@@ -439,8 +439,10 @@ TORCH_LIBRARY(copa_fast, m) {
   // One CoPA step on CPU: p0 = class means of pf (N, D) over num_classes classes, z = x w_img^T,
   // q = p0 w_proto^T, symmetric CE of (z, q) as above. With fused_grad dz, dq and dtau are the
   // gradients of `loss` w.r.t. z, q and tau (empty otherwise); p0 is returned for the backward.
+  // num_classes is a SymInt: under torch.compile with dynamic shapes one graph serves every class
+  // count (the CPU kernel takes it as a plain int64_t, the dispatcher unpacks it).
   m.def(
-      "copa_loss(Tensor x, Tensor labels, Tensor w_img, Tensor w_proto, Tensor pf, int num_classes, Tensor tau,"
+      "copa_loss(Tensor x, Tensor labels, Tensor w_img, Tensor w_proto, Tensor pf, SymInt num_classes, Tensor tau,"
       " Tensor? weights, bool fused_grad)"
       " -> (Tensor loss, Tensor losses, Tensor pred, Tensor dz, Tensor dq, Tensor p0, Tensor dtau)");
 }
