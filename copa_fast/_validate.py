@@ -14,7 +14,7 @@ import numbers
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+LABEL_DTYPES = (torch.int64, torch.int32)   # what every kernel reads; uint8 would index as a mask
 REDUCTIONS = ("mean", "sum", "none")
 
 

@@ -181,8 +181,9 @@ def copa_loss(features: torch.Tensor, labels: torch.Tensor, w_img: torch.Tensor,
                 V.finite("prototype_features", pf)
     b = _backends.resolve(backend, features.device)
     _check_precision(precision, b)
-    if b == "reference":
-        return reference.copa_loss(features, labels, w_img, w_proto, tau, prototype_features=prototype_features,
+    if b == "reference":   # in the features' dtype, as the other backends (adapters of another dtype cast)
+        wi, wp = (w if w.dtype == features.dtype else w.to(features.dtype) for w in (w_img, w_proto))
+        return reference.copa_loss(features, labels, wi, wp, tau, prototype_features=prototype_features,
                                    reduction=reduction, num_classes=c)
     work = _working_dtype(features.dtype)
     x, wi, wp, pfw = (t if t.dtype == work else t.to(work) for t in (features, w_img, w_proto, pf))

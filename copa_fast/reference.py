@@ -29,7 +29,7 @@ DATASET_PRESETS = {
 def _scale(tau: Union[float, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     if isinstance(tau, torch.Tensor):
         return tau.to(like.dtype).exp()
-    return torch.tensor(math.exp(tau), dtype=like.dtype, device=like.device)
+    return torch.full((), math.exp(tau), dtype=like.dtype, device=like.device)   # meta tensors too
 
 
 def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:

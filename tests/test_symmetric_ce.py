@@ -293,6 +293,28 @@ def test_gradient_reaches_backbone_features(backend, device):
     assert head.w_img.grad.abs().sum() > 0 and head.w_proto.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference-cpu")] + PAIRS)
+def test_copa_loss_adapters_of_another_dtype(backend, device):
+    """float64 adapters (a user's double parameters) with float32 features: computed in the features'
+    dtype on every backend, the reference included; each gradient in its own tensor's dtype."""
+    x, y = make_episode(30, 5, 16, seed=17, device=device)
+    g = torch.Generator().manual_seed(17)
+    w_img = (torch.eye(16, dtype=torch.float64) + 0.1 * torch.randn(16, 16, generator=g, dtype=torch.float64))
+    w_proto = (torch.eye(16, dtype=torch.float64) + 0.1 * torch.randn(16, 16, generator=g, dtype=torch.float64))
+    w_img, w_proto = (w.to(device).requires_grad_(True) for w in (w_img, w_proto))
+    loss = copa_fast.copa_loss(x, y, w_img, w_proto, backend=backend)
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert w_img.grad.dtype == torch.float64 and w_proto.grad.dtype == torch.float64
+    # the float64 reference of the same problem with the adapters rounded to float32, as computed
+    wi, wp = (w.detach().float().double().requires_grad_(True) for w in (w_img, w_proto))
+    expected = ref.copa_loss(x.double(), y, wi, wp)
+    expected.backward()
+    assert_rel(loss, expected, TOL[torch.float32]["loss"], "loss")
+    assert_rel(w_img.grad, wi.grad, TOL[torch.float32]["grad"], "w_img grad")
+    assert_rel(w_proto.grad, wp.grad, TOL[torch.float32]["grad"], "w_proto grad")
+
+
 @pytest.mark.parametrize("backend,device", PAIRS)
 def test_autocast_bfloat16_region(backend, device):
     """copa_loss inside torch.autocast(bf16): the adapter GEMMs run in bf16 (autocast's choice), the

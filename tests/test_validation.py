@@ -35,6 +35,8 @@ def _cases():
         ("prototypes", ValueError, dict(prototypes=inf_p)),
         ("labels", TypeError, dict(labels=y.float())),
         ("labels", TypeError, dict(labels=[0, 1])),
+        ("labels", TypeError, dict(labels=y.to(torch.uint8))),   # would index as a mask in PyTorch
+        ("labels", TypeError, dict(labels=y.to(torch.int16))),
         ("labels", ValueError, dict(labels=y[:-1])),
         ("labels", ValueError, dict(labels=y.clone().fill_(0).index_fill_(0, torch.tensor([0]), -1))),
         ("labels", ValueError, dict(labels=torch.where(y == 3, 7, y))),
@@ -49,10 +51,15 @@ def _cases():
     ]
 
 
+# the Python validation runs first whatever the backend: the reference and the default one
+ENTRY_BACKENDS = pytest.mark.parametrize("backend", ["reference", None], ids=["reference", "default"])
+
+
+@ENTRY_BACKENDS
 @pytest.mark.parametrize("arg,exc,override", _cases(), ids=lambda v: v if isinstance(v, str) else None)
-def test_symmetric_ce_bad_input(arg, exc, override):
+def test_symmetric_ce_bad_input(arg, exc, override, backend):
     x, p, y = _good()
-    kwargs = dict(embeddings=x, prototypes=p, labels=y, tau=2.0)
+    kwargs = dict(embeddings=x, prototypes=p, labels=y, tau=2.0, backend=backend)
     kwargs.update(override)
     with pytest.raises(exc, match=arg):
         copa_fast.symmetric_ce(**kwargs)
@@ -65,12 +72,14 @@ def test_symmetric_ce_bad_input(arg, exc, override):
     ("prototype_features", ValueError, dict(prototype_features=torch.randn(19, 8))),
     ("features", ValueError, dict(features=torch.randn(20, 8, 1))),
     ("labels", ValueError, dict(labels=torch.full((20,), 5))),
+    ("labels", TypeError, dict(labels=torch.arange(20).to(torch.uint8) % 4)),
     ("num_classes", ValueError, dict(check_inputs=False)),
     ("num_classes", ValueError, dict(num_classes=0)),
 ])
-def test_copa_loss_bad_input(arg, exc, override):
+@ENTRY_BACKENDS
+def test_copa_loss_bad_input(arg, exc, override, backend):
     x, _, y = _good()
-    kwargs = dict(features=x, labels=y, w_img=torch.eye(8), w_proto=torch.eye(8))
+    kwargs = dict(features=x, labels=y, w_img=torch.eye(8), w_proto=torch.eye(8), backend=backend)
     kwargs.update(override)
     with pytest.raises(exc, match=arg):
         copa_fast.copa_loss(**kwargs)
