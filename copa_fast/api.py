@@ -334,8 +334,15 @@ def adapt_many(episodes, *, steps: int = 50, lr: float = 1e-3, weight_decay: flo
     by size (at most ``group_size`` per group) to bound padding and memory. Other backends run
     the episodes one after another through ``adapt``.
     """
+    if isinstance(episodes, torch.Tensor) or (isinstance(episodes, tuple) and episodes
+                                               and isinstance(episodes[0], torch.Tensor)):
+        raise TypeError("episodes: expected a list of (support, support_labels, query, query_labels) tuples, "
+                        f"got a {type(episodes).__name__} of tensors (for one episode pass [episode] or use adapt)")
     items = []
     for k, ep in enumerate(episodes):
+        if isinstance(ep, torch.Tensor):
+            raise TypeError(f"episodes[{k}]: expected a (support, support_labels, query, query_labels) tuple, "
+                            "got a Tensor")
         parts = (ep.support, ep.support_labels, ep.query, ep.query_labels) if hasattr(ep, "support") else tuple(ep)
         if len(parts) != 4:
             raise ValueError(f"episodes[{k}]: expected (support, support_labels, query, query_labels), "
@@ -353,11 +360,16 @@ def adapt_many(episodes, *, steps: int = 50, lr: float = 1e-3, weight_decay: flo
     _check_hparams(steps, lr, weight_decay, tau)
     device = items[0][0].device
     b = _backends.resolve(backend, device)
+    classes = []   # every episode checked before any is adapted: a bad one fails fast, named by its index
+    for k, parts in enumerate(items):
+        try:
+            classes.append(_check_episode(*parts))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"episodes[{k}]: {e}") from None
     batched = (b in ("triton", "cuda") and all(p[0].device == device and p[0].dtype == items[0][0].dtype for p in items)
                and items[0][0].dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16))
     if not batched:
         return [adapt(*parts, steps=steps, lr=lr, weight_decay=weight_decay, tau=tau, backend=b) for parts in items]
-    classes = [_check_episode(*parts) for parts in items]
     order = sorted(range(len(items)), key=lambda k: -items[k][0].shape[0])   # similar sizes share a group
     out = [None] * len(items)
     for g0 in range(0, len(order), group_size):

@@ -106,6 +106,32 @@ def test_adapt_many_equals_adapt_per_episode():
         copa_fast.adapt_many([(eps[0].support, eps[0].support_labels)])
 
 
+def test_adapt_many_checks_every_episode_before_adapting_any(monkeypatch):
+    """A bad episode late in the list fails at once, named by its index (not after the others ran)."""
+    from copa_fast.episodes import sample_episodes, synthetic_features
+
+    feats, labels = synthetic_features(n_classes=12, per_class=25, dim=32, seed=1)
+    eps = [(e.support, e.support_labels, e.query, e.query_labels)
+           for e in sample_episodes(feats, labels, 3, seed=2, max_ways=8, max_support=60)]
+    sup, lab, qry, qlab = eps[2]
+    calls = []
+    monkeypatch.setattr(copa_fast.api, "adapt", lambda *a, **k: calls.append(a))
+    bad_cases = [
+        (ValueError, "episodes\\[2\\]: support_labels", (sup, lab + 1, qry, qlab)),   # class 0 empty
+        (ValueError, "episodes\\[2\\]: query_labels", (sup, lab, qry, qlab + 100)),
+        (ValueError, "episodes\\[2\\]: support", (sup.clone().fill_(float("nan")), lab, qry, qlab)),
+        (TypeError, "episodes\\[2\\]: support_labels", (sup, lab.float(), qry, qlab)),
+    ]
+    for exc, match, bad in bad_cases:
+        with pytest.raises(exc, match=match):
+            copa_fast.adapt_many(eps[:2] + [bad], steps=2, backend="cpu")
+    assert calls == []
+    with pytest.raises(TypeError, match="episodes: expected a list"):
+        copa_fast.adapt_many(eps[0], steps=2)
+    with pytest.raises(TypeError, match="episodes\\[1\\]: expected a .* tuple, got a Tensor"):
+        copa_fast.adapt_many([eps[0], sup], steps=2)
+
+
 def test_episode_sampler_is_seeded_and_shaped_like_meta_dataset():
     from copa_fast.episodes import sample_episodes, synthetic_features
 
