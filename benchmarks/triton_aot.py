@@ -131,6 +131,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities, e.g. 90 80")
     ap.add_argument("--json", help="write the report here")
+    ap.add_argument("--case", default="", help="only the cases whose name contains this text")
     args = ap.parse_args(argv)
 
     compiled = []
@@ -149,6 +150,8 @@ def main(argv=None) -> int:
         for arch in args.arch:
             _driver.set_active(_TargetOnly(arch))
             for name, run in _cases():
+                if args.case not in name:
+                    continue
                 compiled.clear()
                 try:
                     run()

@@ -4,6 +4,7 @@ and UBSan, so any out-of-bounds access fails the test. Checks both entry points 
 single-problem kernel over several blocks, and one block per episode) against the float64
 reference. On a GPU the same kernels are also tested through the `cuda` backend."""
 
+import math
 import os
 import shutil
 import struct
@@ -112,6 +113,19 @@ def test_weights_large_tau_and_forward_only(host_check, tmp_path):
     assert_rel(out["dtau"][0], dtau, 1e-9, "dtau at tau 10")
     fwd = _run(host_check, tmp_path, x, p, y, 10.0, w=w, blocks=2, fused=False)
     assert torch.equal(fwd["loss"], out["loss"]) and fwd["dz"].numel() == 0
+
+
+@pytest.mark.parametrize("tau", [7.0, 10.0])
+def test_float32_loss_keeps_its_precision_at_large_tau(host_check, tmp_path, tau):
+    """D = 1, one class: every score is -exp(tau) and the loss log 2 whatever tau. With a log-sum-exp
+    rounded at |S| = exp(tau) in float32 the loss was off by 1e-4 .. 1e-3; kept as (max, log sum)
+    pairs it is exact to float32 rounding."""
+    x = torch.tensor([[-0.2905], [-1.0704]])
+    p = torch.tensor([[1.2645]])
+    y = torch.tensor([0, 0])
+    out = _run(host_check, tmp_path, x, p, y, tau, blocks=1)
+    assert abs(out["loss"][0].item() - math.log(2)) <= 1e-6
+    assert abs(out["dtau"][0].item()) <= 1e-5 * math.exp(tau)
 
 
 def test_deterministic_across_block_counts(host_check, tmp_path):

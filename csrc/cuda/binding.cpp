@@ -30,8 +30,8 @@ Buffers allocate(const at::Tensor& z, const at::Tensor& q, int64_t s_entries, in
   b.cnt = at::empty({c}, opt);
   b.wsum = at::empty({c}, opt);
   b.S = at::empty({std::max<int64_t>(s_entries, 1)}, opt);
-  b.R = at::empty({n}, opt);
-  b.L = at::empty({c}, opt);
+  b.R = at::empty({2 * n}, opt);   // (max, log sum) pairs
+  b.L = at::empty({2 * c}, opt);
   b.row_dtau = at::empty({n}, opt);
   b.wloss = at::empty({n}, opt);
   b.losses = episodes ? at::zeros({n}, opt) : at::empty({n}, opt);

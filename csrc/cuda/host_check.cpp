@@ -46,8 +46,8 @@ int run(FILE* in, FILE* out, const int64_t* h) {
     cls = read<int64_t>(in, 2 * E);
     s_off = read<int64_t>(in, E);
   }
-  std::vector<T> zn(R * d), qn(K * d), znorm(R), qnorm(K), cnt(K), wsum(K), S(mode == 1 ? s_total : R * K), Rr(R),
-      L(K), row_dtau(R), wloss(R), losses(R, T(0)), dz(fused ? R * d : 0, T(0)), dq(fused ? K * d : 0, T(0)),
+  std::vector<T> zn(R * d), qn(K * d), znorm(R), qnorm(K), cnt(K), wsum(K), S(mode == 1 ? s_total : R * K), Rr(2 * R),
+      L(2 * K), row_dtau(R), wloss(R), losses(R, T(0)), dz(fused ? R * d : 0, T(0)), dq(fused ? K * d : 0, T(0)),
       loss(E), dtau(E, T(0));
   std::vector<int64_t> pred(R, 0);
   SceProblem<T> p{z.data(), q.data(), y.data(), has_w ? w.data() : nullptr, tau.data(), (int)R, (int)K, (int)d,

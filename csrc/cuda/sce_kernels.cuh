@@ -222,7 +222,8 @@ COPA_DEVICE void row_stats(const SceProblem<T>& p, int i, const Shared<T>& sh) {
     if (p.cnt[c] > T(0)) sum += p.cnt[c] * dev_exp(s[c] - shift);
   sum = block_sum(sum, sh.red);
   if (COPA_TID == 0) {
-    p.R[i] = shift + dev_log(sum);
+    p.R[2 * i] = shift;   // the pair (max, log of the shifted sum); see SceProblem::R
+    p.R[2 * i + 1] = dev_log(sum);
     p.pred[i] = am < 0 ? 0 : am;
   }
 }
@@ -236,7 +237,10 @@ COPA_DEVICE void col_stats(const SceProblem<T>& p, int c, T* red) {
   T sum = T(0);
   for (int i = COPA_TID; i < p.n; i += kThreads) sum += dev_exp(p.S[(long)i * p.c + c] - shift);
   sum = block_sum(sum, red);
-  if (COPA_TID == 0) p.L[c] = shift + dev_log(sum);
+  if (COPA_TID == 0) {
+    p.L[2 * c] = shift;
+    p.L[2 * c + 1] = dev_log(sum);
+  }
 }
 
 // ---- phase 4: losses and G -----------------------------------------------------------------------
@@ -248,14 +252,18 @@ COPA_DEVICE void row_loss_and_grad(const SceProblem<T>& p, int i, T* red) {
   const bool valid = yi >= 0 && yi < p.c;
   const int yc = valid ? (int)yi : 0;
   const T wi = p.w ? p.w[i] : T(1) / T(p.n);
-  const T ri = p.R[i];
-  const T loss = valid ? T(0.5) * (ri + p.L[yc] - T(2) * s[yc]) : quiet_nan<T>();
+  const T r_max = p.R[2 * i], r_log = p.R[2 * i + 1];
+  // (R - S) + (L - S) from the pairs: max - S is exact when S is near the max, and the O(1) loss
+  // keeps the working precision whatever exp(tau)
+  const T loss =
+      valid ? T(0.5) * (((r_max - s[yc]) + r_log) + ((p.L[2 * yc] - s[yc]) + p.L[2 * yc + 1])) : quiet_nan<T>();
   T dt = T(0);
   if (p.fused) {
     COPA_SYNC_BLOCK();  // every thread has read S[i, y_i] above; now S -> G in place, entry by entry
     for (int c = COPA_TID; c < p.c; c += kThreads) {
       const T sc = s[c];
-      T g = T(0.5) * (wi * p.cnt[c] * dev_exp(sc - ri) + p.wsum[c] * dev_exp(sc - p.L[c]));
+      T g = T(0.5) * (wi * p.cnt[c] * dev_exp((sc - r_max) - r_log) +
+                      p.wsum[c] * dev_exp((sc - p.L[2 * c]) - p.L[2 * c + 1]));
       if (c == yc) g -= wi;
       if (!valid) g = quiet_nan<T>();
       dt += g * sc;
@@ -395,7 +403,7 @@ COPA_GLOBAL void copa_sce_episodes(SceProblem<T> base, const int64_t* rows, cons
   p.qn += c0 * d;
   p.y += r0;
   p.znorm += r0;
-  p.R += r0;
+  p.R += 2 * r0;
   p.row_dtau += r0;
   p.wloss += r0;
   p.losses += r0;
@@ -403,7 +411,7 @@ COPA_GLOBAL void copa_sce_episodes(SceProblem<T> base, const int64_t* rows, cons
   p.qnorm += c0;
   p.cnt += c0;
   p.wsum += c0;
-  p.L += c0;
+  p.L += 2 * c0;
   p.S += s_off[e];
   if (p.fused) {
     p.dz += r0 * d;

@@ -28,8 +28,10 @@ struct SceProblem {
   T* cnt;              // (c,)
   T* wsum;             // (c,)
   T* S;                // (n, c): scores, then G
-  T* R;                // (n,)
-  T* L;                // (c,)
+  // Row and column log-sum-exps as (max, log of the shifted sum) pairs: |S| reaches exp(tau), and
+  // one rounded sum of the two would be all the precision left in the O(1) loss R + L - 2 S.
+  T* R;                // (2n,)
+  T* L;                // (2c,)
   T* row_dtau;         // (n,)
   T* wloss;            // (n,) weighted per-sample losses
   // outputs
