@@ -177,6 +177,13 @@ def _colstats_block(S_ptr, L_ptr, blk, N, C, BN: tl.constexpr, BC: tl.constexpr,
 
 
 @triton.jit
+def _lse_pair(ptr, idx, mask, ACC: tl.constexpr):
+    """A log-sum-exp stored as its pair (max, log of the shifted sum) at ptr[2 idx], ptr[2 idx + 1]."""
+    return (tl.load(ptr + 2 * idx, mask=mask, other=0.0).to(ACC),
+            tl.load(ptr + 2 * idx + 1, mask=mask, other=0.0).to(ACC))
+
+
+@triton.jit
 def _g_tile(S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, rows, cls, N, C,
             HAS_W: tl.constexpr, ACC: tl.constexpr):
     """G = dloss/dS on a (rows x cls) tile, and S there; masked entries give 0 (NaN for bad labels)."""
@@ -184,16 +191,14 @@ def _g_tile(S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, rows, cls, N, 
     cmask = cls < C
     both = rmask[:, None] & cmask[None, :]
     s = tl.load(S_ptr + rows[:, None] * C + cls[None, :], mask=both, other=0.0).to(ACC)
-    r_max = tl.load(R_ptr + 2 * rows, mask=rmask, other=0.0).to(ACC)
-    r_log = tl.load(R_ptr + 2 * rows + 1, mask=rmask, other=0.0).to(ACC)
+    r_max, r_log = _lse_pair(R_ptr, rows, rmask, ACC)
     y = tl.load(y_ptr + rows, mask=rmask, other=0)
     valid = (y >= 0) & (y < C)
     if HAS_W:
         w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(ACC)
     else:
         w = tl.where(rmask, 1.0, 0.0).to(ACC) / N
-    l_max = tl.load(L_ptr + 2 * cls, mask=cmask, other=0.0).to(ACC)
-    l_log = tl.load(L_ptr + 2 * cls + 1, mask=cmask, other=0.0).to(ACC)
+    l_max, l_log = _lse_pair(L_ptr, cls, cmask, ACC)
     cnt = tl.load(cnt_ptr + cls, mask=cmask, other=0.0).to(ACC)
     ws = tl.load(wsum_ptr + cls, mask=cmask, other=0.0).to(ACC)
     # exp(S - R) as exp((S - max) - log sum): S - max is exact near the max, where it matters
@@ -217,10 +222,8 @@ def _rows_block(zn_ptr, qn_ptr, znorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_pt
     valid = (y >= 0) & (y < C)
     yc = tl.where(valid, y, 0)
     st = tl.load(S_ptr + rows * C + yc, mask=rmask, other=0.0).to(ACC)
-    r_max = tl.load(R_ptr + 2 * rows, mask=rmask, other=0.0).to(ACC)
-    r_log = tl.load(R_ptr + 2 * rows + 1, mask=rmask, other=0.0).to(ACC)
-    l_max = tl.load(L_ptr + 2 * yc, mask=rmask, other=0.0).to(ACC)
-    l_log = tl.load(L_ptr + 2 * yc + 1, mask=rmask, other=0.0).to(ACC)
+    r_max, r_log = _lse_pair(R_ptr, rows, rmask, ACC)
+    l_max, l_log = _lse_pair(L_ptr, yc, rmask, ACC)
     # (R - S) + (L - S) from the pairs: max - S is exact when S is near the max, and the O(1)
     # loss keeps float32 precision whatever exp(tau)
     loss = tl.where(valid, 0.5 * (((r_max - st) + r_log) + ((l_max - st) + l_log)), float("nan"))
