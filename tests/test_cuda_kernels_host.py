@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from copa_fast import reference as ref
-from conftest import TOL, assert_rel, make_episode
+from conftest import TOL, assert_rel, make_episode, tied_one_class_problem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
@@ -117,12 +117,9 @@ def test_weights_large_tau_and_forward_only(host_check, tmp_path):
 
 @pytest.mark.parametrize("tau", [7.0, 10.0])
 def test_float32_loss_keeps_its_precision_at_large_tau(host_check, tmp_path, tau):
-    """D = 1, one class: every score is -exp(tau) and the loss log 2 whatever tau. With a log-sum-exp
-    rounded at |S| = exp(tau) in float32 the loss was off by 1e-4 .. 1e-3; kept as (max, log sum)
-    pairs it is exact to float32 rounding."""
-    x = torch.tensor([[-0.2905], [-1.0704]])
-    p = torch.tensor([[1.2645]])
-    y = torch.tensor([0, 0])
+    """With a log-sum-exp rounded at |S| = exp(tau) in float32 the loss (log 2) was off by 1e-4 ..
+    1e-3; kept as (max, log sum) pairs it is exact to float32 rounding."""
+    x, p, y = tied_one_class_problem()
     out = _run(host_check, tmp_path, x, p, y, tau, blocks=1)
     assert abs(out["loss"][0].item() - math.log(2)) <= 1e-6
     assert abs(out["dtau"][0].item()) <= 1e-5 * math.exp(tau)

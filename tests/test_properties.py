@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import copa_fast
 from copa_fast import reference as ref
-from conftest import TOL, device_for
+from conftest import TOL, device_for, tied_one_class_problem
 
 BACKENDS = [b for b in copa_fast.available_backends() if b in ("cpu", "triton")]
 
@@ -52,13 +52,10 @@ def _layout(t, layout):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(prob=problems())
-# Found by a CI run: D = 1 and one class, so every score is -exp(tau) and the loss is log 2 whatever
-# tau; the Triton kernel's float32 log-sum-exps (rounded at |S| = 1097) gave dtau = -0.035 for 0,
-# and at tau = 10 the loss 0.6924 for 0.6931.
-@example(prob=(torch.tensor([[-0.2905], [-1.0704]], dtype=torch.float64), torch.tensor([[1.2645]], dtype=torch.float64),
-               torch.tensor([0, 0]), 7.0, True, "contiguous"))
-@example(prob=(torch.tensor([[-0.2905], [-1.0704]], dtype=torch.float64), torch.tensor([[1.2645]], dtype=torch.float64),
-               torch.tensor([0, 0]), 10.0, True, "contiguous"))
+# Found by a CI run: the Triton kernel's float32 log-sum-exps (rounded at |S| = 1097) gave dtau =
+# -0.035 for 0 at tau 7, and at tau 10 the loss 0.6924 for 0.6931 (log 2).
+@example(prob=(*tied_one_class_problem(torch.float64), 7.0, True, "contiguous"))
+@example(prob=(*tied_one_class_problem(torch.float64), 10.0, True, "contiguous"))
 def test_matches_reference(backend, dtype, prob):
     x, p, y, tau, tau_tensor, layout = prob
     dev = device_for(backend)
