@@ -226,6 +226,10 @@ class CoPAHead(nn.Module):
         self.tau = nn.Parameter(torch.tensor(float(tau))) if learn_tau else float(tau)
         self.backend = backend
 
+    def extra_repr(self) -> str:
+        tau = "learned" if isinstance(self.tau, nn.Parameter) else repr(self.tau)
+        return f"dim={self.w_img.shape[0]}, tau={tau}, backend={self.backend!r}"
+
     def forward(self, features: torch.Tensor, labels: torch.Tensor, *,
                 prototype_features: Optional[torch.Tensor] = None, num_classes: Optional[int] = None,
                 check_inputs: bool = True) -> torch.Tensor:

@@ -82,6 +82,8 @@ def test_head_predict_and_training_step():
     expect = torch.nn.functional.normalize(xq @ head.w_img.detach().t(), dim=1) @ \
         torch.nn.functional.normalize(protos, dim=1).t()
     assert torch.equal(pred, expect.argmax(1))
+    assert repr(head).startswith("CoPAHead(dim=32, tau=learned, backend=None)")
+    assert "dim=16, tau=3.0, backend='cpu'" in repr(copa_fast.CoPAHead(16, tau=3.0, backend="cpu"))
 
 
 def test_pa_baseline_and_ncc_run():
