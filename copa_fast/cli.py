@@ -50,7 +50,8 @@ def embedded_digits(dim: int = 512, seed: int = 0):
 
 
 def load_features(path: str):
-    """Reads ``features`` (M, D) and integer ``labels`` (M,) from a .npz or .pt file."""
+    """Reads ``features`` (M, D) and ``labels`` (M,) from a .npz or .pt file. Labels are integers (any
+    values: they name classes) or strings (class names, numbered here in sorted order)."""
     if not os.path.isfile(path):
         raise CliError(f"--features: no such file: {path}")
     try:
@@ -64,12 +65,19 @@ def load_features(path: str):
     except CliError:
         raise
     except Exception as exc:  # unreadable or corrupt file
-        raise CliError(f"--features: cannot read {path}: {exc}") from None
+        hint = ("; store labels as integers or as a string array (np.array(names, dtype=str)), not as "
+                "Python objects") if "allow_pickle" in str(exc) else ""
+        raise CliError(f"--features: cannot read {path}: {exc}{hint}") from None
     if not isinstance(obj, dict) or "features" not in obj or "labels" not in obj:
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise CliError(f"--features: expected keys 'features' and 'labels' in {path}, found {keys}")
     feats = torch.as_tensor(np.asarray(obj["features"]) if not torch.is_tensor(obj["features"]) else obj["features"])
-    labels = torch.as_tensor(np.asarray(obj["labels"]) if not torch.is_tensor(obj["labels"]) else obj["labels"])
+    labels = obj["labels"]
+    if not torch.is_tensor(labels):
+        labels = np.asarray(labels)
+        if labels.dtype.kind in "US":   # class names
+            labels = np.unique(labels, return_inverse=True)[1].reshape(labels.shape)
+        labels = torch.as_tensor(labels)
     if feats.dim() != 2 or not feats.is_floating_point():
         raise CliError(f"--features: 'features' must be a 2-D float array (M, D), got {tuple(feats.shape)} "
                        f"of {feats.dtype}")

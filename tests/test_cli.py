@@ -33,6 +33,18 @@ def test_eval_reads_a_feature_file(tmp_path, capsys):
     assert "CoPA" in rows and "NCC" in rows and "PA" not in rows
 
 
+def test_feature_file_labels_may_be_class_names_or_any_integers(tmp_path):
+    g = np.random.default_rng(1)
+    ids = g.permutation(np.repeat(np.arange(6), 15))
+    feats = g.normal(size=(90, 12)).astype(np.float32)
+    names = np.array(["ant", "bee", "cat", "dog", "eel", "fox"])[ids]   # sorted names: the same numbering
+    for i, labels in enumerate([ids, names, names.astype(np.bytes_), ids * 1000 - 7]):
+        np.savez(tmp_path / f"{i}.npz", features=feats, labels=labels)
+        f, y = cli.load_features(str(tmp_path / f"{i}.npz"))
+        assert torch.equal(f, torch.from_numpy(feats)) and y.dtype == torch.int64
+        assert torch.equal(y, torch.from_numpy(labels if i == 3 else ids).long())
+
+
 def _write(tmp_path, name, **arrays):
     path = tmp_path / name
     np.savez(path, **arrays)
@@ -45,6 +57,8 @@ def _write(tmp_path, name, **arrays):
     (lambda d: _write(d, "s.npz", features=np.zeros(4), labels=np.zeros(4, dtype=int)), "2-D float"),
     (lambda d: _write(d, "l.npz", features=np.ones((4, 2)), labels=np.zeros(4) + 0.5), "integers"),
     (lambda d: _write(d, "c.npz", features=np.ones((40, 2)), labels=np.arange(40) % 3), "classes"),
+    (lambda d: _write(d, "o.npz", features=np.ones((4, 2)), labels=np.array(["a", "b", "a", "b"], dtype=object)),
+     "string array"),
 ])
 def test_eval_bad_input_is_one_line(tmp_path, capsys, make, fragment):
     rc = cli.main(["eval", "--features", make(tmp_path), "--episodes", "1"])
