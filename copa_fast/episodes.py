@@ -47,8 +47,12 @@ def sample_episodes(features, labels, n_episodes: int, *, seed: int = 0, min_way
         raise ValueError(f"features, labels: expected (M, D) and (M,), got {tuple(feats.shape)} and {labs.shape}")
     if not np.issubdtype(labs.dtype, np.integer):
         raise TypeError(f"labels: expected integer class ids, got {labs.dtype}")
-    if isinstance(n_episodes, bool) or not isinstance(n_episodes, int) or n_episodes < 1:
-        raise ValueError(f"n_episodes: expected a positive int, got {n_episodes!r}")
+    for name, value in (("n_episodes", n_episodes), ("min_ways", min_ways), ("max_ways", max_ways),
+                        ("max_support", max_support), ("query_per_class", query_per_class), ("max_shots", max_shots)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if max_ways < min_ways:
+        raise ValueError(f"max_ways: expected at least min_ways ({min_ways}), got {max_ways}")
     classes, counts = np.unique(labs, return_counts=True)
     eligible = classes[counts >= query_per_class + 1]
     if len(eligible) < min_ways:

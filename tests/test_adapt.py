@@ -149,3 +149,19 @@ def test_episode_sampler_is_seeded_and_shaped_like_meta_dataset():
         assert torch.equal(torch.bincount(e.query_labels), torch.full((ways,), 10))
     with pytest.raises(ValueError, match="labels"):
         sample_episodes(feats[:30], labels[:30], 1)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(min_ways=0), "min_ways"), (dict(min_ways=5.5), "min_ways"), (dict(min_ways=10, max_ways=5), "max_ways"),
+    (dict(query_per_class=0), "query_per_class"), (dict(max_support=0), "max_support"),
+    (dict(max_shots=-1), "max_shots"), (dict(n_episodes=True), "n_episodes"),
+])
+def test_episode_sampler_arguments_validated(kwargs, name):
+    from copa_fast.episodes import sample_episodes, synthetic_features
+
+    feats, labels = synthetic_features(n_classes=12, per_class=20, dim=8, seed=0)
+    kwargs = {"n_episodes": 2, **kwargs}
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        sample_episodes(feats, labels, **kwargs)
+    one_way = sample_episodes(feats, labels, 2, min_ways=1, max_ways=1, query_per_class=1, max_support=1)
+    assert all(e.ways == 1 and len(e.support_labels) == 1 and len(e.query_labels) == 1 for e in one_way)
