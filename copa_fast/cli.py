@@ -296,6 +296,17 @@ def run_bench(args) -> None:
              " (no PNG: matplotlib is not installed; pip install matplotlib)"))
 
 
+def _device(text: str) -> str:
+    """--device: cpu, cuda or cuda:K (argparse turns the ValueError into a one-line usage error)."""
+    try:
+        kind = torch.device(text).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:K, got {text!r}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="copa-fast", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -304,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--episodes", type=int, default=600)
     e.add_argument("--steps", type=int, default=50)
     e.add_argument("--backend", default=None, help=f"one of {', '.join(_backends.BACKENDS)} (default: fastest)")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:K")
     e.add_argument("--methods", default="copa,pa,ncc")
     e.add_argument("--dataset", default="default", choices=sorted(ref.DATASET_PRESETS),
                    help="published lr / weight-decay preset")
@@ -314,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the table")
     b = sub.add_parser("bench", help="time and memory of one CoPA step vs N: markdown, JSON and PNG")
     b.add_argument("--out", default="copa-fast-bench", help="output folder (default: ./copa-fast-bench)")
-    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    b.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:K")
     b.add_argument("--max-n", type=int, default=1 << 30, help="largest N of the sweep")
     b.add_argument("--d", type=int, default=512, help="feature dimension D")
     b.add_argument("--impls", default=None, help="comma-separated subset of the implementations")
@@ -330,8 +342,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "eval":
-            if args.episodes < 1 or args.steps < 0 or args.check_episodes < 0:
-                raise CliError("--episodes must be >= 1, --steps and --check-episodes >= 0")
+            for flag, value, least in (("--episodes", args.episodes, 1), ("--steps", args.steps, 0),
+                                       ("--check-episodes", args.check_episodes, 0)):
+                if value < least:
+                    raise CliError(f"{flag}: expected an int >= {least}, got {value}")
             res = run_eval(args)
             if res is None:   # a torchrun rank other than 0: rank 0 prints
                 return 0
@@ -340,8 +354,10 @@ def main(argv=None) -> int:
             else:
                 print_eval(res)
         elif args.command == "bench":
-            if args.d < 1 or args.budget < 0:
-                raise CliError("--d must be >= 1 and --budget >= 0")
+            if args.d < 1:
+                raise CliError(f"--d: expected an int >= 1, got {args.d}")
+            if not args.budget >= 0:
+                raise CliError(f"--budget: expected seconds >= 0, got {args.budget}")
             run_bench(args)
         else:
             run_demo(args)

@@ -151,3 +151,24 @@ def test_eval_batched_backend_equals_per_episode_backend(tmp_path, capsys):
         out[backend] = json.loads(capsys.readouterr().out)["methods"]["copa"]
     assert out["triton"]["accuracy"] == out["cpu"]["accuracy"]
     assert out["triton"]["max_abs_dev_vs_float64_reference"]["adapter_entries"] < 1e-4
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["eval", "--episodes", "0"], "--episodes: expected an int >= 1"),
+    (["eval", "--steps", "-1"], "--steps: expected an int >= 0"),
+    (["eval", "--check-episodes", "-2"], "--check-episodes: expected an int >= 0"),
+    (["bench", "--d", "0"], "--d: expected an int >= 1"),
+    (["bench", "--budget", "nan"], "--budget: expected seconds >= 0"),
+])
+def test_cli_argument_errors_name_the_flag(capsys, argv, fragment):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err
+
+
+@pytest.mark.parametrize("command", ["eval", "bench"])
+def test_cli_device_flag_is_parsed_not_a_traceback(capsys, command):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "--device", "tpu"])
+    assert exc.value.code == 2 and "--device: expected cpu, cuda or cuda:K, got 'tpu'" in capsys.readouterr().err
+    assert cli.build_parser().parse_args([command, "--device", "cuda:1"]).device == "cuda:1"
