@@ -57,7 +57,7 @@ setup(
     version="0.1.0",
     description="Fused kernels for CoPA few-shot adaptation (symmetric CE over two linear adapters)",
     packages=find_packages(include=["copa_fast", "copa_fast.*"]),
-    package_data={"copa_fast": ["data/*.npz"]},
+    package_data={"copa_fast": ["data/*.npz", "py.typed"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.10",

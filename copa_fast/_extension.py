@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Optional, Union
+
 import torch
 
-_STATE = {"loaded": None, "error": None}
+_STATE: dict[str, Optional[Union[bool, str]]] = {"loaded": None, "error": None}
 
 
 def loaded() -> bool:
     if _STATE["loaded"] is None:
         try:
-            from . import _C  # noqa: F401  (registers torch.ops.copa_fast.symmetric_ce)
+            from . import _C  # type: ignore[attr-defined]  # noqa: F401  (registers torch.ops.copa_fast.*)
 
             _STATE["loaded"] = True
         except ImportError as exc:  # built without a compiler, or torch changed under it
             _STATE["loaded"], _STATE["error"] = False, str(exc)
-    return _STATE["loaded"]
+    return bool(_STATE["loaded"])
 
 
 def load_error() -> str | None:
     loaded()
-    return _STATE["error"]
+    error = _STATE["error"]
+    return None if error is None else str(error)
 
 
 def has_cuda_kernels() -> bool:

@@ -318,7 +318,7 @@ def adapt(support: torch.Tensor, support_labels: torch.Tensor, query: Optional[t
         losses.append(loss.detach())
     acc = None
     with torch.no_grad():
-        if query is not None:
+        if query is not None and query_labels is not None:
             pred = _cosine_predict(query.to(work) @ w_img.t(), protos @ w_proto.t())
             acc = pred.eq(query_labels).float().mean().item()
     loss_list = torch.stack(losses).tolist() if losses else []

@@ -19,7 +19,7 @@ BACKENDS = ("reference", "cpu", "triton", "cuda")
 ENV_VAR = "COPA_FAST_BACKEND"
 
 
-_TRITON = {}
+_TRITON: dict = {}
 
 
 def _triton_importable() -> bool:

@@ -142,7 +142,7 @@ def time_interleaved(steps: dict, device: torch.device, *, min_reps: int = 3, ma
     then rounds while the budget (``budget_s`` per step) lasts, at most ``max_reps``."""
     for step in steps.values():
         step()
-    times = {k: [] for k in steps}
+    times: dict = {k: [] for k in steps}
     t_start = time.perf_counter()
     rounds = 0
     while rounds < max_reps and (rounds < min_reps or time.perf_counter() - t_start < budget_s * len(steps)):
@@ -290,7 +290,7 @@ def run(out_dir: str, device: torch.device, sizes, d: int = D_DEFAULT, *, impls=
     os.makedirs(out_dir, exist_ok=True)
     machine = machine_info()
     records = sweep(device, sizes, d, impls=impls, budget_s=budget_s, log=log)
-    paths = {"json": os.path.join(out_dir, "bench.json"), "markdown": os.path.join(out_dir, "bench.md"),
+    paths: dict = {"json": os.path.join(out_dir, "bench.json"), "markdown": os.path.join(out_dir, "bench.md"),
              "png": os.path.join(out_dir, "bench.png")}
     with open(paths["json"], "w") as f:
         json.dump({"machine": machine, "records": records}, f, indent=2)

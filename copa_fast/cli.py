@@ -261,9 +261,10 @@ def run_demo(args) -> None:
         worst = max(worst, dev)
         t_ours += t1 - t0
         t_ref += t2 - t1
-        accs.append((ours.query_accuracy, want.query_accuracy))
-        print(f"{i:>3}{ep.ways:>6}{len(ep.support_labels):>9}{100 * ours.query_accuracy:>9.1f}%"
-              f"{100 * want.query_accuracy:>8.1f}%{1e3 * (t1 - t0):>9.0f}{1e3 * (t2 - t1):>9.0f}"
+        acc_ours, acc_ref = float(ours.query_accuracy or 0.0), float(want.query_accuracy or 0.0)  # a query was given
+        accs.append((acc_ours, acc_ref))
+        print(f"{i:>3}{ep.ways:>6}{len(ep.support_labels):>9}{100 * acc_ours:>9.1f}%"
+              f"{100 * acc_ref:>8.1f}%{1e3 * (t1 - t0):>9.0f}{1e3 * (t2 - t1):>9.0f}"
               f"{(t2 - t1) / (t1 - t0):>9.1f}x{dev:>11.1e}")
     a = np.array(accs)
     print(f"mean accuracy: ours {100 * a[:, 0].mean():.2f}%, reference {100 * a[:, 1].mean():.2f}%; "

@@ -328,7 +328,7 @@ def copa_loss(features: torch.Tensor, labels: torch.Tensor, w_img: torch.Tensor,
         if not check:
             raise
         err = exc
-    c = num_classes
+    c: int = num_classes if num_classes is not None else 0   # read from every rank's labels below
     if check:
         table = _agree(group, features.device if isinstance(features, torch.Tensor) else "cpu", err, fields)
         _same_everywhere(table[:, 1], "features", "number of columns D")
@@ -400,9 +400,9 @@ def adapt_many(episodes, *, steps: int = 50, lr: float = 1e-3, weight_decay: flo
 def _gather_ordered(payload: list, count: int, group, dst: int):
     """Gathers (index, item) pairs of every rank on ``dst``; returns the items in index order there."""
     rank = dist.get_rank(group)
-    parts = [None] * dist.get_world_size(group) if rank == dst else None
+    parts: Optional[list] = [None] * dist.get_world_size(group) if rank == dst else None
     dist.gather_object(payload, parts, dst=dst, group=group)
-    if rank != dst:
+    if parts is None:   # not dst
         return None
     out = [None] * count
     for part in parts:

@@ -79,9 +79,11 @@ def sample_episodes(features, labels, n_episodes: int, *, seed: int = 0, min_way
             s_idx.append(p[query_per_class:query_per_class + n])
             q_lab.append(np.full(query_per_class, k))
             s_lab.append(np.full(n, k))
-        s_idx, q_idx = np.concatenate(s_idx), np.concatenate(q_idx)
-        out.append(Episode(feats[torch.as_tensor(s_idx)], torch.as_tensor(np.concatenate(s_lab), dtype=torch.int64),
-                           feats[torch.as_tensor(q_idx)], torch.as_tensor(np.concatenate(q_lab), dtype=torch.int64)))
+        support_rows, query_rows = np.concatenate(s_idx), np.concatenate(q_idx)
+        out.append(Episode(feats[torch.as_tensor(support_rows)],
+                           torch.as_tensor(np.concatenate(s_lab), dtype=torch.int64),
+                           feats[torch.as_tensor(query_rows)],
+                           torch.as_tensor(np.concatenate(q_lab), dtype=torch.int64)))
     return out
 
 

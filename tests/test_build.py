@@ -3,6 +3,7 @@ sm_90, and ptxas must report no register spills for any kernel; every Triton ker
 sm_90 and sm_80 through Triton's own pipeline (benchmarks/triton_aot.py), within the spill and
 shared-memory limits; and benchmarks/gpu_check.sh, the script a lent GPU runs, works in its dry run."""
 
+import importlib.util
 import json
 import os
 import re
@@ -83,3 +84,12 @@ def test_gpu_check_script_bench_stage_dry_run(tmp_path):
     assert "== status: tests=skipped bench=ok sweep=ok extras=ok" in r.stdout, r.stdout[-3000:]
     table = (tmp_path / "table.md").read_text()
     assert "500 x 50 x 512 | published-eager" in table and "copa_fast-cpu" in table
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mypy") is None, reason="needs mypy (requirements-test.txt)")
+def test_package_type_checks_clean(tmp_path):
+    """copa_fast ships a py.typed marker, so users' type checkers read its annotations: mypy with the
+    project's configuration (pyproject.toml) must find no error in the package."""
+    assert os.path.exists(os.path.join(ROOT, "copa_fast", "py.typed"))
+    run = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
