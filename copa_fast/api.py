@@ -285,15 +285,16 @@ def adapt(support: torch.Tensor, support_labels: torch.Tensor, query: Optional[t
     support: (N, D), support_labels: (N,) in 0..C-1 (every class present), query: (M, D),
     query_labels: (M,). Identity init of both maps, ``torch.optim.Adam`` with coupled weight decay,
     ``steps`` steps; prototypes are the class means of the raw support, computed once. Returns
-    AdaptResult(w_img, w_proto, losses (one per step), query_accuracy or None).
+    AdaptResult(w_img, w_proto, losses (one per step), query_accuracy or None). Float16 / bfloat16
+    features are adapted in float32 on every backend (the adapters come back in float32).
     """
     c = _check_episode(support, support_labels, query, query_labels)
     _check_hparams(steps, lr, weight_decay, tau)
     b = _backends.resolve(backend, support.device)
-    if b == "reference":
-        return reference.adapt(support, support_labels, query, query_labels, steps=steps, lr=lr,
-                               weight_decay=weight_decay, tau=tau)
     work = _working_dtype(support.dtype)
+    if b == "reference":   # in the working dtype too: Adam on float16 adapters divides by an eps that underflows
+        return reference.adapt(support.to(work), support_labels, None if query is None else query.to(work),
+                               query_labels, steps=steps, lr=lr, weight_decay=weight_decay, tau=tau)
     x = support.to(work)
     d = x.shape[1]
     w_img = torch.eye(d, dtype=work, device=x.device, requires_grad=True)

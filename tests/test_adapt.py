@@ -1,5 +1,7 @@
 """The adaptation loop and the head module against the reference loop (trajectory checks)."""
 
+import math
+
 import pytest
 import torch
 
@@ -52,6 +54,21 @@ def test_adapt_float32_stays_close_to_float64_reference():
     assert rel_err(got.w_proto, want.w_proto) < 2e-3
     assert got.losses == pytest.approx(want.losses, rel=1e-4)
     assert abs(got.query_accuracy - want.query_accuracy) <= 1.0 / len(yq)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_adapt_half_features_adapt_in_float32_on_every_backend(dtype):
+    # the published loop run in float16 itself diverges to NaN (Adam's eps underflows): every backend,
+    # the reference included, adapts in float32 and agrees with the float64 loop on the rounded inputs
+    xs, ys, xq, yq = _split(60, 40, 6, 24, seed=3)
+    xs, xq = xs.to(dtype), xq.to(dtype)
+    want = ref.adapt(xs.double(), ys, xq.double(), yq, steps=10)
+    for backend in copa_fast.available_backends():
+        dev = device_for(backend)
+        got = copa_fast.adapt(xs.to(dev), ys.to(dev), xq.to(dev), yq.to(dev), steps=10, backend=backend)
+        assert got.w_img.dtype == torch.float32 and all(math.isfinite(v) for v in got.losses), backend
+        assert rel_err(got.w_img.cpu(), want.w_img) < 1e-4 and rel_err(got.w_proto.cpu(), want.w_proto) < 1e-4
+        assert got.query_accuracy == want.query_accuracy
 
 
 def test_adapt_without_query_and_presets():
