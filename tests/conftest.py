@@ -77,6 +77,17 @@ def tied_one_class_problem(dtype=torch.float32):
             torch.tensor([0, 0]))
 
 
+def empty_class_problem(dtype=torch.float64):
+    """(x, p, labels): 4 classes with samples and a fifth prototype no label names (what validation
+    rejects; with it off the published form simply never sees that class). The empty class sits near
+    some rows, so at large tau its score exceeds their row maximum by far more than exp can hold."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(30, 8, generator=g, dtype=dtype)
+    p = torch.randn(5, 8, generator=g, dtype=dtype)
+    p[4] = 3 * x[:5].mean(0)
+    return x, p, torch.arange(30) % 4
+
+
 def make_episode(n, c, d, *, seed=0, dtype=torch.float32, device="cpu", one_shot=0, scale=1.0):
     """Random episode: every class present, unequal counts, ``one_shot`` classes with one sample."""
     g = torch.Generator().manual_seed(seed)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from copa_fast import reference as ref
-from conftest import TOL, assert_rel, make_episode, tied_one_class_problem
+from conftest import TOL, assert_rel, empty_class_problem, make_episode, tied_one_class_problem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
@@ -142,6 +142,18 @@ def test_bad_label_gives_nan_without_out_of_bounds(host_check, tmp_path):
     out = _run(host_check, tmp_path, x, p, y, 2.0, blocks=2)   # ASan aborts on any stray access
     assert torch.isnan(out["loss"][0]) and torch.isnan(out["losses"][3]) and torch.isnan(out["losses"][7])
     assert torch.isfinite(out["losses"][[0, 1, 2, 4]]).all()
+
+
+def test_empty_class_gets_zero_gradient_at_large_tau(host_check, tmp_path):
+    """A class with no sample (validation off) scores above some rows' maximum; at tau 10 the row
+    term's exponent overflowed and 0 samples x inf made the gradient NaN."""
+    x, p, y = empty_class_problem(torch.float64)
+    out = _run(host_check, tmp_path, x, p, y, 10.0, blocks=2)
+    loss, per, dx, dp, dtau = _want(x, p[:4], y, 10.0)
+    assert_rel(out["loss"][0], loss, 1e-10, "loss")
+    assert_rel(out["dz"], dx, 1e-9, "dz")
+    assert_rel(out["dq"][:4], dp, 1e-9, "dq")
+    assert torch.equal(out["dq"][4], torch.zeros(8, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("pad", [0, 3], ids=["packed", "padded"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import copa_fast
-from conftest import backend_device_pairs, make_episode
+from conftest import assert_rel, backend_device_pairs, empty_class_problem, make_episode
 
 PAIRS = backend_device_pairs()
 
@@ -127,6 +127,26 @@ def test_unchecked_bad_label_gives_nan_not_a_crash(backend, device, bad):
     out = copa_fast.copa_loss(x.detach(), y, torch.eye(8, device=device), torch.eye(8, device=device),
                               num_classes=4, backend=backend, check_inputs=False)
     assert math.isnan(out.item())
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("tau", [2.0, 10.0])
+def test_unchecked_empty_class_is_ignored_as_in_the_published_form(backend, device, tau):
+    """A prototype no label names (validation off): the published N x N form never sees it, so the
+    loss is that of the other classes and its gradient is zero. The kernels once returned NaN
+    gradients at tau 10 (0 samples x an exponent that overflowed)."""
+    x, p, y = (t.to(device) for t in empty_class_problem(torch.float64))
+    x.requires_grad_(True)
+    p.requires_grad_(True)
+    loss = copa_fast.symmetric_ce(x, p, y, tau, backend=backend, check_inputs=False)
+    loss.backward()
+    xr, pr = x.detach().clone().requires_grad_(True), p.detach()[:4].clone().requires_grad_(True)
+    want = copa_fast.reference.symmetric_ce(xr, pr, y, tau)
+    want.backward()
+    assert_rel(loss, want, 1e-10, "loss")
+    assert_rel(x.grad, xr.grad, 1e-9, "d embeddings")
+    assert_rel(p.grad[:4], pr.grad, 1e-9, "d prototypes")
+    assert torch.equal(p.grad[4], torch.zeros_like(p.grad[4]))
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)

@@ -201,9 +201,15 @@ def _g_tile(S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, rows, cls, N, 
     l_max, l_log = _lse_pair(L_ptr, cls, cmask, ACC)
     cnt = tl.load(cnt_ptr + cls, mask=cmask, other=0.0).to(ACC)
     ws = tl.load(wsum_ptr + cls, mask=cmask, other=0.0).to(ACC)
-    # exp(S - R) as exp((S - max) - log sum): S - max is exact near the max, where it matters
-    g = 0.5 * (w[:, None] * cnt[None, :] * tl.exp((s - r_max[:, None]) - r_log[:, None])
-               + ws[None, :] * tl.exp((s - l_max[None, :]) - l_log[None, :]))
+    # exp(S - R) as exp((S - max) - log sum): S - max is exact near the max, where it matters. Both
+    # exponents are <= 0 wherever their term counts; the clamp keeps the others finite: a class with
+    # no sample (n_c = 0, only with validation off) may score above the row's max, and at large tau
+    # 0 * exp(overflow) would be NaN; masked rows meet columns whose max is -exp(tau).
+    # (a NaN stays NaN: min(x, 0) written as a select, since tl.minimum may drop a NaN operand)
+    e_row = (s - r_max[:, None]) - r_log[:, None]
+    e_col = (s - l_max[None, :]) - l_log[None, :]
+    g = 0.5 * (w[:, None] * cnt[None, :] * tl.exp(tl.where(e_row > 0.0, 0.0, e_row))
+               + ws[None, :] * tl.exp(tl.where(e_col > 0.0, 0.0, e_col)))
     g = g - tl.where(y[:, None] == cls[None, :], w[:, None], 0.0)
     g = tl.where(valid[:, None], g, float("nan"))
     g = tl.where(both, g, 0.0)

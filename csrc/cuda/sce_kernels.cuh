@@ -65,6 +65,7 @@ template <> COPA_DEVICE float dev_sqrt<float>(float x) { return sqrtf(x); }
 template <> COPA_DEVICE double dev_sqrt<double>(double x) { return sqrt(x); }
 template <typename T> COPA_DEVICE T dev_abs(T x) { return x < T(0) ? -x : x; }
 template <typename T> COPA_DEVICE T dev_max(T a, T b) { return a > b ? a : b; }
+template <typename T> COPA_DEVICE T dev_min(T a, T b) { return a > b ? b : a; }   // a NaN a stays NaN
 
 constexpr double kNormEps = 1e-12;
 
@@ -262,8 +263,10 @@ COPA_DEVICE void row_loss_and_grad(const SceProblem<T>& p, int i, T* red) {
     COPA_SYNC_BLOCK();  // every thread has read S[i, y_i] above; now S -> G in place, entry by entry
     for (int c = COPA_TID; c < p.c; c += kThreads) {
       const T sc = s[c];
-      T g = T(0.5) * (wi * p.cnt[c] * dev_exp((sc - r_max) - r_log) +
-                      p.wsum[c] * dev_exp((sc - p.L[2 * c]) - p.L[2 * c + 1]));
+      // both exponents are <= 0 wherever their term counts; the clamp keeps 0 * exp(overflow) from
+      // making NaN for a class with no sample (n_c = 0, validation off) that scores above the row max
+      T g = T(0.5) * (wi * p.cnt[c] * dev_exp(dev_min((sc - r_max) - r_log, T(0))) +
+                      p.wsum[c] * dev_exp(dev_min((sc - p.L[2 * c]) - p.L[2 * c + 1], T(0))));
       if (c == yc) g -= wi;
       if (!valid) g = quiet_nan<T>();
       dt += g * sc;
