@@ -1,4 +1,4 @@
-"""Without a GPU: CMakeLists.txt compiles the CUDA kernels with plain nvcc (no torch) for sm_80 and
+"""Without a GPU: the C++ CPU kernels run the CPU tests under AddressSanitizer; CMakeLists.txt compiles the CUDA kernels with plain nvcc (no torch) for sm_80 and
 sm_90, and ptxas must report no register spills for any kernel; every Triton kernel compiles for
 sm_90 and sm_80 through Triton's own pipeline (benchmarks/triton_aot.py), within the spill and
 shared-memory limits; and benchmarks/gpu_check.sh, the script a lent GPU runs, works in its dry run."""
@@ -93,3 +93,46 @@ def test_package_type_checks_clean(tmp_path):
     assert os.path.exists(os.path.join(ROOT, "copa_fast", "py.typed"))
     run = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+
+
+def _gcc_runtime(name):
+    try:
+        path = subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return None
+    return path if os.path.isabs(path) and os.path.exists(path) else None
+
+
+LIBASAN, LIBSTDCXX = _gcc_runtime("libasan.so"), _gcc_runtime("libstdc++.so")
+
+
+@pytest.mark.skipif(sys.platform != "linux" or LIBASAN is None or LIBSTDCXX is None,
+                    reason="needs gcc's AddressSanitizer runtime (Linux)")
+def test_cpu_kernels_under_address_sanitizer(tmp_path):
+    """The C++ CPU kernels built with AddressSanitizer, and the CPU tests that reach them (bad labels
+    with validation off, every op and its autograd, the property tests) run against that build in a
+    child process with the sanitizer's runtime preloaded: any out-of-bounds access aborts it. (The
+    CUDA kernels get the same check through their host emulation, tests/test_cuda_kernels_host.py.)"""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "out", "*.so", "__pycache__",
+                                                             ".hypothesis", ".benchmarks", "*.egg-info"))
+    flags = "-fsanitize=address -fno-omit-frame-pointer"
+    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=src, capture_output=True,
+                           text=True, env=dict(os.environ, COPA_FAST_CUDA="0", CFLAGS=flags, LDFLAGS="-fsanitize=address"))
+    assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
+    # libstdc++ preloaded beside libasan: otherwise the sanitizer cannot intercept C++ throws. Reports
+    # go to files: pytest's capture would swallow them with the process the sanitizer ends.
+    logs = tmp_path / "asan"
+    env = dict(os.environ, LD_PRELOAD=f"{LIBASAN} {LIBSTDCXX}", PYTHONPATH=str(src),
+               ASAN_OPTIONS=f"detect_leaks=0:log_path={logs}")
+    env.pop("PYTEST_XDIST_WORKER", None)
+    where = subprocess.run([sys.executable, "-c", "import copa_fast._C, copa_fast; print(copa_fast.__file__)"],
+                           cwd=src, env=env, capture_output=True, text=True)
+    assert where.returncode == 0 and where.stdout.strip().startswith(str(src)), where.stdout + where.stderr[-2000:]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not triton",
+                          "tests/test_validation.py", "tests/test_symmetric_ce.py", "tests/test_episodes.py",
+                          "tests/test_properties.py", "tests/test_higher_order.py"],
+                         cwd=src, env=env, capture_output=True, text=True, timeout=1200)
+    reports = "".join(f.read_text() for f in tmp_path.glob("asan.*"))
+    assert not reports, reports[:4000]
+    assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
