@@ -1,5 +1,6 @@
-"""Without a GPU: the C++ CPU kernels run the CPU tests under AddressSanitizer; CMakeLists.txt compiles the CUDA kernels with plain nvcc (no torch) for sm_80 and
-sm_90, and ptxas must report no register spills for any kernel; every Triton kernel compiles for
+"""Without a GPU: the C++ CPU kernels run the CPU tests under AddressSanitizer; CMakeLists.txt
+compiles the CUDA kernels with plain nvcc (no torch) for sm_80 and sm_90, and ptxas must report no
+register spills for any kernel; every Triton kernel compiles for
 sm_90 and sm_80 through Triton's own pipeline (benchmarks/triton_aot.py), within the spill and
 shared-memory limits; and benchmarks/gpu_check.sh, the script a lent GPU runs, works in its dry run."""
 
