@@ -26,7 +26,6 @@ else:
         settings.load_profile("ci")
 
 
-
 def pytest_configure(config):
     # Under the interpreter the Triton kernels run as numpy, which warns on an overflowing exp or an
     # invalid product even in lanes a select later discards — and once in a lane it did not (a NaN

@@ -39,8 +39,7 @@ def test_feature_file_labels_may_be_class_names_or_any_integers(tmp_path):
     feats = g.normal(size=(90, 12)).astype(np.float32)
     names = np.array(["ant", "bee", "cat", "dog", "eel", "fox"])[ids]   # sorted names: the same numbering
     for i, labels in enumerate([ids, names, names.astype(np.bytes_), ids * 1000 - 7]):
-        np.savez(tmp_path / f"{i}.npz", features=feats, labels=labels)
-        f, y = cli.load_features(str(tmp_path / f"{i}.npz"))
+        f, y = cli.load_features(_write(tmp_path, f"{i}.npz", features=feats, labels=labels))
         assert torch.equal(f, torch.from_numpy(feats)) and y.dtype == torch.int64
         assert torch.equal(y, torch.from_numpy(labels if i == 3 else ids).long())
 
