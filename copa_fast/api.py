@@ -147,7 +147,7 @@ def symmetric_ce_with_stats(embeddings: torch.Tensor, prototypes: torch.Tensor, 
     if b == "reference":
         return reference.symmetric_ce_with_stats(embeddings, prototypes, labels, tau)
     loss, pred = _sce_core(embeddings, prototypes, labels, tau, "mean", b)
-    return loss, {"loss": loss.item(), "acc": pred.eq(labels).float().mean().item()}
+    return loss, {"loss": loss.item(), "acc": reference.fraction_correct(pred, labels)}
 
 
 def copa_loss(features: torch.Tensor, labels: torch.Tensor, w_img: torch.Tensor, w_proto: torch.Tensor,
@@ -321,7 +321,7 @@ def adapt(support: torch.Tensor, support_labels: torch.Tensor, query: Optional[t
     with torch.no_grad():
         if query is not None and query_labels is not None:
             pred = _cosine_predict(query.to(work) @ w_img.t(), protos @ w_proto.t())
-            acc = pred.eq(query_labels).float().mean().item()
+            acc = reference.fraction_correct(pred, query_labels)
     loss_list = torch.stack(losses).tolist() if losses else []
     return AdaptResult(w_img.detach(), w_proto.detach(), loss_list, acc)
 
@@ -364,7 +364,7 @@ def adapt_many(episodes, *, steps: int = 50, lr: float = 1e-3, weight_decay: flo
         return []
     _check_hparams(steps, lr, weight_decay, tau)
     device = items[0][0].device
-    b = _backends.resolve(backend, device)
+    b = _backends.resolve(backend, device, batched=True)
     classes = []   # every episode checked before any is adapted: a bad one fails fast, named by its index
     for k, parts in enumerate(items):
         try:
@@ -422,6 +422,6 @@ def _adapt_group(items, classes, steps, lr, weight_decay, tau, op):
             acc = None
             if query is not None:
                 pred = _cosine_predict(query.to(work) @ w_img[k].t(), protos[k, :classes[k]] @ w_proto[k].t())
-                acc = pred.eq(query_labels).float().mean().item()
+                acc = reference.fraction_correct(pred, query_labels)
             results.append(AdaptResult(w_img[k].detach().clone(), w_proto[k].detach().clone(), loss_rows[k], acc))
     return results

@@ -12,9 +12,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from copa_fast import distributed as cfd  # noqa: E402
+from copa_fast import distributed as cfd
 
 
 def global_batch(case):

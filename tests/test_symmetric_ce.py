@@ -68,8 +68,8 @@ def test_symmetric_ce_matches_reference(backend, device, shape, dtype, reduction
     expect = ref.symmetric_ce(x64, p64, y, t64, reduction=reduction)
     assert out.dtype == dtype and out.shape == expect.shape
     assert_rel(out, expect, TOL[dtype]["loss"], "loss")
-    g = torch.rand(expect.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)) + 0.5
-    got = torch.autograd.grad(out, (x, p, tau), g.to(dtype=dtype, device=device))
+    g = torch.rand(expect.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(device) + 0.5
+    got = torch.autograd.grad(out, (x, p, tau), g.to(dtype=dtype))
     want = torch.autograd.grad(expect, (x64, p64, t64), g)
     for name, a, b in zip(("embeddings", "prototypes", "tau"), got, want):
         assert_rel(a, b, TOL[dtype]["grad"], f"d{name}")
