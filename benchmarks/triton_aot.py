@@ -144,7 +144,7 @@ def main(argv=None) -> int:
 
     report, failures = [], 0
     gpu_config = K._launch_config
-    K._launch_config = lambda interpreted, dtype: gpu_config(False, dtype)   # a GPU launch's tiles, CPU tensors
+    K._launch_config = lambda interpreted, dtype, batched=False: gpu_config(False, dtype, batched)   # GPU tiles
     JITFunction.run = compile_only
     try:
         for arch in args.arch:

@@ -3,13 +3,14 @@
 Backends: ``reference`` (the published N x N form in eager PyTorch, any device, any dtype),
 ``cpu`` (the C++ kernel, CPU tensors), ``triton`` (CUDA tensors; CPU tensors too when
 TRITON_INTERPRET=1), ``cuda`` (the CUDA C++ kernels, CUDA tensors). ``backend=None`` picks the
-fastest one for the tensors' device; the environment variable COPA_FAST_BACKEND overrides that
-default (an explicit ``backend=`` argument still wins).
+fastest one for the tensors' device (for adapt_many: for batches of episodes); the environment
+variable COPA_FAST_BACKEND overrides that default (an explicit ``backend=`` argument still wins).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -35,6 +36,15 @@ def _triton_importable() -> bool:
 
 
 def triton_interpreted() -> bool:
+    """Whether the Triton kernels run under Triton's interpreter (on CPU tensors).
+
+    Triton fixes that when it decorates a kernel, which copa_fast does at the kernels' first use:
+    from then on the kernels' own state is the answer, whatever TRITON_INTERPRET says now (a
+    variable set or cleared later must not make the backend claim tensors its kernels cannot run).
+    Before that first use, the variable decides."""
+    kernels = sys.modules.get("copa_fast.triton.symmetric_ce")
+    if kernels is not None:
+        return kernels.INTERPRETED
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -76,20 +86,26 @@ def _runs_on(name: str, device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
 
 
-def default_backend(device: torch.device) -> str:
+def default_backend(device: torch.device, *, batched: bool = False) -> str:
+    """The fastest available backend for ``device``, as measured (benchmarks/RESULTS.md, H200,
+    2026-11-27): on CUDA tensors ``cuda`` for a single problem (ahead of ``triton`` at every
+    benchmarked size, plain call and CUDA-graph replay), ``triton`` for batches of episodes
+    (``batched``: adapt_many; 24 vs 38 us per episode-step over 132 ragged episodes)."""
     avail = available_backends()
-    # `cuda` stays opt-in until measured on a GPU against `triton` (benchmarks/RESULTS.md)
-    order = ("triton", "cuda", "reference") if device.type == "cuda" else ("cpu", "reference")
+    order: tuple[str, ...] = ("cpu", "reference")
+    if device.type == "cuda":
+        order = ("triton", "cuda", "reference") if batched else ("cuda", "triton", "reference")
     return next(b for b in order if b in avail)
 
 
-def resolve(backend: str | None, device: torch.device) -> str:
-    """Returns the backend to run on tensors of ``device``; raises ValueError naming the problem."""
+def resolve(backend: str | None, device: torch.device, *, batched: bool = False) -> str:
+    """Returns the backend to run on tensors of ``device`` (``batched``: for a batch of episodes);
+    raises ValueError naming the problem."""
     source = "backend"
     if backend is None:
         env = os.environ.get(ENV_VAR)
         if not env:
-            return default_backend(device)
+            return default_backend(device, batched=batched)
         backend, source = env, f"{ENV_VAR} (environment)"
     if backend not in BACKENDS:
         raise ValueError(f"{source}: expected one of {BACKENDS} or None, got {backend!r}")

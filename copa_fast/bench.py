@@ -25,7 +25,7 @@ import torch
 
 from . import reference as ref
 from .api import copa_loss
-from .backends import available_backends
+from .backends import available_backends, triton_interpreted
 
 D_DEFAULT = 512
 CPU_SIZES = [(25, 5), (100, 10), (500, 50), (1000, 100), (2048, 100), (4096, 100)]
@@ -89,7 +89,7 @@ def implementations(device: torch.device, *, compile_published: Optional[bool] =
         impls["published-compile"] = torch.compile(_published)
     impls["nxc-eager"] = _nxc_eager
     avail = available_backends()
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    interpreted = triton_interpreted()
     for b in ("cpu", "triton", "cuda"):
         if b not in avail or (b == "cpu") != (device.type == "cpu"):
             continue

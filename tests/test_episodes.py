@@ -263,8 +263,9 @@ def test_triton_gpu_tiles_under_the_interpreter(monkeypatch, dtype):
     from copa_fast.ops import symmetric_ce as ops
     from copa_fast.triton import symmetric_ce as kernels
 
-    gpu = kernels._launch_config(False, dtype)
-    monkeypatch.setattr(kernels, "_launch_config", lambda interpreted, dt: gpu)
+    gpu, gpu_batched = kernels._launch_config(False, dtype), kernels._launch_config(False, dtype, True)
+    monkeypatch.setattr(kernels, "_launch_config",
+                        lambda interpreted, dt, batched=False: gpu_batched if batched else gpu)
     n, c, d = gpu[0] + 13, gpu[1] + 5, gpu[2] + 6
     x, y = make_episode(n, c, d, seed=41, dtype=torch.float64, one_shot=1)
     p = torch.randn(c, d, generator=torch.Generator().manual_seed(42), dtype=torch.float64)

@@ -2,6 +2,7 @@
 kernel runs; with validation off, a bad label yields NaN, never an out-of-bounds access."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -110,6 +111,64 @@ def test_unavailable_backend_is_a_clear_error(monkeypatch):
         copa_fast.symmetric_ce(x, p, y)
     monkeypatch.setenv("COPA_FAST_BACKEND", "reference")
     assert torch.isfinite(copa_fast.symmetric_ce(x, p, y))
+
+
+def test_default_backend_is_the_measured_fastest(monkeypatch):
+    # benchmarks/RESULTS.md (H200): cuda ahead of triton on one problem at every size, triton
+    # ahead on batches of episodes; the selection falls back in that order
+    be = copa_fast.backends
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(be, "available_backends", lambda: ["reference", "cpu", "triton", "cuda"])
+    monkeypatch.delenv("COPA_FAST_BACKEND", raising=False)
+    assert be.resolve(None, cuda) == "cuda" and be.resolve(None, cuda, batched=True) == "triton"
+    assert be.resolve(None, cpu) == "cpu" and be.resolve(None, cpu, batched=True) == "cpu"
+    monkeypatch.setattr(be, "available_backends", lambda: ["reference", "cpu", "cuda"])
+    assert be.resolve(None, cuda, batched=True) == "cuda"
+    monkeypatch.setattr(be, "available_backends", lambda: ["reference", "triton"])
+    assert be.resolve(None, cuda) == "triton" and be.resolve(None, cpu) == "reference"
+    monkeypatch.setenv("COPA_FAST_BACKEND", "reference")
+    assert be.resolve(None, cuda, batched=True) == "reference"
+
+
+_INTERPRETER_STATE = r"""
+import os, sys, torch
+import copa_fast
+x, y = torch.randn(12, 8), torch.arange(12) % 3
+p = torch.randn(3, 8)
+first = os.environ.get("TRITON_INTERPRET") == "1"
+if first:
+    copa_fast.symmetric_ce(x, p, y, backend="triton")   # the kernels built for the interpreter
+else:
+    import copa_fast.triton.symmetric_ce                  # the kernels built for a GPU
+os.environ["TRITON_INTERPRET"] = "0" if first else "1"   # flipped after the kernels exist
+print(copa_fast.backends.triton_interpreted(), "triton" in copa_fast.available_backends())
+try:
+    loss = copa_fast.symmetric_ce(x, p, y, backend="triton")
+    print("ran", bool(torch.isfinite(loss)))
+except ValueError as e:
+    print("refused", "triton" in str(e))
+"""
+
+
+@pytest.mark.skipif(not copa_fast.backends._triton_importable() or torch.cuda.is_available(),
+                    reason="needs triton and a machine without a GPU")
+@pytest.mark.parametrize("at_start", ["1", "0"])
+def test_triton_backend_follows_the_kernels_not_a_later_environment(at_start):
+    # Triton decides interpreter or compiler when it decorates a kernel. Setting TRITON_INTERPRET
+    # after that (a test helper once did, in the process running the GPU tests: every Triton test
+    # failed there) must not make copa_fast offer CPU tensors to compiled kernels, or refuse the
+    # interpreted ones it has.
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET=at_start)
+    out = subprocess.run([sys.executable, "-c", _INTERPRETER_STATE], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if at_start == "1":
+        assert out.stdout.split() == ["True", "True", "ran", "True"]
+    else:   # compiled kernels, no GPU: triton is not available, and saying so names it
+        assert out.stdout.split() == ["False", "False", "refused", "True"]
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)

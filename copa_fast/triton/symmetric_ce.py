@@ -387,17 +387,25 @@ def _norm_backward(g_ptr, xn_ptr, norm_ptr, rows, rmask, dot, D, BD: tl.constexp
         tl.store(g_ptr + rows[:, None] * D + cols[None, :], (g - xn * dot[:, None]) * inv[:, None], mask=m2)
 
 
-def _launch_config(interpreted, dtype):
-    """(BN, BC, BD, num_warps) of a launch. Under the interpreter every tile op is a numpy call:
-    larger tiles mean fewer Python steps. On a GPU: the largest tiles with which every kernel
-    compiles for sm_80 and sm_90 without local-memory spills, checked by ``benchmarks/triton_aot.py``
-    (triton 3.6, sm_90: 64-row tiles with 4 warps spilled 268 to 1,092 B a thread in the fused
-    gradient kernels; float64 needs half of each tile)."""
+# Whether Triton built these kernels for its interpreter (CPU tensors) or for a GPU: it decides when
+# it decorates them (TRITON_INTERPRET at this module's import), and copa_fast.backends asks here.
+INTERPRETED = type(_prep).__name__ == "InterpretedFunction"
+
+
+def _launch_config(interpreted, dtype, batched=False):
+    """(BN, BC, BD, num_warps) of a launch (``batched``: the episodes kernel). Under the interpreter
+    every tile op is a numpy call: larger tiles mean fewer Python steps. On a GPU: the largest
+    tiles with which every kernel compiles for sm_80 and sm_90 without local-memory spills, checked
+    by ``benchmarks/triton_aot.py`` (64-row tiles with 4 warps spilled 268 to 1,092 B a thread in
+    the fused gradient kernels; with 8 warps the episodes kernel still spills 140 to 232 B, the
+    single-problem kernels 8 B at most; float64 needs half of each tile). Timed on an H200
+    (benchmarks/RESULTS.md, 2026-11-27): 64-row tiles with 8 warps against 32-row ones, one problem
+    579 vs 665 us at N=500 and 15.4 vs 17.6 ms at N=16384, so single problems take them."""
     if interpreted:
         return 32, 32, 64, 4
     if dtype == torch.float64:
         return 16, 16, 64, 8
-    return 32, 32, 64, 8
+    return (32, 32, 64, 8) if batched else (64, 32, 64, 8)
 
 
 PRECISIONS = ("ieee", "tf32")
@@ -413,7 +421,7 @@ class _Setup:
     """What both launchers share: contiguous inputs, dtypes, tile sizes and the per-row and
     per-class workspace (normalised rows and their norms, class counts, row and column LSE)."""
 
-    def __init__(self, z, q, labels, precision, fused_grad, zero_outputs):
+    def __init__(self, z, q, labels, precision, fused_grad, zero_outputs, batched=False):
         if z.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"z: the Triton kernels take float32 or float64, got {z.dtype}")
         self.z, self.q = z.contiguous(), q.contiguous()
@@ -423,7 +431,7 @@ class _Setup:
         self.dev, self.dt = z.device, z.dtype
         self.acc = tl.float64 if self.dt == torch.float64 else tl.float32
         self.prec = _precision(self.dt, precision)
-        self.bn, self.bc, self.bd, self.warps = _launch_config(self.dev.type == "cpu", self.dt)
+        self.bn, self.bc, self.bd, self.warps = _launch_config(INTERPRETED, self.dt, batched)
         vec = lambda k: torch.empty(k, device=self.dev, dtype=self.dt)  # noqa: E731
         self.zn, self.qn = torch.empty_like(self.z), torch.empty_like(self.q)
         self.znorm, self.qnorm, self.cnt, self.wsum = vec(self.n), vec(self.c), vec(self.c), vec(self.c)
@@ -473,7 +481,7 @@ def episodes_sce(z, q, labels, rows, classes, s_off, s_total, tau, fused_grad, p
     s_off: (E,) int64 start of each episode's N_e x C_e score block in a buffer of s_total entries;
     tau: (E,). Returns loss (E,), losses, pred (rows of z), dz, dq (empty without fused_grad; rows
     no episode owns are zero), dtau (E,)."""
-    st = _Setup(z, q, labels, precision, fused_grad, zero_outputs=True)
+    st = _Setup(z, q, labels, precision, fused_grad, zero_outputs=True, batched=True)
     e, dev, dt = rows.shape[0], st.dev, st.dt
     S = torch.empty(max(s_total, 1), device=dev, dtype=dt)
     loss, dtau = torch.empty(e, device=dev, dtype=dt), torch.empty(e, device=dev, dtype=dt)
