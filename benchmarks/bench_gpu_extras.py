@@ -44,7 +44,9 @@ def graph_replay(device, n, c, d, reps):
         step = bench.step_fn(fn, x, y, wi, wp, c)
         plain = timer(step, reps)
         replay = "-"
-        if device.type == "cuda":
+        if device.type == "cuda" and not name.startswith("copa_fast"):
+            replay = "not capturable (host sync)"
+        elif device.type == "cuda":
             wi.grad = torch.zeros_like(wi)
             wp.grad = torch.zeros_like(wp)
 
@@ -137,9 +139,9 @@ def adapt_many_run(device, count, steps, d, ref_episodes):
               f"(mean query accuracy {100 * acc:.1f} %) |")
 
 
-# (BN, BC, BD, num_warps) candidates for float32 launches: the default first
-TRITON_CONFIGS = {"32x32x64, 8 warps (default)": (32, 32, 64, 8), "64x32x64, 4 warps": (64, 32, 64, 4),
-                  "64x32x64, 8 warps": (64, 32, 64, 8)}
+# (BN, BC, BD, num_warps) candidates for float32 launches
+TRITON_CONFIGS = {"32x32x64, 8 warps (batched default)": (32, 32, 64, 8), "64x32x64, 4 warps": (64, 32, 64, 4),
+                  "64x32x64, 8 warps (single-problem default)": (64, 32, 64, 8)}
 
 
 def triton_configs(device, n, d, count, reps, large=None):
@@ -166,7 +168,7 @@ def triton_configs(device, n, d, count, reps, large=None):
     default = kernels._launch_config
     try:
         for name, cfg in TRITON_CONFIGS.items():
-            kernels._launch_config = lambda interpreted, dtype, cfg=cfg: cfg
+            kernels._launch_config = lambda interpreted, dtype, batched=False, cfg=cfg: cfg
             single = timer(lambda: kernels.symmetric_ce(x1, p1, y1, tau1, None, True), reps)
             batched = timer(lambda: kernels.episodes_sce(z, q, y, rows, cls, s_off, s_total, tau, True), reps)
             row = f"| {name} | {_fmt(single)} | {_fmt(batched)} |"
