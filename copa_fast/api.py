@@ -191,11 +191,11 @@ def copa_loss(features: torch.Tensor, labels: torch.Tensor, w_img: torch.Tensor,
         # torch.func, forward AD: differentiable ops (ops/composite.py), not the kernels
         losses = _composite.copa_losses(x, labels, wi, wp, pfw, c, _tau_tensor(tau, x))
         return reference._reduce(losses, reduction).to(features.dtype)
-    if b == "cpu" and reduction != "none":   # the whole step, gradients included, in one C++ call
+    if b in ("cpu", "cuda") and reduction != "none":   # the whole step, gradients included, in one C++ call
         tau_t = _tau_tensor(tau, x)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or wi.requires_grad or wp.requires_grad
                                                   or pfw.requires_grad or tau_t.requires_grad)
-        weights = torch.ones(x.shape[0], dtype=work) if reduction == "sum" else None
+        weights = torch.ones(x.shape[0], dtype=work, device=x.device) if reduction == "sum" else None
         out = _ops.copa_op()(x, labels, wi, wp, pfw, c, tau_t, weights, needs_grad)
         return out[0] if out[0].dtype == features.dtype else out[0].to(features.dtype)
     p0 = class_means(pfw, labels, c)

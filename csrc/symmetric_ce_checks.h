@@ -1,4 +1,4 @@
-// Argument checks shared by the CPU kernel and the CUDA binding of copa_fast::symmetric_ce.
+// Argument checks shared by the CPU kernels and the CUDA binding of copa_fast's ops.
 // Every message names the argument, what was expected and what was received.
 #pragma once
 
@@ -44,6 +44,30 @@ inline void check_symmetric_ce_args(const at::Tensor& z, const at::Tensor& q, co
   CHECK_ARG(q.size(1) == z.size(1), "q: expected ", z.size(1), " columns (as z), got ", q.size(1));
   CHECK_SAME_DEVICE(q, z);
   check_labels_tau_weights(z.size(0), z.device(), labels, tau, weights);
+}
+
+// Checks of copa_fast::copa_loss (x, pf (N, D); w_img, w_proto (E, D); labels, tau, weights as above).
+inline void check_copa_loss_args(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_img,
+                                 const at::Tensor& w_proto, const at::Tensor& pf, int64_t num_classes,
+                                 const at::Tensor& tau, const c10::optional<at::Tensor>& weights) {
+  CHECK_RANK(x, 2);
+  CHECK_RANK(w_img, 2);
+  CHECK_RANK(w_proto, 2);
+  CHECK_RANK(pf, 2);
+  CHECK_FLOATING(x);
+  for (const auto* t : {&w_img, &w_proto, &pf}) {
+    CHECK_TYPE(t->scalar_type() == x.scalar_type(), "w_img, w_proto, pf: expected dtype ", x.scalar_type(),
+               " (as x), got ", t->scalar_type());
+    CHECK_SAME_DEVICE((*t), x);
+  }
+  CHECK_ARG(x.size(0) >= 1, "x: expected at least one row, got ", x.sizes());
+  CHECK_ARG(w_img.size(1) == x.size(1), "w_img: expected ", x.size(1), " columns (as x), got ", w_img.sizes());
+  CHECK_ARG(w_img.size(0) >= 1, "w_img: expected at least one output row, got ", w_img.sizes());
+  CHECK_ARG(w_proto.sizes() == w_img.sizes(), "w_proto: expected shape ", w_img.sizes(), " (as w_img), got ",
+            w_proto.sizes());
+  CHECK_ARG(pf.sizes() == x.sizes(), "pf: expected shape ", x.sizes(), " (as x), got ", pf.sizes());
+  CHECK_ARG(num_classes >= 1, "num_classes: expected >= 1, got ", num_classes);
+  check_labels_tau_weights(x.size(0), x.device(), labels, tau, weights);
 }
 
 // Checks of copa_fast::episodes_sce that need no data read (offsets are trusted to lie inside the

@@ -334,6 +334,28 @@ def test_autocast_bfloat16_region(backend, device):
 
 
 @pytest.mark.cuda
+@pytest.mark.skipif("cuda" not in copa_fast.available_backends(), reason="needs the CUDA kernels and a GPU")
+def test_cuda_ops_take_tau_from_the_cpu():
+    """The C++ ops called directly (as torch.compile's graphs do) with CUDA rows and a CPU tau: the
+    kernel reads tau through a device pointer, so the binding must move it (a host pointer there
+    would be an illegal access)."""
+    x, y = make_episode(60, 6, 32, seed=21, device="cuda")
+    w = torch.eye(32, device="cuda") + 0.1 * torch.randn(32, 32, generator=torch.Generator().manual_seed(2)).cuda()
+    p = torch.randn(6, 32, device="cuda")
+    for tau in (torch.tensor(2.5), torch.tensor([2.5], dtype=torch.float64)):
+        got = torch.ops.copa_fast.symmetric_ce(x, p, y, tau, None, True)
+        want = torch.ops.copa_fast.symmetric_ce(x, p, y, tau.cuda().float().reshape(()), None, True)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        got = torch.ops.copa_fast.copa_loss(x, y, w, w, x, 6, tau, None, True)
+        want = torch.ops.copa_fast.copa_loss(x, y, w, w, x, 6, tau.cuda().float().reshape(()), None, True)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    expect = ref.copa_loss(x.double(), y, w.double(), w.double(), 2.5)
+    assert_rel(got[0], expect, TOL[torch.float32]["loss"], "loss")
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend,device", [p for p in PAIRS if p.values[1] == "cuda"])
 def test_cuda_graph_capture_replays_a_training_step(backend, device):
     """A copa_loss step captured in a CUDA graph (check_inputs=False: no host sync) replays to the

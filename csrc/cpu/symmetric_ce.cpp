@@ -345,25 +345,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_img, const at::Tensor& w_proto,
     const at::Tensor& pf, int64_t num_classes, const at::Tensor& tau, const c10::optional<at::Tensor>& weights,
     bool fused_grad) {
-  CHECK_RANK(x, 2);
-  CHECK_RANK(w_img, 2);
-  CHECK_RANK(w_proto, 2);
-  CHECK_RANK(pf, 2);
-  CHECK_FLOATING(x);
-  for (const auto* t : {&w_img, &w_proto, &pf}) {
-    CHECK_TYPE(t->scalar_type() == x.scalar_type(), "w_img, w_proto, pf: expected dtype ", x.scalar_type(),
-               " (as x), got ", t->scalar_type());
-    CHECK_SAME_DEVICE((*t), x);
-  }
+  check_copa_loss_args(x, labels, w_img, w_proto, pf, num_classes, tau, weights);
   CHECK_ARG(x.device().is_cpu(), "x: expected a CPU tensor, got ", x.device());
-  CHECK_ARG(x.size(0) >= 1, "x: expected at least one row, got ", x.sizes());
-  CHECK_ARG(w_img.size(1) == x.size(1), "w_img: expected ", x.size(1), " columns (as x), got ", w_img.sizes());
-  CHECK_ARG(w_img.size(0) >= 1, "w_img: expected at least one output row, got ", w_img.sizes());
-  CHECK_ARG(w_proto.sizes() == w_img.sizes(), "w_proto: expected shape ", w_img.sizes(), " (as w_img), got ",
-            w_proto.sizes());
-  CHECK_ARG(pf.sizes() == x.sizes(), "pf: expected shape ", x.sizes(), " (as x), got ", pf.sizes());
-  CHECK_ARG(num_classes >= 1, "num_classes: expected >= 1, got ", num_classes);
-  check_labels_tau_weights(x.size(0), x.device(), labels, tau, weights);
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const double t = tau.to(at::kCPU).to(at::kDouble).item<double>();
   std::vector<at::Tensor> o =
@@ -436,11 +419,11 @@ TORCH_LIBRARY(copa_fast, m) {
   m.def(
       "episodes_sce(Tensor z, Tensor q, Tensor labels, Tensor rows, Tensor classes, Tensor s_off, int s_total,"
       " Tensor tau, bool fused_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // One CoPA step on CPU: p0 = class means of pf (N, D) over num_classes classes, z = x w_img^T,
+  // One CoPA step (CPU and CUDA): p0 = class means of pf (N, D) over num_classes classes, z = x w_img^T,
   // q = p0 w_proto^T, symmetric CE of (z, q) as above. With fused_grad dz, dq and dtau are the
   // gradients of `loss` w.r.t. z, q and tau (empty otherwise); p0 is returned for the backward.
   // num_classes is a SymInt: under torch.compile with dynamic shapes one graph serves every class
-  // count (the CPU kernel takes it as a plain int64_t, the dispatcher unpacks it).
+  // count (the kernels take it as a plain int64_t, the dispatcher unpacks it).
   m.def(
       "copa_loss(Tensor x, Tensor labels, Tensor w_img, Tensor w_proto, Tensor pf, SymInt num_classes, Tensor tau,"
       " Tensor? weights, bool fused_grad)"

@@ -1,6 +1,6 @@
 // The only file of csrc/cuda that touches ATen: argument checks, workspace allocation, the
-// current stream, and registration of the CUDA kernels for copa_fast::symmetric_ce and
-// copa_fast::episodes_sce (schemas in csrc/cpu/symmetric_ce.cpp).
+// current stream, and registration of the CUDA kernels for copa_fast::symmetric_ce,
+// copa_fast::episodes_sce and copa_fast::copa_loss (schemas in csrc/cpu/symmetric_ce.cpp).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
@@ -89,7 +89,8 @@ Outputs symmetric_ce_cuda(const at::Tensor& z_in, const at::Tensor& q_in, const 
   const c10::cuda::CUDAGuard guard(z_in.device());
   auto z = z_in.contiguous(), q = q_in.contiguous();
   auto y = labels.to(at::kLong).contiguous();
-  auto tau = tau_in.reshape({1}).to(z.scalar_type()).contiguous();
+  // tau may come on another device (a CPU scalar tensor): the kernel reads it through a device pointer
+  auto tau = tau_in.reshape({1}).to(z.options()).contiguous();
   at::Tensor w;
   if (weights.has_value()) w = weights->to(z.scalar_type()).contiguous();
   check_size(z, "z");
@@ -127,11 +128,35 @@ Outputs episodes_sce_cuda(const at::Tensor& z_in, const at::Tensor& q_in, const 
   return {b.loss.narrow(0, 0, E), b.losses, b.pred, b.dz, b.dq, fused_grad ? b.dtau.narrow(0, 0, E) : b.dtau};
 }
 
+// One whole CoPA step on CUDA tensors (copa_fast::copa_loss; schema in csrc/cpu/symmetric_ce.cpp, autograd in
+// csrc/cpu/autograd.cpp): class means p0 of pf, z = x w_img^T, q = p0 w_proto^T, then the symmetric-CE
+// kernel with its fused gradients. One call from Python a step instead of a dozen: the class means and the
+// adapters are launched from here. The class sums are a one-hot GEMM (deterministic, unlike index_add's
+// float atomics); the counts add ones (exact in any order). Labels outside [0, C) are clamped for the means
+// (memory-safe) and reach the kernel as they are, which makes the loss NaN.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> copa_loss_cuda(
+    const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_img, const at::Tensor& w_proto,
+    const at::Tensor& pf, int64_t num_classes, const at::Tensor& tau, const c10::optional<at::Tensor>& weights,
+    bool fused_grad) {
+  check_copa_loss_args(x, labels, w_img, w_proto, pf, num_classes, tau, weights);
+  CHECK_ARG(x.is_cuda(), "x: expected a CUDA tensor, got ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const auto opt = x.options();
+  const at::Tensor yc = labels.to(at::kLong).clamp(0, num_classes - 1);
+  const at::Tensor onehot = yc.unsqueeze(0).eq(at::arange(num_classes, yc.options()).unsqueeze(1)).to(opt);
+  const at::Tensor counts = at::zeros({num_classes}, opt).index_add_(0, yc, at::ones({x.size(0)}, opt));
+  const at::Tensor p0 = at::mm(onehot, pf).div_(counts.clamp_min(1).unsqueeze(1));
+  Outputs o = symmetric_ce_cuda(at::mm(x, w_img.t()), at::mm(p0, w_proto.t()), labels, tau, weights, fused_grad);
+  return {std::get<0>(o), std::get<1>(o), std::get<2>(o), std::get<3>(o), std::get<4>(o), p0, std::get<5>(o)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(copa_fast, CUDA, m) {
   m.impl("symmetric_ce", &symmetric_ce_cuda);
   m.impl("episodes_sce", &episodes_sce_cuda);
+  m.impl("copa_loss", &copa_loss_cuda);
 }
 
 }  // namespace copa_fast
