@@ -1,7 +1,8 @@
 """GPU figures beyond the per-shape table, each measured side by side in one process:
 
 1. CUDA-graph replay of one copa_loss training step (forward + backward), N=500 C=50 D=512, for the
-   published formulation and each copa_fast backend (issue targets: >= 4x the published replay);
+   published formulation and each copa_fast backend (issue targets: >= 4x the published replay),
+   and where a plain step's time goes (torch.profiler: device time, launches, host-heavy operators);
 2. 132 ragged episodes (N 25-500) in ONE batched launch of the episodes op: time per episode-step
    against a single-episode call of the same backend (target: >= 10x lower);
 3. adapt_many over 600 sampled episodes x 50 steps, against the published per-episode loop timed on
@@ -39,13 +40,19 @@ def graph_replay(device, n, c, d, reps):
     print(f"\n### CUDA-graph replay of one step, N={n} C={c} D={d} fp32\n")
     print("| implementation | plain call | graph replay |\n|---|---|---|")
     timer = _timer(device)
-    for name, fn in bench.implementations(device, compile_published=False).items():
+    impls = bench.implementations(device, compile_published=False)
+    # The published step reads C off the labels (a host sync, which capture forbids); given C it
+    # runs the same kernels and can be captured: the row the targets compare against.
+    impls = {"published-eager": impls.pop("published-eager"),
+             "published-eager, C given": lambda x, y, wi, wp, c: ref.copa_loss(x, y, wi, wp, num_classes=c),
+             **impls}
+    for name, fn in impls.items():
         x, y, wi, wp = bench.problem(n, c, d, device)
         step = bench.step_fn(fn, x, y, wi, wp, c)
         plain = timer(step, reps)
         replay = "-"
-        if device.type == "cuda" and not name.startswith("copa_fast"):
-            replay = "not capturable (host sync)"
+        if device.type == "cuda" and name in ("published-eager", "nxc-eager"):
+            replay = "not capturable (host sync: labels.max(), bincount)"
         elif device.type == "cuda":
             wi.grad = torch.zeros_like(wi)
             wp.grad = torch.zeros_like(wp)
@@ -64,6 +71,47 @@ def graph_replay(device, n, c, d, reps):
                 captured()
             replay = _fmt(timer(g.replay, reps))
         print(f"| {name} | {_fmt(plain)} | {replay} |")
+
+
+def host_split(device, n, c, d, steps):
+    """Where a plain step's time goes: under torch.profiler, per step, the device time of all
+    kernels, the launches, and the operators with the most host time of their own."""
+    from torch.profiler import ProfilerActivity, profile
+
+    print(f"\n### Where a plain step's time goes, N={n} C={c} D={d} fp32 (torch.profiler, {steps} steps; "
+          f"the profiler adds host time of its own)\n")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    impls = bench.implementations(device, compile_published=False)
+    for name, fn in impls.items():
+        if name not in ("published-eager",) and not name.startswith("copa_fast"):
+            continue
+        x, y, wi, wp = bench.problem(n, c, d, device)
+        step = bench.step_fn(fn, x, y, wi, wp, c)
+        for _ in range(3):
+            step()
+        _sync(device)
+        with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            _sync(device)
+            wall = (time.perf_counter() - t0) / steps
+        events = prof.key_averages()
+        on_device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]   # kernels, copies
+        dev_us = sum(e.self_device_time_total for e in on_device) / steps
+        launches = sum(e.count for e in on_device) / steps
+        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+        print(f"**{name}**: {_fmt(wall)} a step under the profiler; kernels {dev_us:.1f} us of device time "
+              f"in {launches:.1f} kernels and copies a step\n")
+        print("| operator (most host time of its own) | host us / step | calls / step |\n|---|---|---|")
+        for e in top:
+            print(f"| {e.key[:70]} | {e.self_cpu_time_total / steps:.1f} | {e.count / steps:.1f} |")
+        print()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _ragged(count, d, device, n_lo, n_hi, seed=0):
@@ -187,11 +235,13 @@ def main():
     print(f"machine: {bench.machine_info()}")
     if args.small:
         graph_replay(device, 100, 10, 64, 3)
+        host_split(device, 100, 10, 64, 3)
         batched_episodes(device, 6, 32, 25, 60, 2)
         adapt_many_run(device, 4, 3, 32, 2)
         triton_configs(device, 60, 32, 3, 2, large=(120, 12))
     else:
         graph_replay(device, 500, 50, 512, 50)
+        host_split(device, 500, 50, 512, 20)
         batched_episodes(device, 132, 512, 25, 500, 20)
         adapt_many_run(device, 600, 50, 512, 5)
         triton_configs(device, 500, 512, 132, 20, large=(16384, 1000))
