@@ -1,8 +1,9 @@
 """The CUDA kernels' source (csrc/cuda/sce_kernels.cuh) executed on the host: simt_host.h runs
 every CUDA thread as a host thread with real block and grid barriers, built with AddressSanitizer
-and UBSan, so any out-of-bounds access fails the test. Checks both entry points (the cooperative
-single-problem kernel over several blocks, and one block per episode) against the float64
-reference. On a GPU the same kernels are also tested through the `cuda` backend."""
+and UBSan, so any out-of-bounds access fails the test. Checks every entry point (the cooperative
+single-problem kernel over several blocks, one block per episode, and the large-problem path of
+one phase a launch, its products formed as the binding has the vendor GEMM form them) against the
+float64 reference. On a GPU the same kernels are also tested through the `cuda` backend."""
 
 import math
 import os
@@ -36,14 +37,15 @@ def host_check(tmp_path_factory):
     return str(exe)
 
 
-def _run(exe, tmp_path, z, q, y, tau, *, fused=True, w=None, blocks=1, episodes=None):
-    """episodes: (rows (E, 2), cls (E, 2), s_off (E,), s_total) for the one-block-per-episode kernel."""
+def _run(exe, tmp_path, z, q, y, tau, *, fused=True, w=None, blocks=1, episodes=None, phased=False):
+    """episodes: (rows (E, 2), cls (E, 2), s_off (E,), s_total) for the one-block-per-episode kernel;
+    phased: the large-problem path (one phase a launch, the products as the vendor GEMM forms them)."""
     dt = np.float64 if z.dtype == torch.float64 else np.float32
     r, d = z.shape
     k = q.shape[0]
     tau = np.atleast_1d(np.asarray(tau, dtype=dt))
     e = len(tau)
-    mode = 0 if episodes is None else 1
+    mode = 1 if episodes is not None else (2 if phased else 0)
     s_total = r * k if episodes is None else episodes[3]
     header = [np.dtype(dt).itemsize, mode, r, k, d, int(fused), int(w is not None), blocks, e, s_total]
     src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
@@ -82,14 +84,18 @@ def _want(x, p, y, tau, w=None):
     return loss.detach(), per.detach(), xr.grad, pr.grad, tr.grad
 
 
+PATHS = pytest.mark.parametrize("phased", [False, True], ids=["one-launch", "phased"])
+
+
+@PATHS
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("shape,blocks", [((37, 5, 45), 3), ((40, 40, 33), 2), ((50, 1, 16), 1), ((70, 9, 64), 4)],
                          ids=["ragged-3blocks", "C=N-2blocks", "C=1", "tails-4blocks"])
-def test_single_problem_kernel_matches_reference(host_check, tmp_path, dtype, shape, blocks):
+def test_single_problem_kernel_matches_reference(host_check, tmp_path, dtype, shape, blocks, phased):
     n, c, d = shape
     x, y = make_episode(n, c, d, seed=n + c, dtype=dtype, one_shot=1 if 1 < c < n else 0)
     p = torch.randn(c, d, generator=torch.Generator().manual_seed(3), dtype=dtype)
-    out = _run(host_check, tmp_path, x, p, y, 2.0, blocks=blocks)
+    out = _run(host_check, tmp_path, x, p, y, 2.0, blocks=blocks, phased=phased)
     loss, per, dx, dp, dtau = _want(x, p, y, 2.0)
     tol = TOL[dtype]
     assert_rel(out["loss"][0], loss, tol["loss"], "loss")
@@ -101,17 +107,18 @@ def test_single_problem_kernel_matches_reference(host_check, tmp_path, dtype, sh
     assert (out["pred"] == cos.argmax(1)).float().mean() >= 0.95
 
 
-def test_weights_large_tau_and_forward_only(host_check, tmp_path):
+@PATHS
+def test_weights_large_tau_and_forward_only(host_check, tmp_path, phased):
     x, y = make_episode(45, 6, 30, seed=8, dtype=torch.float64)
     p = ref.class_prototypes(x, y, 6)
     w = torch.rand(45, dtype=torch.float64)
-    out = _run(host_check, tmp_path, x, p, y, 10.0, w=w, blocks=2)
+    out = _run(host_check, tmp_path, x, p, y, 10.0, w=w, blocks=2, phased=phased)
     loss, per, dx, dp, dtau = _want(x, p, y, 10.0, w)
     assert_rel(out["loss"][0], loss, 1e-10, "weighted loss at tau 10")
     assert_rel(out["dz"], dx, 1e-9, "dz at tau 10")
     assert_rel(out["dq"], dp, 1e-9, "dq at tau 10")
     assert_rel(out["dtau"][0], dtau, 1e-9, "dtau at tau 10")
-    fwd = _run(host_check, tmp_path, x, p, y, 10.0, w=w, blocks=2, fused=False)
+    fwd = _run(host_check, tmp_path, x, p, y, 10.0, w=w, blocks=2, fused=False, phased=phased)
     assert torch.equal(fwd["loss"], out["loss"]) and fwd["dz"].numel() == 0
 
 
@@ -125,30 +132,33 @@ def test_float32_loss_keeps_its_precision_at_large_tau(host_check, tmp_path, tau
     assert abs(out["dtau"][0].item()) <= 1e-5 * math.exp(tau)
 
 
-def test_deterministic_across_block_counts(host_check, tmp_path):
+@PATHS
+def test_deterministic_across_block_counts(host_check, tmp_path, phased):
     x, y = make_episode(33, 4, 20, seed=9)
     p = ref.class_prototypes(x, y, 4)
-    a = _run(host_check, tmp_path, x, p, y, 2.0, blocks=1)
-    b = _run(host_check, tmp_path, x, p, y, 2.0, blocks=3)
+    a = _run(host_check, tmp_path, x, p, y, 2.0, blocks=1, phased=phased)
+    b = _run(host_check, tmp_path, x, p, y, 2.0, blocks=3, phased=phased)
     for key in a:   # every reduction has a fixed order, whoever computes it
         assert torch.equal(a[key], b[key]), key
 
 
-def test_bad_label_gives_nan_without_out_of_bounds(host_check, tmp_path):
+@PATHS
+def test_bad_label_gives_nan_without_out_of_bounds(host_check, tmp_path, phased):
     x, y = make_episode(30, 4, 16, seed=10)
     p = ref.class_prototypes(x, y, 4)
     y = y.clone()
     y[3], y[7] = 4, -5
-    out = _run(host_check, tmp_path, x, p, y, 2.0, blocks=2)   # ASan aborts on any stray access
+    out = _run(host_check, tmp_path, x, p, y, 2.0, blocks=2, phased=phased)   # ASan aborts on any stray access
     assert torch.isnan(out["loss"][0]) and torch.isnan(out["losses"][3]) and torch.isnan(out["losses"][7])
     assert torch.isfinite(out["losses"][[0, 1, 2, 4]]).all()
 
 
-def test_empty_class_gets_zero_gradient_at_large_tau(host_check, tmp_path):
+@PATHS
+def test_empty_class_gets_zero_gradient_at_large_tau(host_check, tmp_path, phased):
     """A class with no sample (validation off) scores above some rows' maximum; at tau 10 the row
     term's exponent overflowed and 0 samples x inf made the gradient NaN."""
     x, p, y = empty_class_problem(torch.float64)
-    out = _run(host_check, tmp_path, x, p, y, 10.0, blocks=2)
+    out = _run(host_check, tmp_path, x, p, y, 10.0, blocks=2, phased=phased)
     loss, per, dx, dp, dtau = _want(x, p[:4], y, 10.0)
     assert_rel(out["loss"][0], loss, 1e-10, "loss")
     assert_rel(out["dz"], dx, 1e-9, "dz")

@@ -1,20 +1,59 @@
 // Runs the CUDA kernels of sce_kernels.cuh on the host (simt_host.h) for the tests: reads one
-// problem from a binary file, launches copa_sce_single (a cooperative grid of `blocks` blocks) or
-// copa_sce_episodes (one block per episode), writes the outputs. Every buffer is its own heap
+// problem from a binary file, launches copa_sce_single (a cooperative grid of `blocks` blocks),
+// copa_sce_episodes (one block per episode) or the phased path (copa_sce_phase, `blocks` blocks a
+// phase, the products on the host), writes the outputs. Every buffer is its own heap
 // allocation of the exact size, so AddressSanitizer flags any out-of-bounds access.
 //
-// Input (native endianness): int64 header [dtype_bytes, mode (0 single, 1 episodes), R, K, d, fused,
+// Input (native endianness): int64 header [dtype_bytes, mode (0 single, 1 episodes, 2 phased), R, K, d, fused,
 // has_w, blocks, E, s_total], then z (R*d), q (K*d) in dtype, y (R) int64, w (R, if has_w) and tau
 // (E) in dtype, then for episodes rows (2E), cls (2E), s_off (E) int64.
 // Output: loss (E), dtau (E), losses (R) in dtype, pred (R) int64, dz (R*d), dq (K*d) in dtype.
 #define COPA_SIMT_HOST 1
 #include "sce_kernels.cuh"
 
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <string>
 
 namespace {
+
+// The phased path of csrc/cuda/binding.cpp (large problems): the one-phase kernel for phases 1, 3,
+// 4 and 6 over `blocks` blocks, and its three products — there the vendor GEMM's — computed here on
+// the host, in the same arrangement: S = zn (e^tau qn)^T, dz = G (e^tau qn), dq = e^tau G^T zn.
+template <typename T>
+void run_phased(const copa_fast::cuda::SceProblem<T>& p, int blocks) {
+  using copa_fast::cuda::copa_sce_phase;
+  auto phase = [&](int ph) { simt::launch(blocks, copa_fast::cuda::kThreads, [&] { copa_sce_phase<T>(p, ph); }); };
+  const long n = p.n, c = p.c, d = p.d;
+  phase(1);
+  const T scale = std::exp(p.tau[0]);
+  std::vector<T> qs(c * d);
+  for (long k = 0; k < c * d; ++k) qs[k] = p.qn[k] * scale;
+  for (long i = 0; i < n; ++i)
+    for (long j = 0; j < c; ++j) {
+      T acc = T(0);
+      for (long k = 0; k < d; ++k) acc += p.zn[i * d + k] * qs[j * d + k];
+      p.S[i * c + j] = acc;
+    }
+  phase(3);
+  phase(4);
+  if (p.fused) {
+    for (long i = 0; i < n; ++i)
+      for (long k = 0; k < d; ++k) {
+        T acc = T(0);
+        for (long j = 0; j < c; ++j) acc += p.S[i * c + j] * qs[j * d + k];
+        p.dz[i * d + k] = acc;
+      }
+    for (long j = 0; j < c; ++j)
+      for (long k = 0; k < d; ++k) {
+        T acc = T(0);
+        for (long i = 0; i < n; ++i) acc += p.S[i * c + j] * p.zn[i * d + k];
+        p.dq[j * d + k] = acc * scale;
+      }
+  }
+  phase(6);
+}
 
 template <typename V>
 std::vector<V> read(FILE* f, size_t count) {
@@ -56,6 +95,8 @@ int run(FILE* in, FILE* out, const int64_t* h) {
                   fused ? dz.data() : nullptr, fused ? dq.data() : nullptr, loss.data(), dtau.data()};
   if (mode == 0) {
     simt::launch((int)blocks, copa_fast::cuda::kThreads, [&] { copa_fast::cuda::copa_sce_single<T>(p); });
+  } else if (mode == 2) {
+    run_phased<T>(p, (int)blocks);
   } else {
     simt::launch((int)E, copa_fast::cuda::kThreads, [&] {
       copa_fast::cuda::copa_sce_episodes<T>(p, rows.data(), cls.data(), s_off.data(), tau.data());

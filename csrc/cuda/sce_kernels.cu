@@ -47,8 +47,18 @@ cudaError_t launch_episodes(const SceProblem<T>& stacked, const int64_t* rows, c
   return cudaGetLastError();
 }
 
+template <typename T>
+cudaError_t launch_phase(const SceProblem<T>& problem, int phase, cudaStream_t stream) {
+  const long items = phase_items(phase, problem.n, problem.c, problem.fused);
+  const int blocks = (int)(items < kMaxPhaseBlocks ? items : kMaxPhaseBlocks);   // the rest round-robin
+  copa_sce_phase<T><<<blocks, kThreads, 0, stream>>>(problem, phase);
+  return cudaGetLastError();
+}
+
 template cudaError_t launch_single<float>(const SceProblem<float>&, cudaStream_t);
 template cudaError_t launch_single<double>(const SceProblem<double>&, cudaStream_t);
+template cudaError_t launch_phase<float>(const SceProblem<float>&, int, cudaStream_t);
+template cudaError_t launch_phase<double>(const SceProblem<double>&, int, cudaStream_t);
 template cudaError_t launch_episodes<float>(const SceProblem<float>&, const int64_t*, const int64_t*,
                                             const int64_t*, int, cudaStream_t);
 template cudaError_t launch_episodes<double>(const SceProblem<double>&, const int64_t*, const int64_t*,

@@ -14,8 +14,9 @@
 //   P4  per-sample losses; (fused) G = dloss/dS written over S, per-row dloss/dtau
 //   P5  (fused) dz = s G qn and dq = s G^T zn by 32 x 32 tiles
 //   P6  (fused) normalisation backward of dz, dq; totals (loss, dtau) summed in a fixed order
-// Two entry points share the phases: copa_sce_single (all blocks of a cooperative grid on one
-// problem, grid-wide barriers) and copa_sce_episodes (one block per episode, block barriers).
+// Three entry points share the phases: copa_sce_single (all blocks of a cooperative grid on one
+// problem, grid-wide barriers), copa_sce_episodes (one block per episode, block barriers) and
+// copa_sce_phase (one phase per launch, for large problems whose P2 and P5 a vendor GEMM computes).
 // Every reduction has a fixed order: results are bitwise reproducible. Labels outside 0..C-1 are
 // never used as an index: their rows get NaN.
 #pragma once
@@ -309,13 +310,11 @@ COPA_DEVICE void totals(const SceProblem<T>& p, T* red) {
   }
 }
 
-// ---- the phases, shared by both entry points --------------------------------------------------------
+// ---- the phases, shared by every entry point --------------------------------------------------------
+// Each runs its items round-robin over `workers` workers (blocks); `scale` is exp(tau).
 
-template <typename T, typename Sync>
-COPA_DEVICE void run_problem(const SceProblem<T>& p, int worker, int workers, const Shared<T>& sh, Sync sync) {
-  const T scale = dev_exp(p.tau[0]);
-  const int ti = (p.n + kTile - 1) / kTile, tc = (p.c + kTile - 1) / kTile, td = (p.d + kTile - 1) / kTile;
-  // P1
+template <typename T>
+COPA_DEVICE void phase_norms(const SceProblem<T>& p, int worker, int workers, const Shared<T>& sh) {  // P1
   for (int item = worker; item < p.n + 2 * p.c; item += workers) {
     if (item < p.n) {
       normalize_row(p.z + (long)item * p.d, p.zn + (long)item * p.d, p.znorm + item, p.d, sh.red);
@@ -326,33 +325,44 @@ COPA_DEVICE void run_problem(const SceProblem<T>& p, int worker, int workers, co
       count_class(p, item - p.n - p.c, sh.red);
     }
   }
-  sync();
-  // P2: S = scale * zn qn^T
+}
+
+template <typename T>
+COPA_DEVICE void phase_scores(const SceProblem<T>& p, T scale, int worker, int workers, const Shared<T>& sh) {  // P2
+  const int ti = (p.n + kTile - 1) / kTile, tc = (p.c + kTile - 1) / kTile;
   for (int item = worker; item < ti * tc; item += workers)
     tile_product(p.zn, p.d, 1, p.qn, 1, p.d, p.n, p.c, p.d, item / tc, item % tc, scale, p.S, p.c, sh);
-  sync();
-  // P3
+}
+
+template <typename T>
+COPA_DEVICE void phase_stats(const SceProblem<T>& p, int worker, int workers, const Shared<T>& sh) {  // P3
   for (int item = worker; item < p.n + p.c; item += workers) {
     if (item < p.n) row_stats(p, item, sh);
     else col_stats(p, item - p.n, sh.red);
   }
-  sync();
-  // P4
+}
+
+template <typename T>
+COPA_DEVICE void phase_losses(const SceProblem<T>& p, int worker, int workers, const Shared<T>& sh) {  // P4
   for (int item = worker; item < p.n; item += workers) row_loss_and_grad(p, item, sh.red);
-  sync();
-  if (p.fused) {
-    // P5: dz = scale * G qn (n x d), dq = scale * G^T zn (c x d)
-    for (int item = worker; item < (ti + tc) * td; item += workers) {
-      if (item < ti * td)
-        tile_product(p.S, p.c, 1, p.qn, p.d, 1, p.n, p.d, p.c, item / td, item % td, scale, p.dz, p.d, sh);
-      else {
-        const int it = item - ti * td;
-        tile_product(p.S, 1, p.c, p.zn, p.d, 1, p.c, p.d, p.n, it / td, it % td, scale, p.dq, p.d, sh);
-      }
+}
+
+// P5: dz = scale * G qn (n x d), dq = scale * G^T zn (c x d)
+template <typename T>
+COPA_DEVICE void phase_products(const SceProblem<T>& p, T scale, int worker, int workers, const Shared<T>& sh) {
+  const int ti = (p.n + kTile - 1) / kTile, tc = (p.c + kTile - 1) / kTile, td = (p.d + kTile - 1) / kTile;
+  for (int item = worker; item < (ti + tc) * td; item += workers) {
+    if (item < ti * td)
+      tile_product(p.S, p.c, 1, p.qn, p.d, 1, p.n, p.d, p.c, item / td, item % td, scale, p.dz, p.d, sh);
+    else {
+      const int it = item - ti * td;
+      tile_product(p.S, 1, p.c, p.zn, p.d, 1, p.c, p.d, p.n, it / td, it % td, scale, p.dq, p.d, sh);
     }
-    sync();
   }
-  // P6
+}
+
+template <typename T>
+COPA_DEVICE void phase_finish(const SceProblem<T>& p, int worker, int workers, const Shared<T>& sh) {  // P6
   for (int item = worker; item < 1 + (p.fused ? p.n + p.c : 0); item += workers) {
     if (item == 0) totals(p, sh.red);
     else if (item <= p.n) normalize_backward(p.dz + (long)(item - 1) * p.d, p.zn + (long)(item - 1) * p.d,
@@ -362,6 +372,34 @@ COPA_DEVICE void run_problem(const SceProblem<T>& p, int worker, int workers, co
       normalize_backward(p.dq + (long)c * p.d, p.qn + (long)c * p.d, p.qnorm[c], p.d, sh.red);
     }
   }
+}
+
+// Work items of the phases the one-phase kernel runs (the launcher sizes its grid by them).
+inline long phase_items(int phase, int n, int c, bool fused) {
+  switch (phase) {
+    case 1: return (long)n + 2L * c;
+    case 3: return (long)n + c;
+    case 4: return n;
+    default: return 1 + (fused ? (long)n + c : 0L);
+  }
+}
+
+template <typename T, typename Sync>
+COPA_DEVICE void run_problem(const SceProblem<T>& p, int worker, int workers, const Shared<T>& sh, Sync sync) {
+  const T scale = dev_exp(p.tau[0]);
+  phase_norms(p, worker, workers, sh);
+  sync();
+  phase_scores(p, scale, worker, workers, sh);
+  sync();
+  phase_stats(p, worker, workers, sh);
+  sync();
+  phase_losses(p, worker, workers, sh);
+  sync();
+  if (p.fused) {
+    phase_products(p, scale, worker, workers, sh);
+    sync();
+  }
+  phase_finish(p, worker, workers, sh);
 }
 
 struct GridSync {
@@ -384,6 +422,18 @@ template <typename T>
 COPA_GLOBAL void copa_sce_single(SceProblem<T> p) {
   COPA_DECLARE_SHARED(T);
   run_problem(p, COPA_BID, COPA_NBLOCKS, sh, GridSync{});
+}
+
+// One phase (1, 3, 4 or 6) of one problem over an ordinary grid: the large-problem path, where the two
+// products P2 and P5 go to a vendor GEMM between launches (csrc/cuda/binding.cpp) and the launch
+// boundaries stand in for the grid barriers.
+template <typename T>
+COPA_GLOBAL void copa_sce_phase(SceProblem<T> p, int phase) {
+  COPA_DECLARE_SHARED(T);
+  if (phase == 1) phase_norms(p, COPA_BID, COPA_NBLOCKS, sh);
+  else if (phase == 3) phase_stats(p, COPA_BID, COPA_NBLOCKS, sh);
+  else if (phase == 4) phase_losses(p, COPA_BID, COPA_NBLOCKS, sh);
+  else if (phase == 6) phase_finish(p, COPA_BID, COPA_NBLOCKS, sh);
 }
 
 // E episodes, one block each. Episode e owns rows rows[2e] + (0..rows[2e+1]) of z (and of every

@@ -14,6 +14,18 @@ namespace cuda {
 template <typename T>
 cudaError_t launch_single(const SceProblem<T>& problem, cudaStream_t stream);
 
+// Problems with at least this many scores (N x C) take the phased path (csrc/cuda/binding.cpp):
+// the products S = zn qn^T, G qn and G^T zn by the vendor GEMM, the other phases by launch_phase.
+constexpr long kPhasedMinScores = 1L << 22;
+// Blocks of a one-phase launch at most (items beyond them are taken round-robin).
+constexpr long kMaxPhaseBlocks = 1L << 15;
+
+// One phase (1: norms and counts, 3: statistics, 4: losses and G, 6: normalisation backward and
+// totals) of one problem in an ordinary launch; see copa_sce_phase. Stream order stands in for the
+// grid barriers of launch_single.
+template <typename T>
+cudaError_t launch_phase(const SceProblem<T>& problem, int phase, cudaStream_t stream);
+
 // E episodes in one launch, one block each; see copa_sce_episodes.
 template <typename T>
 cudaError_t launch_episodes(const SceProblem<T>& stacked, const int64_t* rows, const int64_t* cls,
