@@ -335,6 +335,36 @@ def test_autocast_bfloat16_region(backend, device):
 
 @pytest.mark.cuda
 @pytest.mark.skipif("cuda" not in copa_fast.available_backends(), reason="needs the CUDA kernels and a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cuda_large_problem_path_matches_reference(dtype):
+    """From 2^22 scores (N x C) the cuda backend runs one phase a launch with cuBLAS products
+    (csrc/cuda/binding.cpp); CI checks that path's kernels on the host (test_cuda_kernels_host.py),
+    this the whole of it on the GPU, TF32 switched on globally included (it must stay IEEE)."""
+    n, c, d = 4500, 950, 48   # 4.27 M scores
+    x, y = make_episode(n, c, d, seed=31, dtype=dtype, device="cuda")
+    p = torch.randn(c, d, generator=torch.Generator().manual_seed(32), dtype=dtype).cuda()
+    tau = torch.tensor(3.0, dtype=dtype, device="cuda", requires_grad=True)
+    xs, ps = x.clone().requires_grad_(True), p.clone().requires_grad_(True)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        loss = copa_fast.symmetric_ce(xs, ps, y, tau, backend="cuda")
+        grads = torch.autograd.grad(loss, (xs, ps, tau))
+        again = copa_fast.symmetric_ce(xs, ps, y, tau, backend="cuda")
+        assert torch.equal(loss, again)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert torch.backends.cuda.matmul.allow_tf32 == old
+    x64, p64, t64 = (t.detach().double().requires_grad_(True) for t in (x, p, tau))
+    want = ref.symmetric_ce_nxc(x64, p64, y, t64)
+    want_grads = torch.autograd.grad(want, (x64, p64, t64))
+    assert_rel(loss, want, TOL[dtype]["loss"], "loss")
+    for name, a, b in zip(("dembeddings", "dprototypes", "dtau"), grads, want_grads):
+        assert_rel(a, b, TOL[dtype]["grad"], name)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif("cuda" not in copa_fast.available_backends(), reason="needs the CUDA kernels and a GPU")
 def test_cuda_ops_take_tau_from_the_cpu():
     """The C++ ops called directly (as torch.compile's graphs do) with CUDA rows and a CPU tau: the
     kernel reads tau through a device pointer, so the binding must move it (a host pointer there

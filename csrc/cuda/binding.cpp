@@ -2,6 +2,7 @@
 // current stream, and registration of the CUDA kernels for copa_fast::symmetric_ce,
 // copa_fast::episodes_sce and copa_fast::copa_loss (schemas in csrc/cpu/symmetric_ce.cpp).
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -82,6 +83,37 @@ void check_size(const at::Tensor& t, const char* name) {
             " elements");
 }
 
+// IEEE float32 products whatever torch's TF32 switch says (the cuda backend computes in IEEE
+// float32/float64; TF32 is the triton backend's opt-in), restored on exit.
+struct NoTF32 {
+  const bool was = at::globalContext().allowTF32CuBLAS();
+  NoTF32() { if (was) at::globalContext().setAllowTF32CuBLAS(false); }
+  ~NoTF32() { if (was) at::globalContext().setAllowTF32CuBLAS(true); }
+};
+
+// The large-problem path: the phases of launch_single with the three products of N x C x D work
+// (S = exp(tau) zn qn^T, dz = exp(tau) G qn, dq = exp(tau) G^T zn; G is written over S) by the
+// vendor GEMM, which runs them several times faster than the kernel's tiles, in stream order. Same
+// buffers, same fixed-order reductions (the GEMM is deterministic for a given device and shape).
+template <typename T>
+void run_phased(const cuda::SceProblem<T>& p, Buffers& b, const at::Tensor& tau, bool fused, cudaStream_t stream) {
+  const NoTF32 ieee;
+  const int64_t n = p.n, c = p.c;
+  C10_CUDA_CHECK(cuda::launch_phase<T>(p, 1, stream));
+  const at::Tensor scale = tau.exp();        // (1,), on the device: no sync
+  const at::Tensor qs = b.qn.mul(scale);     // exp(tau) qn: the scale rides on the small operand
+  at::Tensor S = b.S.narrow(0, 0, n * c).view({n, c});
+  at::mm_out(S, b.zn, qs.t());
+  C10_CUDA_CHECK(cuda::launch_phase<T>(p, 3, stream));
+  C10_CUDA_CHECK(cuda::launch_phase<T>(p, 4, stream));
+  if (fused) {
+    at::mm_out(b.dz, S, qs);
+    at::mm_out(b.dq, S.t(), b.zn);
+    b.dq.mul_(scale);
+  }
+  C10_CUDA_CHECK(cuda::launch_phase<T>(p, 6, stream));
+}
+
 Outputs symmetric_ce_cuda(const at::Tensor& z_in, const at::Tensor& q_in, const at::Tensor& labels,
                           const at::Tensor& tau_in, const c10::optional<at::Tensor>& weights, bool fused_grad) {
   check_symmetric_ce_args(z_in, q_in, labels, tau_in, weights);
@@ -98,9 +130,11 @@ Outputs symmetric_ce_cuda(const at::Tensor& z_in, const at::Tensor& q_in, const 
             q.size(0));
   Buffers b = allocate(z, q, z.size(0) * q.size(0), 0, fused_grad);
   auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool phased = z.size(0) * q.size(0) >= cuda::kPhasedMinScores;
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "copa_fast_symmetric_ce_cuda", [&] {
     auto p = problem<scalar_t>(z, q, y, weights.has_value() ? &w : nullptr, tau, fused_grad, b);
-    C10_CUDA_CHECK(cuda::launch_single<scalar_t>(p, stream));
+    if (phased) run_phased<scalar_t>(p, b, tau, fused_grad, stream);
+    else C10_CUDA_CHECK(cuda::launch_single<scalar_t>(p, stream));
   });
   return {b.loss.reshape({}), b.losses, b.pred, b.dz, b.dq, fused_grad ? b.dtau.reshape({}) : b.dtau};
 }
