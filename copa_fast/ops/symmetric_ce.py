@@ -111,7 +111,7 @@ def cpp_op():
     return torch.ops.copa_fast.symmetric_ce.default
 
 
-# --- the fused CoPA step (CPU; CUDA where built) ----------------------------------------------------------------------
+# --- the fused CoPA step (CPU; CUDA where built) -------------------------------------------------
 # copa_loss(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad)
 #   -> (loss, losses, pred, dz, dq, p0, dtau)
 # p0 = class means of pf, z = x w_img^T and q = p0 w_proto^T are formed inside; with fused_grad dz,
