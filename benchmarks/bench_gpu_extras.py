@@ -83,7 +83,7 @@ def host_split(device, n, c, d, steps):
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     impls = bench.implementations(device, compile_published=False)
     for name, fn in impls.items():
-        if name not in ("published-eager",) and not name.startswith("copa_fast"):
+        if name != "published-eager" and not name.startswith("copa_fast"):
             continue
         x, y, wi, wp = bench.problem(n, c, d, device)
         step = bench.step_fn(fn, x, y, wi, wp, c)
@@ -161,14 +161,10 @@ def adapt_many_run(device, count, steps, d, ref_episodes):
     feats, labels = synthetic_features(dim=d, seed=0)
     eps = [e.to(device) for e in sample_episodes(feats, labels, count, seed=0)]
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     t0 = time.perf_counter()
     for e in eps[:ref_episodes]:
         ref.adapt(e.support, e.support_labels, e.query, e.query_labels, steps=steps)
-    sync()
+    _sync(device)
     per_ref = (time.perf_counter() - t0) / ref_episodes
     print(f"| published loop (reference), {ref_episodes} episodes timed, scaled to {count} | "
           f"{per_ref * count:.1f} s | {_fmt(per_ref)} |")
@@ -177,10 +173,10 @@ def adapt_many_run(device, count, steps, d, ref_episodes):
         if impl is None:
             continue
         copa_fast.adapt_many(eps[:2], steps=2, backend=backend)   # warm-up (compilation)
-        sync()
+        _sync(device)
         t0 = time.perf_counter()
         res = copa_fast.adapt_many(eps, steps=steps, backend=backend)
-        sync()
+        _sync(device)
         total = time.perf_counter() - t0
         acc = sum(r.query_accuracy for r in res) / len(res)
         print(f"| copa_fast.adapt_many, {backend} | {total:.2f} s | {_fmt(total / count)} "

@@ -33,7 +33,6 @@ else:
 # remaining tests are skipped, so that pytest ends by itself and prints its summary.
 _FAILURE_LOG = os.environ.get("COPA_FAST_FAILURE_LOG")
 _DEADLINE = float(os.environ.get("COPA_FAST_TEST_DEADLINE") or 0)
-_WORKER = {"is": False}
 
 
 def pytest_runtest_setup(item):
@@ -42,14 +41,14 @@ def pytest_runtest_setup(item):
 
 
 def pytest_runtest_logreport(report):
-    # under pytest-xdist the controller sees every worker's reports: it alone writes
-    if _FAILURE_LOG and report.failed and not _WORKER["is"]:
+    # under pytest-xdist the controller sees every worker's reports: it alone writes (a worker
+    # process has PYTEST_XDIST_WORKER set)
+    if _FAILURE_LOG and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
         with open(_FAILURE_LOG, "a") as f:
             f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext[-4000:]}\n\n")
 
 
 def pytest_configure(config):
-    _WORKER["is"] = hasattr(config, "workerinput")
     # Under the interpreter the Triton kernels run as numpy, which warns on an overflowing exp or an
     # invalid product even in lanes a select later discards — and once in a lane it did not (a NaN
     # gradient, ninth session). Every such warning fails the test here; the kernels raise none.
