@@ -37,9 +37,11 @@ def host_check(tmp_path_factory):
     return str(exe)
 
 
-def _run(exe, tmp_path, z, q, y, tau, *, fused=True, w=None, blocks=1, episodes=None, phased=False):
+def _run(exe, tmp_path, z, q, y, tau, *, fused=True, w=None, blocks=1, episodes=None, phased=False,
+         in_place=False):
     """episodes: (rows (E, 2), cls (E, 2), s_off (E,), s_total) for the one-block-per-episode kernel;
-    phased: the large-problem path (one phase a launch, the products as the vendor GEMM forms them)."""
+    phased: the large-problem path (one phase a launch, the products as the vendor GEMM forms them);
+    in_place: the normalised rows written over z (the copa_loss op's arrangement, no zn buffer)."""
     dt = np.float64 if z.dtype == torch.float64 else np.float32
     r, d = z.shape
     k = q.shape[0]
@@ -47,10 +49,11 @@ def _run(exe, tmp_path, z, q, y, tau, *, fused=True, w=None, blocks=1, episodes=
     e = len(tau)
     mode = 1 if episodes is not None else (2 if phased else 0)
     s_total = r * k if episodes is None else episodes[3]
-    header = [np.dtype(dt).itemsize, mode, r, k, d, int(fused), int(w is not None), blocks, e, s_total]
+    header = [np.dtype(dt).itemsize, mode, r, k, d, int(fused), int(w is not None), blocks, e, s_total,
+              int(in_place)]
     src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
     with open(src, "wb") as f:
-        f.write(struct.pack("10q", *header))
+        f.write(struct.pack(f"{len(header)}q", *header))
         f.write(z.numpy().astype(dt).tobytes())
         f.write(q.numpy().astype(dt).tobytes())
         f.write(y.numpy().astype(np.int64).tobytes())
@@ -140,6 +143,22 @@ def test_deterministic_across_block_counts(host_check, tmp_path, phased):
     b = _run(host_check, tmp_path, x, p, y, 2.0, blocks=3, phased=phased)
     for key in a:   # every reduction has a fixed order, whoever computes it
         assert torch.equal(a[key], b[key]), key
+
+
+@PATHS
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_rows_normalised_in_place_give_the_same_bits(host_check, tmp_path, phased, dtype):
+    """The copa_loss op hands the kernel its own z = x w_img^T and has the normalised rows written
+    over it (one N x D buffer fewer): every output equal, bit for bit, to separate buffers', a bad
+    label included (ASan checks the aliased buffer's accesses)."""
+    x, y = make_episode(53, 7, 41, seed=11, dtype=dtype, one_shot=1)
+    p = torch.randn(7, 41, generator=torch.Generator().manual_seed(4), dtype=dtype)
+    w = torch.rand(53, dtype=dtype)
+    for labels, weights in ((y, None), (y, w), (torch.where(y == 2, 9, y), None)):
+        a = _run(host_check, tmp_path, x, p, labels, 3.0, w=weights, blocks=3, phased=phased)
+        b = _run(host_check, tmp_path, x, p, labels, 3.0, w=weights, blocks=3, phased=phased, in_place=True)
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, equal_nan=True, msg=key)
 
 
 @PATHS

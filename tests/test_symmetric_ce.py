@@ -365,6 +365,35 @@ def test_cuda_large_problem_path_matches_reference(dtype):
 
 @pytest.mark.cuda
 @pytest.mark.skipif("cuda" not in copa_fast.available_backends(), reason="needs the CUDA kernels and a GPU")
+def test_cuda_large_copa_step_matches_reference_within_its_memory_budget():
+    """copa_loss on cuda at a large-path size: its rows normalised over its own z (csrc/cuda/binding.cpp),
+    so one step's extra memory is the scores S, two N x D buffers (z/zn and dz) and C x D ones — the
+    C x N one-hot of the class means freed before they exist. Gradients against float64."""
+    n, c, d = 8192, 600, 256   # 4.9 M scores: the phased path
+    x, y = make_episode(n, c, d, seed=33, device="cuda")
+    g = torch.Generator().manual_seed(34)
+    wi, wp = (torch.eye(d) + 0.05 * torch.randn(d, d, generator=g)).cuda(), torch.eye(d).cuda()
+    wi.requires_grad_(True), wp.requires_grad_(True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = copa_fast.copa_loss(x, y, wi, wp, 2.0, num_classes=c, backend="cuda", check_inputs=False)
+    gi, gp = torch.autograd.grad(loss, (wi, wp))
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    budget = 4 * (n * c + 2 * n * d + 8 * c * d + 4 * d * d) + 2**20
+    assert extra <= budget, f"{extra / 2**20:.1f} MiB > {budget / 2**20:.1f} MiB"
+    w64 = [t.detach().double().requires_grad_(True) for t in (wi, wp)]
+    x64 = x.double()
+    want = ref.symmetric_ce_nxc(x64 @ w64[0].t(), ref.class_prototypes(x64, y, c) @ w64[1].t(), y, 2.0)
+    want_grads = torch.autograd.grad(want, w64)
+    assert_rel(loss, want, TOL[torch.float32]["loss"], "loss")
+    for name, a, b in zip(("dw_img", "dw_proto"), (gi, gp), want_grads):
+        assert_rel(a, b, TOL[torch.float32]["grad"], name)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif("cuda" not in copa_fast.available_backends(), reason="needs the CUDA kernels and a GPU")
 def test_cuda_ops_take_tau_from_the_cpu():
     """The C++ ops called directly (as torch.compile's graphs do) with CUDA rows and a CPU tau: the
     kernel reads tau through a device pointer, so the binding must move it (a host pointer there

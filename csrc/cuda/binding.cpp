@@ -20,11 +20,13 @@ struct Buffers {
   at::Tensor zn, qn, znorm, qnorm, cnt, wsum, S, R, L, row_dtau, wloss, losses, pred, dz, dq, loss, dtau;
 };
 
-Buffers allocate(const at::Tensor& z, const at::Tensor& q, int64_t s_entries, int64_t episodes, bool fused) {
+// zn_over_z: the normalised rows are written over z (z is the caller's scratch, read by phase 1 only).
+Buffers allocate(const at::Tensor& z, const at::Tensor& q, int64_t s_entries, int64_t episodes, bool fused,
+                 bool zn_over_z = false) {
   const auto opt = z.options();
   const int64_t n = z.size(0), c = q.size(0);
   Buffers b;
-  b.zn = at::empty_like(z);
+  b.zn = zn_over_z ? z : at::empty_like(z);
   b.qn = at::empty_like(q);
   b.znorm = at::empty({n}, opt);
   b.qnorm = at::empty({c}, opt);
@@ -114,8 +116,10 @@ void run_phased(const cuda::SceProblem<T>& p, Buffers& b, const at::Tensor& tau,
   C10_CUDA_CHECK(cuda::launch_phase<T>(p, 6, stream));
 }
 
-Outputs symmetric_ce_cuda(const at::Tensor& z_in, const at::Tensor& q_in, const at::Tensor& labels,
-                          const at::Tensor& tau_in, const c10::optional<at::Tensor>& weights, bool fused_grad) {
+// z_is_scratch: z is a contiguous temporary of the caller's (copa_loss's x w_img^T), overwritten by its
+// normalised rows instead of a second N x D buffer.
+Outputs sce_cuda(const at::Tensor& z_in, const at::Tensor& q_in, const at::Tensor& labels, const at::Tensor& tau_in,
+                 const c10::optional<at::Tensor>& weights, bool fused_grad, bool z_is_scratch) {
   check_symmetric_ce_args(z_in, q_in, labels, tau_in, weights);
   CHECK_ARG(z_in.is_cuda(), "z: expected a CUDA tensor, got ", z_in.device());
   const c10::cuda::CUDAGuard guard(z_in.device());
@@ -128,7 +132,7 @@ Outputs symmetric_ce_cuda(const at::Tensor& z_in, const at::Tensor& q_in, const 
   check_size(z, "z");
   CHECK_ARG(z.size(0) * q.size(0) < (int64_t(1) << 31), "z, q: N x C must stay below 2^31, got ", z.size(0), " x ",
             q.size(0));
-  Buffers b = allocate(z, q, z.size(0) * q.size(0), 0, fused_grad);
+  Buffers b = allocate(z, q, z.size(0) * q.size(0), 0, fused_grad, z_is_scratch && z.is_same(z_in));
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool phased = z.size(0) * q.size(0) >= cuda::kPhasedMinScores;
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "copa_fast_symmetric_ce_cuda", [&] {
@@ -137,6 +141,11 @@ Outputs symmetric_ce_cuda(const at::Tensor& z_in, const at::Tensor& q_in, const 
     else C10_CUDA_CHECK(cuda::launch_single<scalar_t>(p, stream));
   });
   return {b.loss.reshape({}), b.losses, b.pred, b.dz, b.dq, fused_grad ? b.dtau.reshape({}) : b.dtau};
+}
+
+Outputs symmetric_ce_cuda(const at::Tensor& z, const at::Tensor& q, const at::Tensor& labels, const at::Tensor& tau,
+                          const c10::optional<at::Tensor>& weights, bool fused_grad) {
+  return sce_cuda(z, q, labels, tau, weights, fused_grad, /*z_is_scratch=*/false);
 }
 
 Outputs episodes_sce_cuda(const at::Tensor& z_in, const at::Tensor& q_in, const at::Tensor& labels,
@@ -162,12 +171,22 @@ Outputs episodes_sce_cuda(const at::Tensor& z_in, const at::Tensor& q_in, const 
   return {b.loss.narrow(0, 0, E), b.losses, b.pred, b.dz, b.dq, fused_grad ? b.dtau.narrow(0, 0, E) : b.dtau};
 }
 
+// Class means of pf's rows (C x D). The sums are a one-hot GEMM (deterministic, unlike index_add's float
+// atomics); the counts add ones (exact in any order). The C x N one-hot is freed on return, before the
+// step's large buffers exist. Labels outside [0, C) are clamped here (memory-safe).
+at::Tensor class_means(const at::Tensor& pf, const at::Tensor& labels, int64_t num_classes) {
+  const auto opt = pf.options();
+  const at::Tensor yc = labels.to(at::kLong).clamp(0, num_classes - 1);
+  const at::Tensor onehot = yc.unsqueeze(0).eq(at::arange(num_classes, yc.options()).unsqueeze(1)).to(opt);
+  const at::Tensor counts = at::zeros({num_classes}, opt).index_add_(0, yc, at::ones({pf.size(0)}, opt));
+  return at::mm(onehot, pf).div_(counts.clamp_min(1).unsqueeze(1));
+}
+
 // One whole CoPA step on CUDA tensors (copa_fast::copa_loss; schema in csrc/cpu/symmetric_ce.cpp, autograd in
 // csrc/cpu/autograd.cpp): class means p0 of pf, z = x w_img^T, q = p0 w_proto^T, then the symmetric-CE
 // kernel with its fused gradients. One call from Python a step instead of a dozen: the class means and the
-// adapters are launched from here. The class sums are a one-hot GEMM (deterministic, unlike index_add's
-// float atomics); the counts add ones (exact in any order). Labels outside [0, C) are clamped for the means
-// (memory-safe) and reach the kernel as they are, which makes the loss NaN.
+// adapters are launched from here. Labels outside [0, C) are clamped for the means and reach the kernel as
+// they are, which makes the loss NaN.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> copa_loss_cuda(
     const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_img, const at::Tensor& w_proto,
     const at::Tensor& pf, int64_t num_classes, const at::Tensor& tau, const c10::optional<at::Tensor>& weights,
@@ -176,12 +195,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   CHECK_ARG(x.is_cuda(), "x: expected a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const auto opt = x.options();
-  const at::Tensor yc = labels.to(at::kLong).clamp(0, num_classes - 1);
-  const at::Tensor onehot = yc.unsqueeze(0).eq(at::arange(num_classes, yc.options()).unsqueeze(1)).to(opt);
-  const at::Tensor counts = at::zeros({num_classes}, opt).index_add_(0, yc, at::ones({x.size(0)}, opt));
-  const at::Tensor p0 = at::mm(onehot, pf).div_(counts.clamp_min(1).unsqueeze(1));
-  Outputs o = symmetric_ce_cuda(at::mm(x, w_img.t()), at::mm(p0, w_proto.t()), labels, tau, weights, fused_grad);
+  const at::Tensor p0 = class_means(pf, labels, num_classes);
+  // z is this call's own: its rows are normalised in place (peak memory: one N x D buffer fewer)
+  Outputs o = sce_cuda(at::mm(x, w_img.t()), at::mm(p0, w_proto.t()), labels, tau, weights, fused_grad,
+                       /*z_is_scratch=*/true);
   return {std::get<0>(o), std::get<1>(o), std::get<2>(o), std::get<3>(o), std::get<4>(o), p0, std::get<5>(o)};
 }
 

@@ -5,8 +5,9 @@
 // allocation of the exact size, so AddressSanitizer flags any out-of-bounds access.
 //
 // Input (native endianness): int64 header [dtype_bytes, mode (0 single, 1 episodes, 2 phased), R, K, d, fused,
-// has_w, blocks, E, s_total], then z (R*d), q (K*d) in dtype, y (R) int64, w (R, if has_w) and tau
-// (E) in dtype, then for episodes rows (2E), cls (2E), s_off (E) int64.
+// has_w, blocks, E, s_total, in_place (zn written over z, as binding.cpp's copa_loss op has it)], then z (R*d),
+// q (K*d) in dtype, y (R) int64, w (R, if has_w) and tau (E) in dtype, then for episodes rows (2E), cls (2E),
+// s_off (E) int64.
 // Output: loss (E), dtau (E), losses (R) in dtype, pred (R) int64, dz (R*d), dq (K*d) in dtype.
 #define COPA_SIMT_HOST 1
 #include "sce_kernels.cuh"
@@ -74,7 +75,7 @@ template <typename T>
 int run(FILE* in, FILE* out, const int64_t* h) {
   using copa_fast::cuda::SceProblem;
   const int64_t mode = h[1], R = h[2], K = h[3], d = h[4], fused = h[5], has_w = h[6], blocks = h[7], E = h[8],
-                s_total = h[9];
+                s_total = h[9], in_place = h[10];
   auto z = read<T>(in, R * d), q = read<T>(in, K * d);
   auto y = read<int64_t>(in, R);
   auto w = has_w ? read<T>(in, R) : std::vector<T>();
@@ -85,13 +86,13 @@ int run(FILE* in, FILE* out, const int64_t* h) {
     cls = read<int64_t>(in, 2 * E);
     s_off = read<int64_t>(in, E);
   }
-  std::vector<T> zn(R * d), qn(K * d), znorm(R), qnorm(K), cnt(K), wsum(K), S(mode == 1 ? s_total : R * K), Rr(2 * R),
-      L(2 * K), row_dtau(R), wloss(R), losses(R, T(0)), dz(fused ? R * d : 0, T(0)), dq(fused ? K * d : 0, T(0)),
-      loss(E), dtau(E, T(0));
+  std::vector<T> zn(in_place ? 0 : R * d), qn(K * d), znorm(R), qnorm(K), cnt(K), wsum(K),
+      S(mode == 1 ? s_total : R * K), Rr(2 * R), L(2 * K), row_dtau(R), wloss(R), losses(R, T(0)),
+      dz(fused ? R * d : 0, T(0)), dq(fused ? K * d : 0, T(0)), loss(E), dtau(E, T(0));
   std::vector<int64_t> pred(R, 0);
   SceProblem<T> p{z.data(), q.data(), y.data(), has_w ? w.data() : nullptr, tau.data(), (int)R, (int)K, (int)d,
-                  fused != 0, zn.data(), qn.data(), znorm.data(), qnorm.data(), cnt.data(), wsum.data(), S.data(),
-                  Rr.data(), L.data(), row_dtau.data(), wloss.data(), losses.data(), pred.data(),
+                  fused != 0, in_place ? z.data() : zn.data(), qn.data(), znorm.data(), qnorm.data(), cnt.data(),
+                  wsum.data(), S.data(), Rr.data(), L.data(), row_dtau.data(), wloss.data(), losses.data(), pred.data(),
                   fused ? dz.data() : nullptr, fused ? dq.data() : nullptr, loss.data(), dtau.data()};
   if (mode == 0) {
     simt::launch((int)blocks, copa_fast::cuda::kThreads, [&] { copa_fast::cuda::copa_sce_single<T>(p); });
@@ -124,7 +125,7 @@ int main(int argc, char** argv) {
     fprintf(stderr, "host_check: cannot open files\n");
     return 2;
   }
-  auto h = read<int64_t>(in, 10);
+  auto h = read<int64_t>(in, 11);
   const int rc = h[0] == 8 ? run<double>(in, out, h.data()) : run<float>(in, out, h.data());
   fclose(in);
   fclose(out);
