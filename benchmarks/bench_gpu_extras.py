@@ -8,7 +8,8 @@
 3. adapt_many over 600 sampled episodes x 50 steps, against the published per-episode loop timed on
    a few episodes and scaled to 600 (stated as such);
 4. the Triton kernels under each candidate launch configuration (tiles, warps): the default (no
-   register spills, see benchmarks/triton_aot.py) against the larger tiles it replaced.
+   register spills, see benchmarks/triton_aot.py) against the tiles it replaced, and the class
+   gradient split over row ranges (the default) against one program per class block.
 
     python benchmarks/bench_gpu_extras.py [--small]    # --small: tiny sizes (a CPU dry run)
 
@@ -183,9 +184,12 @@ def adapt_many_run(device, count, steps, d, ref_episodes):
               f"(mean query accuracy {100 * acc:.1f} %) |")
 
 
-# (BN, BC, BD, num_warps) candidates for float32 launches
-TRITON_CONFIGS = {"32x32x64, 8 warps (batched default)": (32, 32, 64, 8), "64x32x64, 4 warps": (64, 32, 64, 4),
-                  "64x32x64, 8 warps (single-problem default)": (64, 32, 64, 8)}
+# (BN, BC, BD, num_warps) candidates for float32 launches, and whether the single problem's class
+# gradient is split over row ranges as by default (False: one program per class block, as before)
+TRITON_CONFIGS = {"32x32x64, 8 warps (batched default)": ((32, 32, 64, 8), True),
+                  "64x32x64, 4 warps": ((64, 32, 64, 4), True),
+                  "64x32x64, 8 warps (single-problem default)": ((64, 32, 64, 8), True),
+                  "64x32x64, 8 warps, class gradient unsplit": ((64, 32, 64, 8), False)}
 
 
 def triton_configs(device, n, d, count, reps, large=None):
@@ -209,10 +213,11 @@ def triton_configs(device, n, d, count, reps, large=None):
     if large:
         xl, _, yl, _ = bench.problem(large[0], large[1], d, device)
         ql = torch.randn(large[1], d, device=device)
-    default = kernels._launch_config
+    default, default_splits = kernels._launch_config, kernels._dq_splits
     try:
-        for name, cfg in TRITON_CONFIGS.items():
+        for name, (cfg, split) in TRITON_CONFIGS.items():
             kernels._launch_config = lambda interpreted, dtype, batched=False, cfg=cfg: cfg
+            kernels._dq_splits = default_splits if split else lambda n, c, bn, bc, dtype, most=4: (1, n)
             single = timer(lambda: kernels.symmetric_ce(x1, p1, y1, tau1, None, True), reps)
             batched = timer(lambda: kernels.episodes_sce(z, q, y, rows, cls, s_off, s_total, tau, True), reps)
             row = f"| {name} | {_fmt(single)} | {_fmt(batched)} |"
@@ -220,7 +225,7 @@ def triton_configs(device, n, d, count, reps, large=None):
                 row += f" {_fmt(timer(lambda: kernels.symmetric_ce(xl, ql, yl, tau1, None, True), reps))} |"
             print(row)
     finally:
-        kernels._launch_config = default
+        kernels._launch_config, kernels._dq_splits = default, default_splits
 
 
 def main():

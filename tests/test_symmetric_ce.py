@@ -552,3 +552,48 @@ def test_cpu_fused_step_op_errors_name_the_argument(case, match):
         y = y[:-1]
     with pytest.raises((ValueError, TypeError), match=match):
         ops.copa_op()(x, y, wi, wp, pf, 3, torch.tensor(2.0), None, False)
+
+
+TRITON_DEVICES = [p.values[1] for p in PAIRS if p.values[0] == "triton"]
+
+
+@pytest.mark.skipif(not TRITON_DEVICES, reason="triton needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("splits", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_triton_class_gradient_split_over_row_ranges(monkeypatch, splits, dtype):
+    """The triton backend splits each class block's dq = s G^T zn over row ranges (a last-finisher
+    sums the partials in split order). Every split count against float64, with weights and a tail
+    row range shorter than the others; bitwise equal across calls; a bad label still gives NaN."""
+    from copa_fast.triton import symmetric_ce as kernels
+
+    device = TRITON_DEVICES[0]
+    bn = kernels._launch_config(kernels.INTERPRETED, dtype)[0]
+    n, c, d = 11 * bn + 7, 6, 40   # 12 row tiles: 1, 2, 3 and 4 equal ranges of whole tiles
+    real = kernels._dq_splits
+    seen = []
+
+    def forced(n_, c_, bn_, bc_, dtype_, most=4):
+        got = real(n_, 1, bn_, bc_, torch.float32, most=splits)   # as many splits as allowed, float64 too
+        seen.append(got[0])
+        return got
+
+    monkeypatch.setattr(kernels, "_dq_splits", forced)
+    x, p, y = _inputs((n, c, d, 2), dtype, device, seed=splits)
+    w = torch.rand(n, dtype=dtype, generator=torch.Generator().manual_seed(5)).to(device)
+    x.requires_grad_(True), p.requires_grad_(True)
+    out = copa_fast.symmetric_ce(x, p, y, 2.5, backend="triton", reduction="none")
+    loss = (out * w).sum()
+    gx, gp = torch.autograd.grad(loss, (x, p))
+    assert seen and seen[0] == splits
+    x64, p64 = (t.detach().double().requires_grad_(True) for t in (x, p))
+    want = (ref.symmetric_ce(x64, p64, y, 2.5, reduction="none") * w.double()).sum()
+    wx, wp = torch.autograd.grad(want, (x64, p64))
+    assert_rel(gx, wx, TOL[dtype]["grad"], "dembeddings")
+    assert_rel(gp, wp, TOL[dtype]["grad"], "dprototypes")
+    again = torch.autograd.grad((copa_fast.symmetric_ce(x, p, y, 2.5, backend="triton", reduction="none") * w).sum(),
+                                (x, p))
+    assert torch.equal(again[0], gx) and torch.equal(again[1], gp)
+    bad = y.clone()
+    bad[n - 1] = c + 3
+    lb = copa_fast.symmetric_ce(x, p, bad, 2.5, backend="triton", check_inputs=False)
+    assert torch.isnan(lb) and torch.isnan(torch.autograd.grad(lb, p)[0]).all()

@@ -7,8 +7,10 @@ Four launches, no host synchronisation, fixed-order reductions (bitwise determin
                 the N expanded columns (R_i = log sum_c n_c exp(S_ic)) and the row argmax.
 3. ``_colstats`` column log-sum-exp L_c = log sum_i exp(S_ic), two-level max shift (online).
 4. ``_grads``   per-sample losses, then (fused_grad) G = dloss/dS recomputed tile by tile from S, R,
-                L and the dz = s G qn, dq = s G^T zn products with the normalisation backward.
-Per-block partial sums of the loss and of dloss/dtau are summed in a fixed order afterwards.
+                L and the dz = s G qn, dq = s G^T zn products with the normalisation backward;
+                each class block's dq split over up to 4 row ranges when N >> C (``_dq_splits``).
+Per-block partial sums (the loss, dloss/dtau, the split dq) are summed in a fixed order by the
+last program to finish (an integer ticket, the only atomic).
 
 Maxima are exact (never a fixed shift), so any tau up to 80 is safe. Each log-sum-exp is kept as
 its pair (max, log of the shifted sum), R[2i], R[2i + 1] (L likewise): |S| reaches exp(tau), and
@@ -85,11 +87,13 @@ def _count_block(y_ptr, w_ptr, cnt_ptr, wsum_ptr, blk, N, C, HAS_W: tl.constexpr
 
 @triton.jit
 def _prep(z_ptr, q_ptr, zn_ptr, qn_ptr, znorm_ptr, qnorm_ptr, y_ptr, w_ptr, cnt_ptr, wsum_ptr, ticket_ptr,
-          N, C, D, HAS_W: tl.constexpr, NBZ, NBQ,
+          N, C, D, HAS_W: tl.constexpr, NBZ, NBQ, NT,
           BR: tl.constexpr, BD: tl.constexpr, BI: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
     pid = tl.program_id(0)
     if pid == 0:
-        tl.store(ticket_ptr, 0)   # the last launch's completion counter
+        for t0 in range(0, NT, BI):   # the last launch's completion counters
+            t = t0 + tl.arange(0, BI)
+            tl.store(ticket_ptr + t, tl.zeros((BI,), dtype=tl.int32), mask=t < NT)
     if pid < NBZ:
         _normalize_block(z_ptr, zn_ptr, znorm_ptr, pid, N, D, BR, BD, ACC)
     elif pid < NBZ + NBQ:
@@ -265,25 +269,35 @@ def _rows_block(zn_ptr, qn_ptr, znorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_pt
 
 
 @triton.jit
+def _gt_zn_chunk(zn_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, cls, cols, r_lo, r_hi, N, C, D,
+                 HAS_W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr,
+                 PREC: tl.constexpr):
+    """(G^T zn) of a block of classes on one D chunk, summed over rows r_lo .. r_hi - 1 in order."""
+    dmask = cols < D
+    acc = tl.zeros((BC, BD), dtype=ACC)
+    for i0 in range(r_lo, r_hi, BN):
+        rows = i0 + tl.arange(0, BN)
+        inside = rows < r_hi
+        g, s = _g_tile(S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, rows, cls, N, C, HAS_W, ACC)
+        g = tl.where(inside[:, None], g, 0.0)
+        a = tl.load(zn_ptr + rows[:, None] * D + cols[None, :], mask=inside[:, None] & dmask[None, :], other=0.0)
+        acc += tl.dot(tl.trans(g.to(a.dtype)), a, input_precision=PREC, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
 def _cls_block(zn_ptr, qn_ptr, qnorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, scale, dq_ptr,
                blk, N, C, D, HAS_W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr,
                ACC: tl.constexpr, PREC: tl.constexpr):
-    """dq = s G^T zn of a block of classes, with the normalisation backward."""
+    """dq = s G^T zn of a block of classes, over every row, with the normalisation backward."""
     cls = blk * BC + tl.arange(0, BC)
     cmask = cls < C
     dot = tl.zeros((BC,), dtype=ACC)
     for d0 in range(0, D, BD):
         cols = d0 + tl.arange(0, BD)
-        dmask = cols < D
-        acc = tl.zeros((BC, BD), dtype=ACC)
-        for i0 in range(0, N, BN):
-            rows = i0 + tl.arange(0, BN)
-            g, s = _g_tile(S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, rows, cls, N, C, HAS_W, ACC)
-            a = tl.load(zn_ptr + rows[:, None] * D + cols[None, :], mask=(rows[:, None] < N) & dmask[None, :],
-                        other=0.0)
-            acc += tl.dot(tl.trans(g.to(a.dtype)), a, input_precision=PREC, out_dtype=ACC)
-        acc = acc * scale
-        m2 = cmask[:, None] & dmask[None, :]
+        acc = _gt_zn_chunk(zn_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, cls, cols, 0, N, N, C, D,
+                           HAS_W, BN, BC, BD, ACC, PREC) * scale
+        m2 = cmask[:, None] & (cols[None, :] < D)
         qn = tl.load(qn_ptr + cls[:, None] * D + cols[None, :], mask=m2, other=0.0).to(ACC)
         dot += tl.sum(acc * qn, axis=1)
         tl.store(dq_ptr + cls[:, None] * D + cols[None, :], acc, mask=m2)
@@ -291,11 +305,51 @@ def _cls_block(zn_ptr, qn_ptr, qnorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr
 
 
 @triton.jit
+def _cls_split(zn_ptr, qn_ptr, qnorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, scale, dq_ptr,
+               part_ptr, ticket_ptr, blk, split, ROWS_PER, N, C, D, HAS_W: tl.constexpr, SPLITS: tl.constexpr,
+               BNC: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """One of SPLITS programs of a class block: G^T zn over its range of ROWS_PER rows in tiles of BNC
+    rows (half the row programs' BN: with full tiles the kernel spilled 48-128 B a thread), written to its
+    slot of part (BC x D). The block's last program to finish (an integer ticket, as for the loss
+    total) sums the slots in split order — the same bits whoever finishes last — then writes
+    dq = s G^T zn with the normalisation backward."""
+    cls = blk * BC + tl.arange(0, BC)
+    cmask = cls < C
+    lc = tl.arange(0, BC)
+    r_lo = split * ROWS_PER
+    r_hi = tl.minimum(r_lo + ROWS_PER, N)
+    slot = part_ptr + (blk * SPLITS + split) * BC * D
+    for d0 in range(0, D, BD):
+        cols = d0 + tl.arange(0, BD)
+        acc = _gt_zn_chunk(zn_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, cls, cols, r_lo, r_hi, N,
+                           C, D, HAS_W, BNC, BC, BD, ACC, PREC)
+        tl.store(slot + lc[:, None] * D + cols[None, :], acc, mask=cols[None, :] < D)
+    tl.debug_barrier()   # every thread's slot stores issued before the ticket
+    ticket = tl.atomic_add(ticket_ptr + blk, 1, sem="acq_rel")
+    if ticket == SPLITS - 1:
+        tl.debug_barrier()
+        dot = tl.zeros((BC,), dtype=ACC)
+        first = part_ptr + blk * SPLITS * BC * D
+        for d0 in range(0, D, BD):
+            cols = d0 + tl.arange(0, BD)
+            m2 = cmask[:, None] & (cols[None, :] < D)
+            acc = tl.zeros((BC, BD), dtype=ACC)
+            for k in range(SPLITS):
+                acc += tl.load(first + (k * BC + lc[:, None]) * D + cols[None, :], mask=m2, other=0.0,
+                               cache_modifier=".cg").to(ACC)
+            acc = acc * scale
+            qn = tl.load(qn_ptr + cls[:, None] * D + cols[None, :], mask=m2, other=0.0).to(ACC)
+            dot += tl.sum(acc * qn, axis=1)
+            tl.store(dq_ptr + cls[:, None] * D + cols[None, :], acc, mask=m2)
+        _norm_backward(dq_ptr, qn_ptr, qnorm_ptr, cls, cmask, dot, D, BD, ACC)
+
+
+@triton.jit
 def _grads(zn_ptr, qn_ptr, znorm_ptr, qnorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr,
-           tau_ptr, losses_ptr, ploss_ptr, pdtau_ptr, ticket_ptr, loss_ptr, dtau_ptr, dz_ptr, dq_ptr, N, C, D, NBZ,
-           HAS_W: tl.constexpr, FUSED: tl.constexpr,
-           BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr, ACC: tl.constexpr,
-           PREC: tl.constexpr):
+           tau_ptr, losses_ptr, ploss_ptr, pdtau_ptr, ticket_ptr, loss_ptr, dtau_ptr, dz_ptr, dq_ptr, part_ptr,
+           N, C, D, NBZ, ROWS_PER, HAS_W: tl.constexpr, FUSED: tl.constexpr, SPLITS: tl.constexpr,
+           BN: tl.constexpr, BNC: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr,
+           ACC: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     scale = tl.exp(tl.load(tau_ptr).to(ACC))
     if pid < NBZ:
@@ -316,8 +370,14 @@ def _grads(zn_ptr, qn_ptr, znorm_ptr, qnorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, w
             tl.store(loss_ptr, tl.sum(tot_l, axis=0))
             tl.store(dtau_ptr, tl.sum(tot_t, axis=0))
     elif FUSED:
-        _cls_block(zn_ptr, qn_ptr, qnorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, scale, dq_ptr,
-                   pid - NBZ, N, C, D, HAS_W, BN, BC, BD, ACC, PREC)
+        if SPLITS == 1:
+            _cls_block(zn_ptr, qn_ptr, qnorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, scale, dq_ptr,
+                       pid - NBZ, N, C, D, HAS_W, BN, BC, BD, ACC, PREC)
+        else:   # class tickets follow the loss total's
+            k = pid - NBZ
+            _cls_split(zn_ptr, qn_ptr, qnorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, scale, dq_ptr,
+                       part_ptr, ticket_ptr + 1, k // SPLITS, k % SPLITS, ROWS_PER, N, C, D, HAS_W, SPLITS, BNC, BC,
+                       BD, ACC, PREC)
 
 
 @triton.jit
@@ -408,6 +468,21 @@ def _launch_config(interpreted, dtype, batched=False):
     return (32, 32, 64, 8) if batched else (64, 32, 64, 8)
 
 
+def _dq_splits(n, c, bn, bc, dtype, most=4):
+    """(splits, rows per split) of the dq = s G^T zn work of each class block. Unsplit, a class
+    block's program runs N x BC x D products, N BC / (BN C) times a row block's work (8x at
+    N = 16384, C = 1000), on only C / BC programs (32 there, for a GPU of 132 SMs): the kernel waits
+    on them. Split into at most ``most`` row ranges of whole row tiles, each close to a row block's
+    work; the partial sums take splits x C x D extra memory, summed in split order (deterministic).
+    float64 (an accuracy mode) stays unsplit: its split kernel spilled 48 B a thread (triton 3.9, sm_90)."""
+    if dtype == torch.float64:
+        return 1, n
+    blocks = triton.cdiv(n, bn)
+    want = max(1, min(most, (n * bc) // (bn * c), blocks))
+    per = triton.cdiv(blocks, want)
+    return triton.cdiv(blocks, per), per * bn
+
+
 PRECISIONS = ("ieee", "tf32")
 
 
@@ -461,18 +536,21 @@ def symmetric_ce(z, q, labels, tau, weights, fused_grad, precision="ieee"):
     ploss = torch.empty(nbz, device=dev, dtype=dt)
     pdtau = torch.empty(nbz, device=dev, dtype=dt)
     loss, dtau = torch.empty((), device=dev, dtype=dt), torch.empty((), device=dev, dtype=dt)
-    ticket = torch.empty(1, device=dev, dtype=torch.int32)  # zeroed by _prep
+    splits, rows_per = _dq_splits(n, c, bn, bc, dt) if fused_grad else (1, n)
+    part = torch.empty(splits * nbc * bc * d, device=dev, dtype=dt) if splits > 1 else dq
+    # [0]: the loss total's completion counter; [1 + b]: class block b's splits (zeroed by _prep)
+    ticket = torch.empty(1 + (nbc if splits > 1 else 0), device=dev, dtype=torch.int32)
     w_arg = w if w is not None else z  # never read when HAS_W is False
 
     _prep[(nbz + nbq + nbc,)](z, q, zn, qn, znorm, qnorm, labels, w_arg, cnt, wsum, ticket, n, c, d, w is not None,
-                              nbz, nbq, BR=bn, BD=bd, BI=max(bn, 16), BC=bc, ACC=acc)
+                              nbz, nbq, ticket.numel(), BR=bn, BD=bd, BI=max(bn, 16), BC=bc, ACC=acc)
     _scores[(nbz,)](zn, qn, cnt, tau_t, S, R, pred, n, c, d, BN=bn, BC=bc, BD=bd, ACC=acc, PREC=prec,
                     num_warps=st.warps)
     _colstats[(nbc,)](S, L, n, c, BN=bn, BC=bc, ACC=acc)
-    _grads[(nbz + (nbc if fused_grad else 0),)](
+    _grads[(nbz + (nbc * splits if fused_grad else 0),)](
         zn, qn, znorm, qnorm, S, R, L, cnt, wsum, labels, w_arg, tau_t, losses, ploss, pdtau, ticket, loss,
-        dtau, dz, dq, n, c, d, nbz, HAS_W=w is not None, FUSED=fused_grad, BN=bn, BC=bc, BD=bd, BP=64,
-        ACC=acc, PREC=prec, num_warps=st.warps)
+        dtau, dz, dq, part, n, c, d, nbz, rows_per, HAS_W=w is not None, FUSED=fused_grad, SPLITS=splits, BN=bn,
+        BNC=max(bn // 2, 16), BC=bc, BD=bd, BP=64, ACC=acc, PREC=prec, num_warps=st.warps)
     return loss, losses, pred, dz, dq, dtau if fused_grad else z.new_empty(0)
 
 
