@@ -40,7 +40,7 @@ def test_cuda_kernels_compile_with_plain_nvcc_without_spills(tmp_path):
     entries = re.findall(r"Compiling entry function '(\w+)' for '(sm_\d+)'", log)
     kernels = {name for name, _ in entries}
     assert {arch for _, arch in entries} == {"sm_80", "sm_90"}
-    assert len(kernels) == 6   # copa_sce_single, copa_sce_episodes and copa_sce_phase, float and double
+    assert len(kernels) == 8   # copa_sce_single, _episodes, _phase and copa_class_means, float and double
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     assert len(spills) >= len(entries) and all(a == "0" and b == "0" for a, b in spills), spills
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", log)]

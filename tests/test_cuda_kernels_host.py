@@ -78,6 +78,26 @@ def _run(exe, tmp_path, z, q, y, tau, *, fused=True, w=None, blocks=1, episodes=
     return out
 
 
+def _class_means(exe, tmp_path, x, y, c, blocks):
+    """copa_class_means on the host: the class means of x's rows by y into c classes (c x D)."""
+    dt = np.float64 if x.dtype == torch.float64 else np.float32
+    r, d = x.shape
+    header = [np.dtype(dt).itemsize, 3, r, c, d, 0, 0, blocks, 1, 0, 0]
+    src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
+    with open(src, "wb") as f:
+        f.write(struct.pack(f"{len(header)}q", *header))
+        f.write(x.numpy().astype(dt).tobytes())
+        f.write(np.zeros(c * d, dtype=dt).tobytes())
+        f.write(y.numpy().astype(np.int64).tobytes())
+        f.write(np.zeros(1, dtype=dt).tobytes())
+    res = subprocess.run([exe, str(src), str(dst)], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, ASAN_OPTIONS="detect_leaks=0"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    raw = open(dst, "rb").read()
+    assert len(raw) == c * d * np.dtype(dt).itemsize
+    return torch.from_numpy(np.frombuffer(raw, dtype=dt).copy()).reshape(c, d)
+
+
 def _want(x, p, y, tau, w=None):
     xr, pr = x.double().clone().requires_grad_(True), p.double().clone().requires_grad_(True)
     tr = torch.tensor(float(tau), dtype=torch.float64, requires_grad=True)
@@ -216,3 +236,31 @@ def test_episodes_kernel_matches_reference(host_check, tmp_path, pad):
         assert_rel(out["dz"][r0:r0 + n], dx, 1e-9, f"episode {k} dz")
         assert_rel(out["dq"][c0:c0 + cc], dp, 1e-9, f"episode {k} dq")
         assert_rel(out["dtau"][k], dtau, 1e-9, f"episode {k} dtau")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("n,c,d,blocks", [(53, 7, 300, 3), (40, 1, 17, 2), (12, 12, 256, 5), (9, 3, 1100, 2)],
+                         ids=["ragged-columns", "C=1", "C=N", "two-column-passes"])
+def test_class_means_kernel_matches_reference(host_check, tmp_path, dtype, n, c, d, blocks):
+    """copa_loss's class means on cuda (one launch, rows summed in index order): equal to the float64
+    means; fewer blocks than classes take the rest round-robin; D = 300 has ragged columns, D = 1100
+    a second pass over the labels (1024 columns a pass)."""
+    x, y = make_episode(n, c, d, seed=n + d, dtype=dtype, one_shot=1 if 1 < c < n else 0)
+    got = _class_means(host_check, tmp_path, x, y, c, blocks)
+    assert_rel(got, ref.class_prototypes(x.double(), y, c), 1e-6 if dtype == torch.float32 else 1e-13, "means")
+    again = _class_means(host_check, tmp_path, x, y, c, 1)
+    assert torch.equal(got, again)   # the same bits whatever the block count
+
+
+def test_class_means_kernel_clamps_bad_labels_and_zeroes_empty_classes(host_check, tmp_path):
+    """Validation off: labels outside 0..C-1 count as the nearest class (as clamped), never an index
+    out of bounds (ASan); a class with no row gets a zero mean, not 0/0."""
+    x, y = make_episode(30, 5, 20, seed=12, dtype=torch.float64)
+    y = y.clone()
+    y[y == 2] = 3            # class 2 left empty
+    y[4], y[9] = -7, 11      # clamped to 0 and 4
+    got = _class_means(host_check, tmp_path, x, y, 5, 2)
+    want = ref.class_prototypes(x, y.clamp(0, 4), 5).clone()
+    want[2] = 0.0
+    assert torch.equal(got[2], torch.zeros(20, dtype=torch.float64))
+    assert_rel(got, want, 1e-13, "means")

@@ -171,15 +171,22 @@ Outputs episodes_sce_cuda(const at::Tensor& z_in, const at::Tensor& q_in, const 
   return {b.loss.narrow(0, 0, E), b.losses, b.pred, b.dz, b.dq, fused_grad ? b.dtau.narrow(0, 0, E) : b.dtau};
 }
 
-// Class means of pf's rows (C x D). The sums are a one-hot GEMM (deterministic, unlike index_add's float
-// atomics); the counts add ones (exact in any order). The C x N one-hot is freed on return, before the
-// step's large buffers exist. Labels outside [0, C) are clamped here (memory-safe).
-at::Tensor class_means(const at::Tensor& pf, const at::Tensor& labels, int64_t num_classes) {
-  const auto opt = pf.options();
-  const at::Tensor yc = labels.to(at::kLong).clamp(0, num_classes - 1);
-  const at::Tensor onehot = yc.unsqueeze(0).eq(at::arange(num_classes, yc.options()).unsqueeze(1)).to(opt);
-  const at::Tensor counts = at::zeros({num_classes}, opt).index_add_(0, yc, at::ones({pf.size(0)}, opt));
-  return at::mm(onehot, pf).div_(counts.clamp_min(1).unsqueeze(1));
+// Class means of pf's rows (C x D): one launch of copa_class_means (rows summed in index order,
+// deterministic; labels outside [0, C) clamped, memory-safe).
+at::Tensor class_means(const at::Tensor& pf_in, const at::Tensor& labels, int64_t num_classes) {
+  const at::Tensor pf = pf_in.contiguous();
+  const at::Tensor y = labels.to(at::kLong).contiguous();
+  check_size(pf, "prototype_features");
+  CHECK_ARG(num_classes * pf.size(1) < (int64_t(1) << 31), "num_classes: C x D must stay below 2^31, got ",
+            num_classes, " x ", pf.size(1));
+  at::Tensor p0 = at::empty({num_classes, pf.size(1)}, pf.options());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(pf.scalar_type(), "copa_fast_class_means_cuda", [&] {
+    C10_CUDA_CHECK(cuda::launch_class_means<scalar_t>(pf.data_ptr<scalar_t>(), y.data_ptr<int64_t>(),
+                                                      static_cast<int>(pf.size(0)), static_cast<int>(num_classes),
+                                                      static_cast<int>(pf.size(1)), p0.data_ptr<scalar_t>(), stream));
+  });
+  return p0;
 }
 
 // One whole CoPA step on CUDA tensors (copa_fast::copa_loss; schema in csrc/cpu/symmetric_ce.cpp, autograd in

@@ -1,14 +1,15 @@
 // Runs the CUDA kernels of sce_kernels.cuh on the host (simt_host.h) for the tests: reads one
 // problem from a binary file, launches copa_sce_single (a cooperative grid of `blocks` blocks),
-// copa_sce_episodes (one block per episode) or the phased path (copa_sce_phase, `blocks` blocks a
-// phase, the products on the host), writes the outputs. Every buffer is its own heap
-// allocation of the exact size, so AddressSanitizer flags any out-of-bounds access.
+// copa_sce_episodes (one block per episode), the phased path (copa_sce_phase, `blocks` blocks a
+// phase, the products on the host) or copa_class_means, writes the outputs. Every buffer is its own
+// heap allocation of the exact size, so AddressSanitizer flags any out-of-bounds access.
 //
-// Input (native endianness): int64 header [dtype_bytes, mode (0 single, 1 episodes, 2 phased), R, K, d, fused,
-// has_w, blocks, E, s_total, in_place (zn written over z, as binding.cpp's copa_loss op has it)], then z (R*d),
-// q (K*d) in dtype, y (R) int64, w (R, if has_w) and tau (E) in dtype, then for episodes rows (2E), cls (2E),
-// s_off (E) int64.
-// Output: loss (E), dtau (E), losses (R) in dtype, pred (R) int64, dz (R*d), dq (K*d) in dtype.
+// Input (native endianness): int64 header [dtype_bytes, mode (0 single, 1 episodes, 2 phased, 3 class
+// means), R, K, d, fused, has_w, blocks, E, s_total, in_place (zn written over z, as binding.cpp's
+// copa_loss op has it)], then z (R*d), q (K*d) in dtype, y (R) int64, w (R, if has_w) and tau (E) in
+// dtype, then for episodes rows (2E), cls (2E), s_off (E) int64.
+// Output: loss (E), dtau (E), losses (R) in dtype, pred (R) int64, dz (R*d), dq (K*d) in dtype; for class
+// means p0 (K*d) in dtype.
 #define COPA_SIMT_HOST 1
 #include "sce_kernels.cuh"
 
@@ -85,6 +86,13 @@ int run(FILE* in, FILE* out, const int64_t* h) {
     rows = read<int64_t>(in, 2 * E);
     cls = read<int64_t>(in, 2 * E);
     s_off = read<int64_t>(in, E);
+  }
+  if (mode == 3) {   // class means of the rows z by the labels y into K classes
+    std::vector<T> p0(K * d);
+    simt::launch((int)blocks, copa_fast::cuda::kThreads,
+                 [&] { copa_fast::cuda::copa_class_means<T>(z.data(), y.data(), (int)R, (int)K, (int)d, p0.data()); });
+    write(out, p0);
+    return 0;
   }
   std::vector<T> zn(in_place ? 0 : R * d), qn(K * d), znorm(R), qnorm(K), cnt(K), wsum(K),
       S(mode == 1 ? s_total : R * K), Rr(2 * R), L(2 * K), row_dtau(R), wloss(R), losses(R, T(0)),

@@ -55,12 +55,22 @@ cudaError_t launch_phase(const SceProblem<T>& problem, int phase, cudaStream_t s
   return cudaGetLastError();
 }
 
+template <typename T>
+cudaError_t launch_class_means(const T* pf, const int64_t* y, int n, int c, int d, T* p0, cudaStream_t stream) {
+  if (c <= 0) return cudaSuccess;
+  const int blocks = c < kMaxPhaseBlocks ? c : (int)kMaxPhaseBlocks;   // the rest round-robin
+  copa_class_means<T><<<blocks, kThreads, 0, stream>>>(pf, y, n, c, d, p0);
+  return cudaGetLastError();
+}
+
 template cudaError_t launch_single<float>(const SceProblem<float>&, cudaStream_t);
 template cudaError_t launch_single<double>(const SceProblem<double>&, cudaStream_t);
 template cudaError_t launch_phase<float>(const SceProblem<float>&, int, cudaStream_t);
 template cudaError_t launch_phase<double>(const SceProblem<double>&, int, cudaStream_t);
 template cudaError_t launch_episodes<float>(const SceProblem<float>&, const int64_t*, const int64_t*,
                                             const int64_t*, int, cudaStream_t);
+template cudaError_t launch_class_means<float>(const float*, const int64_t*, int, int, int, float*, cudaStream_t);
+template cudaError_t launch_class_means<double>(const double*, const int64_t*, int, int, int, double*, cudaStream_t);
 template cudaError_t launch_episodes<double>(const SceProblem<double>&, const int64_t*, const int64_t*,
                                              const int64_t*, int, cudaStream_t);
 

@@ -481,5 +481,40 @@ COPA_GLOBAL void copa_sce_episodes(SceProblem<T> base, const int64_t* rows, cons
   }
 }
 
+// Class means of copa_loss's prototype rows: p0[c] = mean of the rows i of pf with label c (C x D), one
+// class per block (round-robin), kMeanCols columns a thread (D <= 1024 in one pass over the labels),
+// rows summed in index order (deterministic). Labels outside [0, C) are clamped into it, never used
+// as an index as they are (their rows' losses are NaN anyway); a class with no row gets zeros. One
+// launch in place of a one-hot GEMM and its helpers.
+constexpr int kMeanCols = 4;
+
+template <typename T>
+COPA_GLOBAL void copa_class_means(const T* pf, const int64_t* y, int n, int c, int d, T* p0) {
+  for (int cls = COPA_BID; cls < c; cls += COPA_NBLOCKS) {
+    for (int k0 = 0; k0 < d; k0 += kThreads * kMeanCols) {
+      T acc[kMeanCols];
+      for (int j = 0; j < kMeanCols; ++j) acc[j] = T(0);
+      T cnt = T(0);
+      for (int i = 0; i < n; ++i) {
+        const int64_t yi = y[i];
+        const int64_t yc = yi < 0 ? 0 : (yi >= c ? c - 1 : yi);
+        if (yc == cls) {   // the same branch for every thread of the block
+          cnt += T(1);
+          const T* row = pf + (long)i * d;
+          for (int j = 0; j < kMeanCols; ++j) {
+            const int k = k0 + j * kThreads + COPA_TID;
+            if (k < d) acc[j] += row[k];
+          }
+        }
+      }
+      const T denom = cnt > T(0) ? cnt : T(1);
+      for (int j = 0; j < kMeanCols; ++j) {
+        const int k = k0 + j * kThreads + COPA_TID;
+        if (k < d) p0[(long)cls * d + k] = acc[j] / denom;
+      }
+    }
+  }
+}
+
 }  // namespace cuda
 }  // namespace copa_fast

@@ -31,5 +31,9 @@ template <typename T>
 cudaError_t launch_episodes(const SceProblem<T>& stacked, const int64_t* rows, const int64_t* cls,
                             const int64_t* s_off, int episodes, cudaStream_t stream);
 
+// Class means p0 (C x D) of the N x D rows pf by (clamped) labels y; see copa_class_means.
+template <typename T>
+cudaError_t launch_class_means(const T* pf, const int64_t* y, int n, int c, int d, T* p0, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace copa_fast
