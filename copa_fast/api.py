@@ -422,13 +422,18 @@ def _adapt_group(items, classes, steps, lr, weight_decay, tau, op):
         loss.sum().backward()
         opt.step()
         losses.append(loss.detach())
-    loss_rows = torch.stack(losses, 1).tolist() if losses else [[] for _ in range(e)]
-    results = []
+    hits = {}   # episode -> correct query predictions, on the device: one read-back for the group
     with torch.no_grad():
-        for k, (sup, lab, query, query_labels) in enumerate(items):
-            acc = None
-            if query is not None:
+        for k, (_, _, query, query_labels) in enumerate(items):
+            if query is not None and query_labels.numel():
                 pred = _cosine_predict(query.to(work) @ w_img[k].t(), protos[k, :classes[k]] @ w_proto[k].t())
-                acc = reference.fraction_correct(pred, query_labels)
-            results.append(AdaptResult(w_img[k].detach().clone(), w_proto[k].detach().clone(), loss_rows[k], acc))
+                hits[k] = pred.eq(query_labels).sum()
+    loss_rows = torch.stack(losses, 1).tolist() if losses else [[] for _ in range(e)]
+    counts = dict(zip(hits, torch.stack(list(hits.values())).tolist())) if hits else {}
+    results = []
+    for k, (_, _, query, query_labels) in enumerate(items):
+        acc = None   # as reference.fraction_correct: a ratio of counts, NaN for an empty query set
+        if query is not None:
+            acc = counts[k] / query_labels.numel() if k in counts else float("nan")
+        results.append(AdaptResult(w_img[k].detach().clone(), w_proto[k].detach().clone(), loss_rows[k], acc))
     return results
