@@ -6,7 +6,7 @@
 2. 132 ragged episodes (N 25-500) in ONE batched launch of the episodes op: time per episode-step
    against a single-episode call of the same backend (target: >= 10x lower);
 3. adapt_many over 600 sampled episodes x 50 steps, against the published per-episode loop timed on
-   a few episodes and scaled to 600 (stated as such);
+   a few episodes and scaled to 600 (stated as such), and where its time goes (torch.profiler);
 4. the Triton kernels under each candidate launch configuration (tiles, warps): the default (no
    register spills, see benchmarks/triton_aot.py) against the tiles it replaced, and the class
    gradient split over row ranges (the default) against one program per class block.
@@ -184,6 +184,36 @@ def adapt_many_run(device, count, steps, d, ref_episodes):
               f"(mean query accuracy {100 * acc:.1f} %) |")
 
 
+def adapt_many_split(device, count, steps, d):
+    """Where adapt_many's time goes: one run under torch.profiler, the device time of the kernels
+    with the most of it, and the wall time against the device total (the rest is host work that
+    the device waited on)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    backend = copa_fast.backends.default_backend(device, batched=True)
+    print(f"\n### Where adapt_many's time goes: {count} episodes x {steps} steps, D={d}, fp32, {backend} "
+          f"(torch.profiler)\n")
+    feats, labels = synthetic_features(dim=d, seed=0)
+    eps = [e.to(device) for e in sample_episodes(feats, labels, count, seed=0)]
+    copa_fast.adapt_many(eps[:2], steps=2, backend=backend)
+    _sync(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        copa_fast.adapt_many(eps, steps=steps, backend=backend)
+        _sync(device)
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    on_device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in on_device)
+    print(f"wall {wall * 1e3:.1f} ms under the profiler; device {total / 1e3:.1f} ms in "
+          f"{sum(e.count for e in on_device)} kernels and copies\n")
+    print("| kernel (most device time) | device ms | share | calls |\n|---|---|---|---|")
+    for e in sorted(on_device, key=lambda e: e.self_device_time_total, reverse=True)[:10]:
+        share = e.self_device_time_total / total if total else 0.0
+        print(f"| {e.key[:70]} | {e.self_device_time_total / 1e3:.1f} | {100 * share:.0f} % | {e.count} |")
+
+
 # (BN, BC, BD, num_warps) candidates for float32 launches, and whether the single problem's class
 # gradient is split over row ranges as by default (False: one program per class block, as before)
 TRITON_CONFIGS = {"32x32x64, 8 warps (batched default)": ((32, 32, 64, 8), True),
@@ -239,12 +269,14 @@ def main():
         host_split(device, 100, 10, 64, 3)
         batched_episodes(device, 6, 32, 25, 60, 2)
         adapt_many_run(device, 4, 3, 32, 2)
+        adapt_many_split(device, 4, 2, 32)
         triton_configs(device, 60, 32, 3, 2, large=(120, 12))
     else:
         graph_replay(device, 500, 50, 512, 50)
         host_split(device, 500, 50, 512, 20)
         batched_episodes(device, 132, 512, 25, 500, 20)
         adapt_many_run(device, 600, 50, 512, 5)
+        adapt_many_split(device, 600, 10, 512)
         triton_configs(device, 500, 512, 132, 20, large=(16384, 1000))
 
 
