@@ -79,9 +79,9 @@ PRECISIONS = ("ieee", "tf32")
 def _check_precision(precision, backend: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
-    if precision == "tf32" and backend != "triton":
-        raise ValueError(f"precision: 'tf32' is a tensor-core mode of the triton backend; backend {backend!r} "
-                         f"computes in IEEE float32/float64 (use precision='ieee')")
+    if precision == "tf32" and backend not in ("triton", "cuda"):
+        raise ValueError(f"precision: 'tf32' is a tensor-core mode of the triton and cuda backends; backend "
+                         f"{backend!r} computes in IEEE float32/float64 (use precision='ieee')")
 
 
 def _sce_core(z, q, labels, tau: Tau, reduction: str, backend: str, precision: str = "ieee"):
@@ -96,8 +96,7 @@ def _sce_core(z, q, labels, tau: Tau, reduction: str, backend: str, precision: s
     op = _ops.triton_call() if backend == "triton" else _ops.cpp_op()
     weights = torch.ones(z.shape[0], dtype=work, device=z.device) if reduction == "sum" else None
     needs_grad = torch.is_grad_enabled() and (zw.requires_grad or qw.requires_grad or tau_t.requires_grad)
-    extra = (precision,) if backend == "triton" else ()
-    loss, losses, pred, _, _, _ = op(zw, qw, labels, tau_t, weights, needs_grad and reduction != "none", *extra)
+    loss, losses, pred, _, _, _ = op(zw, qw, labels, tau_t, weights, needs_grad and reduction != "none", precision)
     out = losses if reduction == "none" else loss
     return out.to(z.dtype), pred
 
@@ -123,9 +122,10 @@ def symmetric_ce(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: tor
     labels: (N,) int64/int32 in 0..C-1, every class present; tau: float or 1-element tensor, the
     logit scale is exp(tau). Both sides are L2-normalised (eps 1e-12). Returns a 0-d loss
     (reduction "mean" or "sum") or (N,) per-sample losses ("none") whose mean is the loss.
-    Differentiable w.r.t. embeddings, prototypes and a tensor tau. ``precision="tf32"`` (triton
-    backend, float32) runs the kernel's dot products on TF32 tensor cores; see the README for its
-    error bound.
+    Differentiable w.r.t. embeddings, prototypes and a tensor tau. ``precision="tf32"`` (float32)
+    lets products run on TF32 tensor cores: every dot product of the triton kernels; on cuda, the
+    cuBLAS products of large problems (from 2^22 scores; its fused kernel for smaller ones computes
+    IEEE products at either precision). See the README for the error bound.
     """
     _check_sce(embeddings, prototypes, labels, tau, reduction, check_inputs)
     b = _backends.resolve(backend, embeddings.device)
@@ -196,7 +196,7 @@ def copa_loss(features: torch.Tensor, labels: torch.Tensor, w_img: torch.Tensor,
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or wi.requires_grad or wp.requires_grad
                                                   or pfw.requires_grad or tau_t.requires_grad)
         weights = torch.ones(x.shape[0], dtype=work, device=x.device) if reduction == "sum" else None
-        out = _ops.copa_op()(x, labels, wi, wp, pfw, c, tau_t, weights, needs_grad)
+        out = _ops.copa_op()(x, labels, wi, wp, pfw, c, tau_t, weights, needs_grad, precision)
         return out[0] if out[0].dtype == features.dtype else out[0].to(features.dtype)
     p0 = class_means(pfw, labels, c)
     return _sce_core(x @ wi.t(), p0 @ wp.t(), labels, tau, reduction, b, precision)[0].to(features.dtype)

@@ -15,6 +15,13 @@
 
 namespace copa_fast {
 
+// precision: "ieee" (IEEE products) or "tf32" (products may use TF32 tensor cores where the device and
+// the path have them; the CPU kernels and the fused CUDA kernel compute IEEE products at either).
+inline void check_precision(c10::string_view precision) {
+  CHECK_ARG(precision == "ieee" || precision == "tf32", "precision: expected 'ieee' or 'tf32', got '", precision,
+            "'");
+}
+
 // labels (N,), tau (one element), weights (N,) or None, all on `device`.
 inline void check_labels_tau_weights(int64_t n, const at::Device& device, const at::Tensor& labels,
                                      const at::Tensor& tau, const c10::optional<at::Tensor>& weights) {

@@ -239,6 +239,48 @@ def test_precision_argument_validated():
             copa_fast.copa_loss(x, y, w, w, backend="cpu", precision="tf32")
 
 
+@pytest.mark.skipif("cpu" not in AVAILABLE, reason="needs the C++ extension")
+def test_cpp_ops_take_a_precision_argument():
+    """The C++ ops' `precision` (default "ieee"): checked by name; on the CPU kernels "tf32" is
+    accepted (an allowance, not a demand) and gives the IEEE bits."""
+    x, y = make_episode(30, 4, 12, seed=3)
+    w, tau = torch.eye(12) + 0.1, torch.tensor(2.0)
+    for op, args in ((torch.ops.copa_fast.symmetric_ce, (x, x[:4], y, tau, None, True)),
+                     (torch.ops.copa_fast.copa_loss, (x, y, w, w, x, 4, tau, None, True))):
+        ieee, tf32, default = op(*args, "ieee"), op(*args, "tf32"), op(*args)
+        for a, b, c in zip(ieee, tf32, default):
+            assert torch.equal(a, b) and torch.equal(a, c)
+        with pytest.raises(ValueError, match="precision: expected 'ieee' or 'tf32', got 'fp16'"):
+            op(*args, "fp16")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif("cuda" not in AVAILABLE, reason="no CUDA kernels here")
+def test_cuda_tf32_within_documented_bound_and_switch_restored():
+    """cuda with precision="tf32": the large-problem path's cuBLAS products may run on TF32 tensor
+    cores (within the documented bound); torch's own TF32 switch is left as it was, either way."""
+    n, c, d = 4500, 950, 48   # 4.27 M scores: the cuBLAS path
+    x, y = make_episode(n, c, d, seed=32, dtype=torch.float64)
+    p = torch.randn(c, d, generator=torch.Generator().manual_seed(33), dtype=torch.float64)
+    xr, pr = x.clone().requires_grad_(True), p.clone().requires_grad_(True)
+    want = ref.symmetric_ce_nxc(xr, pr, y)
+    want.backward()
+    for switch in (False, True):
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = switch
+        try:
+            a = x.float().cuda().requires_grad_(True)
+            b = p.float().cuda().requires_grad_(True)
+            loss = copa_fast.symmetric_ce(a, b, y.cuda(), backend="cuda", precision="tf32")
+            loss.backward()
+            assert torch.backends.cuda.matmul.allow_tf32 == switch
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
+        assert_rel(loss, want, TF32_TOL["loss"], "tf32 loss")
+        assert_rel(a.grad, xr.grad, TF32_TOL["grad"], "tf32 dz")
+        assert_rel(b.grad, pr.grad, TF32_TOL["grad"], "tf32 dq")
+
+
 
 
 @pytest.mark.cuda

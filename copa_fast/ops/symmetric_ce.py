@@ -2,7 +2,7 @@
 
 Every backend's op has one schema:
 
-    symmetric_ce(z, q, labels, tau, weights, fused_grad) -> (loss, losses, pred, dz, dq, dtau)
+    symmetric_ce(z, q, labels, tau, weights, fused_grad, precision="ieee") -> (loss, losses, pred, dz, dq, dtau)
 
 z (N, D), q (C, D): raw rows (normalised inside); labels (N,) int; tau: 1-element tensor, the
 logit scale is exp(tau); weights (N,) or None (= 1/N): loss = sum_i weights_i * losses_i.
@@ -14,8 +14,10 @@ losses (reduction="none").
 
 ``copa_fast::symmetric_ce`` is the C++ op (CPU kernel, and CUDA kernel where built);
 ``copa_fast::symmetric_ce_triton`` is the Triton one (CUDA tensors, or CPU tensors under
-TRITON_INTERPRET=1); it takes one more argument, ``precision`` ("ieee" or "tf32": the input
-precision of its dot products for float32 tensors).
+TRITON_INTERPRET=1). ``precision`` ("ieee" or "tf32"): for float32 tensors, whether products may
+run on TF32 tensor cores — every dot product of the Triton kernels; on the C++ op, the cuBLAS
+products of the CUDA large-problem path (the CPU kernels and the fused CUDA kernel compute IEEE
+products at either).
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def cpp_op():
 
 
 # --- the fused CoPA step (CPU; CUDA where built) -------------------------------------------------
-# copa_loss(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad)
+# copa_loss(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad, precision="ieee")
 #   -> (loss, losses, pred, dz, dq, p0, dtau)
 # p0 = class means of pf, z = x w_img^T and q = p0 w_proto^T are formed inside; with fused_grad dz,
 # dq, dtau are the gradients of ``loss`` w.r.t. z, q and tau, and the backward (registered in C++,
@@ -122,7 +124,7 @@ def cpp_op():
 COPA_CPP = "copa_fast::copa_loss"
 
 
-def _copa_fake(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad):
+def _copa_fake(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad, precision="ieee"):
     torch._check(x.dim() == 2 and pf.dim() == 2 and w_img.dim() == 2, lambda: "x, pf, w_img: expected 2-D")
     n, e = x.shape[0], w_img.shape[0]
 

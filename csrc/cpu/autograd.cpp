@@ -38,14 +38,15 @@ using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::T
 
 Outputs call_below_autograd(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_img,
                             const at::Tensor& w_proto, const at::Tensor& pf, const c10::SymInt& num_classes,
-                            const at::Tensor& tau, const c10::optional<at::Tensor>& weights, bool fused_grad) {
+                            const at::Tensor& tau, const c10::optional<at::Tensor>& weights, bool fused_grad,
+                            c10::string_view precision) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("copa_fast::copa_loss", "")
                              .typed<Outputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                             const at::Tensor&, const at::Tensor&, c10::SymInt, const at::Tensor&,
-                                            const c10::optional<at::Tensor>&, bool)>();
+                                            const c10::optional<at::Tensor>&, bool, c10::string_view)>();
   at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad);
+  return op.call(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad, precision);
 }
 
 // The value of the 0-d grad_output g when it can be read for free (a plain CPU tensor), else NaN:
@@ -103,10 +104,10 @@ class CopaLoss : public torch::autograd::Function<CopaLoss> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& labels,
                                const at::Tensor& w_img, const at::Tensor& w_proto, const at::Tensor& pf,
                                const c10::SymInt& num_classes, const at::Tensor& tau,
-                               const c10::optional<at::Tensor>& weights,
-                               bool fused_grad) {
+                               const c10::optional<at::Tensor>& weights, bool fused_grad,
+                               c10::string_view precision) {
     auto [loss, losses, pred, dz, dq, p0, dtau] =
-        call_below_autograd(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad);
+        call_below_autograd(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad, precision);
     ctx->mark_non_differentiable({pred, dz, dq, p0, dtau});
     ctx->set_materialize_grads(false);
     ctx->saved_data["fused"] = fused_grad;
@@ -121,7 +122,7 @@ class CopaLoss : public torch::autograd::Function<CopaLoss> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(9);   // one slot per forward argument; non-tensors stay undefined
+    variable_list out(10);   // one slot per forward argument; non-tensors stay undefined
     const at::Tensor& g = grads[0];
     if (!g.defined()) return out;   // only the per-sample losses were used: they carry no gradient
     TORCH_CHECK(ctx->saved_data["fused"].toBool(),
@@ -172,32 +173,37 @@ class CopaLoss : public torch::autograd::Function<CopaLoss> {
 
 Outputs copa_loss_autograd(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_img,
                            const at::Tensor& w_proto, const at::Tensor& pf, c10::SymInt num_classes,
-                           const at::Tensor& tau, const c10::optional<at::Tensor>& weights, bool fused_grad) {
-  variable_list o = CopaLoss::apply(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad);
+                           const at::Tensor& tau, const c10::optional<at::Tensor>& weights, bool fused_grad,
+                           c10::string_view precision) {
+  variable_list o = CopaLoss::apply(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad, precision);
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
 }
 
 using SceOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 SceOutputs sce_below_autograd(const at::Tensor& z, const at::Tensor& q, const at::Tensor& labels,
-                              const at::Tensor& tau, const c10::optional<at::Tensor>& weights, bool fused_grad) {
+                              const at::Tensor& tau, const c10::optional<at::Tensor>& weights, bool fused_grad,
+                              c10::string_view precision) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("copa_fast::symmetric_ce", "")
                              .typed<SceOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, const c10::optional<at::Tensor>&, bool)>();
+                                               const at::Tensor&, const c10::optional<at::Tensor>&, bool,
+                                               c10::string_view)>();
   at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(z, q, labels, tau, weights, fused_grad);
+  return op.call(z, q, labels, tau, weights, fused_grad, precision);
 }
 
 class SymmetricCE : public torch::autograd::Function<SymmetricCE> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& z, const at::Tensor& q,
                                const at::Tensor& labels, const at::Tensor& tau,
-                               const c10::optional<at::Tensor>& weights, bool fused_grad) {
-    auto [loss, losses, pred, dz, dq, dtau] = sce_below_autograd(z, q, labels, tau, weights, fused_grad);
+                               const c10::optional<at::Tensor>& weights, bool fused_grad,
+                               c10::string_view precision) {
+    auto [loss, losses, pred, dz, dq, dtau] = sce_below_autograd(z, q, labels, tau, weights, fused_grad, precision);
     ctx->mark_non_differentiable({pred, dz, dq, dtau});
     ctx->set_materialize_grads(false);
     ctx->saved_data["fused"] = fused_grad;
+    ctx->saved_data["precision"] = std::string(precision);
     ctx->saved_data["tau_sizes"] = tau.sizes().vec();
     ctx->saved_data["tau_dtype"] = tau.scalar_type();
     // the inputs also with fused_grad: a create_graph backward recomputes the losses from them
@@ -206,7 +212,7 @@ class SymmetricCE : public torch::autograd::Function<SymmetricCE> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(6);
+    variable_list out(7);
     const at::Tensor &g_loss = grads[0], &g_losses = grads[1];
     const bool fused = ctx->saved_data["fused"].toBool();
     // with fused_grad the per-sample outputs carry no gradient
@@ -234,7 +240,8 @@ class SymmetricCE : public torch::autograd::Function<SymmetricCE> {
       dq = scaled(s[6], g_loss);
       dtau = g_loss * s[7];
     } else {
-      auto r = sce_below_autograd(z, q, labels, tau, row_w, /*fused_grad=*/true);
+      auto r = sce_below_autograd(z, q, labels, tau, row_w, /*fused_grad=*/true,
+                                  ctx->saved_data["precision"].toStringRef());
       dz = std::get<3>(r);
       dq = std::get<4>(r);
       dtau = std::get<5>(r);
@@ -250,8 +257,9 @@ class SymmetricCE : public torch::autograd::Function<SymmetricCE> {
 };
 
 SceOutputs symmetric_ce_autograd(const at::Tensor& z, const at::Tensor& q, const at::Tensor& labels,
-                                 const at::Tensor& tau, const c10::optional<at::Tensor>& weights, bool fused_grad) {
-  variable_list o = SymmetricCE::apply(z, q, labels, tau, weights, fused_grad);
+                                 const at::Tensor& tau, const c10::optional<at::Tensor>& weights, bool fused_grad,
+                                 c10::string_view precision) {
+  variable_list o = SymmetricCE::apply(z, q, labels, tau, weights, fused_grad, precision);
   return {o[0], o[1], o[2], o[3], o[4], o[5]};
 }
 

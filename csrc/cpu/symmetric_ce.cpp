@@ -344,8 +344,9 @@ std::vector<at::Tensor> copa_loss_cpu_impl(const at::Tensor& x, const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> copa_loss_cpu(
     const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_img, const at::Tensor& w_proto,
     const at::Tensor& pf, int64_t num_classes, const at::Tensor& tau, const c10::optional<at::Tensor>& weights,
-    bool fused_grad) {
+    bool fused_grad, c10::string_view precision) {
   check_copa_loss_args(x, labels, w_img, w_proto, pf, num_classes, tau, weights);
+  check_precision(precision);
   CHECK_ARG(x.device().is_cpu(), "x: expected a CPU tensor, got ", x.device());
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const double t = tau.to(at::kCPU).to(at::kDouble).item<double>();
@@ -358,8 +359,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> symmetric_ce_cpu(
     const at::Tensor& z, const at::Tensor& q, const at::Tensor& labels, const at::Tensor& tau,
-    const c10::optional<at::Tensor>& weights, bool fused_grad) {
+    const c10::optional<at::Tensor>& weights, bool fused_grad, c10::string_view precision) {
   check_symmetric_ce_args(z, q, labels, tau, weights);
+  check_precision(precision);
   CHECK_ARG(z.device().is_cpu(), "z: expected a CPU tensor, got ", z.device());
   // The products inside are part of this op: an enclosing autocast region must not recast them.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -410,8 +412,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 TORCH_LIBRARY(copa_fast, m) {
   m.def(
-      "symmetric_ce(Tensor z, Tensor q, Tensor labels, Tensor tau, Tensor? weights, bool fused_grad)"
-      " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "symmetric_ce(Tensor z, Tensor q, Tensor labels, Tensor tau, Tensor? weights, bool fused_grad,"
+      " str precision=\"ieee\") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // E ragged episodes stacked in z (rows) and q (classes): rows, classes (E, 2) int64 [start, count]
   // with ascending starts, labels local to each episode, s_off (E,) the start of each episode's
   // score block in a workspace of s_total entries, tau (E,). Returns per-episode loss (E,),
@@ -423,10 +425,12 @@ TORCH_LIBRARY(copa_fast, m) {
   // q = p0 w_proto^T, symmetric CE of (z, q) as above. With fused_grad dz, dq and dtau are the
   // gradients of `loss` w.r.t. z, q and tau (empty otherwise); p0 is returned for the backward.
   // num_classes is a SymInt: under torch.compile with dynamic shapes one graph serves every class
-  // count (the kernels take it as a plain int64_t, the dispatcher unpacks it).
+  // count (the kernels take it as a plain int64_t, the dispatcher unpacks it). precision (both ops):
+  // "ieee" or "tf32" — TF32 tensor cores allowed where a path has them (the cuda backend's cuBLAS
+  // products of large problems); the CPU kernels compute IEEE products at either.
   m.def(
       "copa_loss(Tensor x, Tensor labels, Tensor w_img, Tensor w_proto, Tensor pf, SymInt num_classes, Tensor tau,"
-      " Tensor? weights, bool fused_grad)"
+      " Tensor? weights, bool fused_grad, str precision=\"ieee\")"
       " -> (Tensor loss, Tensor losses, Tensor pred, Tensor dz, Tensor dq, Tensor p0, Tensor dtau)");
 }
 

@@ -85,12 +85,13 @@ void check_size(const at::Tensor& t, const char* name) {
             " elements");
 }
 
-// IEEE float32 products whatever torch's TF32 switch says (the cuda backend computes in IEEE
-// float32/float64; TF32 is the triton backend's opt-in), restored on exit.
-struct NoTF32 {
+// The cuBLAS products' precision for the op's `precision`, whatever torch's TF32 switch says: IEEE
+// float32 for "ieee" (the default), TF32 tensor cores allowed for "tf32"; the switch restored on exit.
+struct CublasTF32 {
   const bool was = at::globalContext().allowTF32CuBLAS();
-  NoTF32() { if (was) at::globalContext().setAllowTF32CuBLAS(false); }
-  ~NoTF32() { if (was) at::globalContext().setAllowTF32CuBLAS(true); }
+  const bool want;
+  explicit CublasTF32(bool tf32) : want(tf32) { if (was != want) at::globalContext().setAllowTF32CuBLAS(want); }
+  ~CublasTF32() { if (was != want) at::globalContext().setAllowTF32CuBLAS(was); }
 };
 
 // The large-problem path: the phases of launch_single with the three products of N x C x D work
@@ -98,8 +99,9 @@ struct NoTF32 {
 // vendor GEMM, which runs them several times faster than the kernel's tiles, in stream order. Same
 // buffers, same fixed-order reductions (the GEMM is deterministic for a given device and shape).
 template <typename T>
-void run_phased(const cuda::SceProblem<T>& p, Buffers& b, const at::Tensor& tau, bool fused, cudaStream_t stream) {
-  const NoTF32 ieee;
+void run_phased(const cuda::SceProblem<T>& p, Buffers& b, const at::Tensor& tau, bool fused, bool tf32,
+                cudaStream_t stream) {
+  const CublasTF32 products(tf32);
   const int64_t n = p.n, c = p.c;
   C10_CUDA_CHECK(cuda::launch_phase<T>(p, 1, stream));
   const at::Tensor scale = tau.exp();        // (1,), on the device: no sync
@@ -119,8 +121,10 @@ void run_phased(const cuda::SceProblem<T>& p, Buffers& b, const at::Tensor& tau,
 // z_is_scratch: z is a contiguous temporary of the caller's (copa_loss's x w_img^T), overwritten by its
 // normalised rows instead of a second N x D buffer.
 Outputs sce_cuda(const at::Tensor& z_in, const at::Tensor& q_in, const at::Tensor& labels, const at::Tensor& tau_in,
-                 const c10::optional<at::Tensor>& weights, bool fused_grad, bool z_is_scratch) {
+                 const c10::optional<at::Tensor>& weights, bool fused_grad, c10::string_view precision,
+                 bool z_is_scratch) {
   check_symmetric_ce_args(z_in, q_in, labels, tau_in, weights);
+  check_precision(precision);
   CHECK_ARG(z_in.is_cuda(), "z: expected a CUDA tensor, got ", z_in.device());
   const c10::cuda::CUDAGuard guard(z_in.device());
   auto z = z_in.contiguous(), q = q_in.contiguous();
@@ -137,15 +141,15 @@ Outputs sce_cuda(const at::Tensor& z_in, const at::Tensor& q_in, const at::Tenso
   const bool phased = z.size(0) * q.size(0) >= cuda::kPhasedMinScores;
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "copa_fast_symmetric_ce_cuda", [&] {
     auto p = problem<scalar_t>(z, q, y, weights.has_value() ? &w : nullptr, tau, fused_grad, b);
-    if (phased) run_phased<scalar_t>(p, b, tau, fused_grad, stream);
+    if (phased) run_phased<scalar_t>(p, b, tau, fused_grad, precision == "tf32", stream);
     else C10_CUDA_CHECK(cuda::launch_single<scalar_t>(p, stream));
   });
   return {b.loss.reshape({}), b.losses, b.pred, b.dz, b.dq, fused_grad ? b.dtau.reshape({}) : b.dtau};
 }
 
 Outputs symmetric_ce_cuda(const at::Tensor& z, const at::Tensor& q, const at::Tensor& labels, const at::Tensor& tau,
-                          const c10::optional<at::Tensor>& weights, bool fused_grad) {
-  return sce_cuda(z, q, labels, tau, weights, fused_grad, /*z_is_scratch=*/false);
+                          const c10::optional<at::Tensor>& weights, bool fused_grad, c10::string_view precision) {
+  return sce_cuda(z, q, labels, tau, weights, fused_grad, precision, /*z_is_scratch=*/false);
 }
 
 Outputs episodes_sce_cuda(const at::Tensor& z_in, const at::Tensor& q_in, const at::Tensor& labels,
@@ -197,14 +201,15 @@ at::Tensor class_means(const at::Tensor& pf_in, const at::Tensor& labels, int64_
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> copa_loss_cuda(
     const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_img, const at::Tensor& w_proto,
     const at::Tensor& pf, int64_t num_classes, const at::Tensor& tau, const c10::optional<at::Tensor>& weights,
-    bool fused_grad) {
+    bool fused_grad, c10::string_view precision) {
   check_copa_loss_args(x, labels, w_img, w_proto, pf, num_classes, tau, weights);
+  check_precision(precision);
   CHECK_ARG(x.is_cuda(), "x: expected a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const at::Tensor p0 = class_means(pf, labels, num_classes);
   // z is this call's own: its rows are normalised in place (peak memory: one N x D buffer fewer)
-  Outputs o = sce_cuda(at::mm(x, w_img.t()), at::mm(p0, w_proto.t()), labels, tau, weights, fused_grad,
+  Outputs o = sce_cuda(at::mm(x, w_img.t()), at::mm(p0, w_proto.t()), labels, tau, weights, fused_grad, precision,
                        /*z_is_scratch=*/true);
   return {std::get<0>(o), std::get<1>(o), std::get<2>(o), std::get<3>(o), std::get<4>(o), p0, std::get<5>(o)};
 }
