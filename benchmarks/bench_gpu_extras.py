@@ -9,7 +9,8 @@
    a few episodes and scaled to 600 (stated as such), and where its time goes (torch.profiler);
 4. the Triton kernels under each candidate launch configuration (tiles, warps): the default (no
    register spills, see benchmarks/triton_aot.py) against the tiles it replaced, and the class
-   gradient split over row ranges (the default) against one program per class block.
+   gradient split over row ranges (the default) against one program per class block; and the
+   kernels at each precision ("ieee", "tf32x3", "tf32").
 
     python benchmarks/bench_gpu_extras.py [--small]    # --small: tiny sizes (a CPU dry run)
 
@@ -246,7 +247,7 @@ def triton_configs(device, n, d, count, reps, large=None):
     default, default_splits = kernels._launch_config, kernels._dq_splits
     try:
         for name, (cfg, split) in TRITON_CONFIGS.items():
-            kernels._launch_config = lambda interpreted, dtype, batched=False, cfg=cfg: cfg
+            kernels._launch_config = lambda *a, cfg=cfg, **kw: cfg
             kernels._dq_splits = default_splits if split else lambda n, c, bn, bc, dtype, most=4: (1, n)
             single = timer(lambda: kernels.symmetric_ce(x1, p1, y1, tau1, None, True), reps)
             batched = timer(lambda: kernels.episodes_sce(z, q, y, rows, cls, s_off, s_total, tau, True), reps)
@@ -256,6 +257,26 @@ def triton_configs(device, n, d, count, reps, large=None):
             print(row)
     finally:
         kernels._launch_config, kernels._dq_splits = default, default_splits
+
+
+def triton_precisions(device, n, d, reps, large):
+    """The Triton single-problem kernels (forward + fused gradient) at each precision, side by side:
+    "ieee" (the default), "tf32x3" (three TF32 products a product, float32-grade) and "tf32"."""
+    if "triton" not in copa_fast.available_backends():
+        return
+    from copa_fast.triton import symmetric_ce as kernels
+
+    print(f"\n### Triton precisions, fp32, D={d}: one problem N={n} and N={large[0]} C={large[1]}\n")
+    print(f"| precision | N={n} | N={large[0]} |\n|---|---|---|")
+    timer = _timer(device)
+    x1, p1, y1 = (t.to(device) for t in _ragged(1, d, device, n, n, seed=1)[0])
+    xl, _, yl, _ = bench.problem(large[0], large[1], d, device)
+    ql = torch.randn(large[1], d, device=device)
+    tau = torch.tensor(2.0, device=device)
+    for prec in ("ieee", "tf32x3", "tf32"):
+        small = timer(lambda: kernels.symmetric_ce(x1, p1, y1, tau, None, True, prec), reps)
+        big = timer(lambda: kernels.symmetric_ce(xl, ql, yl, tau, None, True, prec), reps)
+        print(f"| {prec} | {_fmt(small)} | {_fmt(big)} |")
 
 
 def main():
@@ -271,6 +292,7 @@ def main():
         adapt_many_run(device, 4, 3, 32, 2)
         adapt_many_split(device, 4, 2, 32)
         triton_configs(device, 60, 32, 3, 2, large=(120, 12))
+        triton_precisions(device, 60, 32, 2, large=(120, 12))
     else:
         graph_replay(device, 500, 50, 512, 50)
         host_split(device, 500, 50, 512, 20)
@@ -278,6 +300,7 @@ def main():
         adapt_many_run(device, 600, 50, 512, 5)
         adapt_many_split(device, 600, 10, 512)
         triton_configs(device, 500, 512, 132, 20, large=(16384, 1000))
+        triton_precisions(device, 500, 512, 20, large=(16384, 1000))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ product (precision="tf32" ones do). It proves nothing about their results or spe
 
 Run: ``python benchmarks/triton_aot.py [--arch 90 80] [--json out.json]``; exit status 1 when a
 kernel fails to compile, spills more than SPILL_LIMIT bytes a thread, needs more shared memory
-than the architecture has, or uses TF32 tensor cores without precision="tf32". CI runs it (tests/test_build.py).
+than the architecture has, or uses TF32 tensor cores without precision="tf32" / "tf32x3". CI runs it
+(tests/test_build.py).
 """
 
 from __future__ import annotations
@@ -120,6 +121,8 @@ def _cases():
         ("single 33x1x17 fp32 fused (C = 1, odd D)", single(33, 1, 17, f32, True)),
         ("single 16384x1000x1024 fp32 fused", single(16384, 1000, 1024, f32, True)),
         ("single 16384x1000x1024 fp32 fused tf32", single(16384, 1000, 1024, f32, True, precision="tf32")),
+        ("single 500x50x512 fp32 fused tf32x3", single(500, 50, 512, f32, True, precision="tf32x3")),
+        ("single 16384x1000x1024 fp32 fused tf32x3", single(16384, 1000, 1024, f32, True, precision="tf32x3")),
         ("episodes 3 ragged x512 fp32 fused", episodes([(25, 5), (100, 10), (500, 50)], 512, f32, True)),
         ("episodes 3 ragged x512 fp32 forward", episodes([(25, 5), (100, 10), (500, 50)], 512, f32, False)),
         ("episodes 2 ragged x512 fp32 fused tf32", episodes([(25, 5), (40, 8)], 512, f32, True, "tf32")),
@@ -144,7 +147,7 @@ def main(argv=None) -> int:
 
     report, failures = [], 0
     gpu_config = K._launch_config
-    K._launch_config = lambda interpreted, dtype, batched=False: gpu_config(False, dtype, batched)   # GPU tiles
+    K._launch_config = lambda interpreted, *a, **kw: gpu_config(False, *a, **kw)   # the GPU tiles
     JITFunction.run = compile_only
     try:
         for arch in args.arch:

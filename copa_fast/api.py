@@ -73,7 +73,7 @@ def _tau_tensor(tau: Tau, like: torch.Tensor) -> torch.Tensor:
     return torch.full((), float(tau), dtype=like.dtype, device=like.device)
 
 
-PRECISIONS = ("ieee", "tf32")
+PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 
 def _check_precision(precision, backend: str) -> None:
@@ -82,6 +82,9 @@ def _check_precision(precision, backend: str) -> None:
     if precision == "tf32" and backend not in ("triton", "cuda"):
         raise ValueError(f"precision: 'tf32' is a tensor-core mode of the triton and cuda backends; backend "
                          f"{backend!r} computes in IEEE float32/float64 (use precision='ieee')")
+    if precision == "tf32x3" and backend != "triton":
+        raise ValueError(f"precision: 'tf32x3' is a tensor-core mode of the triton backend; backend {backend!r} "
+                         f"computes in IEEE float32/float64 (use precision='ieee')")
 
 
 def _sce_core(z, q, labels, tau: Tau, reduction: str, backend: str, precision: str = "ieee"):
@@ -125,7 +128,8 @@ def symmetric_ce(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: tor
     Differentiable w.r.t. embeddings, prototypes and a tensor tau. ``precision="tf32"`` (float32)
     lets products run on TF32 tensor cores: every dot product of the triton kernels; on cuda, the
     cuBLAS products of large problems (from 2^22 scores; its fused kernel for smaller ones computes
-    IEEE products at either precision). See the README for the error bound.
+    IEEE products at either precision). ``precision="tf32x3"`` (triton) runs each dot product as
+    three TF32 products, float32-grade. See the README for the error bounds.
     """
     _check_sce(embeddings, prototypes, labels, tau, reduction, check_inputs)
     b = _backends.resolve(backend, embeddings.device)

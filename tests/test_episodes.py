@@ -179,18 +179,28 @@ def _tf32(x: torch.Tensor) -> torch.Tensor:
     return ((i + 0x1000) & ~0x1FFF).view(torch.float32)
 
 
-def _tf32_model(z, q, y, tau):
-    """The N x C form in float32 with TF32-rounded operands in the three products the kernel runs on
-    tensor cores (S = zn qn^T, G qn, G^T zn): the numerical model of precision='tf32'."""
+def _mm_tf32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return _tf32(a) @ _tf32(b)
+
+
+def _mm_tf32x3(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Three TF32 products: operands split into TF32 high and low parts, low x low dropped."""
+    ah, bh = _tf32(a), _tf32(b)
+    return ah @ bh + (ah @ _tf32(b - bh) + _tf32(a - ah) @ bh)
+
+
+def _tf32_model(z, q, y, tau, mm=_mm_tf32):
+    """The N x C form in float32 with the three products the kernel runs on tensor cores (S = zn qn^T,
+    G qn, G^T zn) formed by ``mm``: the numerical model of precision='tf32' (or 'tf32x3')."""
     zn, qn = torch.nn.functional.normalize(z, dim=1), torch.nn.functional.normalize(q, dim=1)
     n, c, s = z.shape[0], q.shape[0], math.exp(tau)
-    scores = s * (_tf32(zn) @ _tf32(qn).t())
+    scores = s * mm(zn, qn.t())
     cnt = torch.bincount(y, minlength=c).float()
     r, l_ = torch.logsumexp(scores + cnt.log(), 1), torch.logsumexp(scores, 0)
     loss = (r + l_[y] - 2 * scores[torch.arange(n), y]).sum() / (2 * n)
     g = (cnt * torch.exp(scores - r[:, None]) + cnt * torch.exp(scores - l_)) / (2 * n)
     g[torch.arange(n), y] -= 1.0 / n
-    dzn, dqn = s * _tf32(g) @ _tf32(qn), s * _tf32(g).t() @ _tf32(zn)
+    dzn, dqn = s * mm(g, qn), s * mm(g.t(), zn)
     dz = (dzn - zn * (zn * dzn).sum(1, keepdim=True)) / z.norm(dim=1, keepdim=True)
     dq = (dqn - qn * (qn * dqn).sum(1, keepdim=True)) / q.norm(dim=1, keepdim=True)
     return loss, dz, dq
@@ -207,6 +217,43 @@ def test_tf32_error_model_within_documented_bound(tau):
     assert_rel(loss, want, TF32_TOL["loss"], "tf32 loss")
     assert_rel(dz, xr.grad, TF32_TOL["grad"], "tf32 dz")
     assert_rel(dq, pr.grad, TF32_TOL["grad"], "tf32 dq")
+
+
+@pytest.mark.parametrize("tau", [2.0, 5.0, 10.0])
+def test_tf32x3_error_model_meets_the_float32_tolerances(tau):
+    """precision='tf32x3' is documented with the float32 tolerances (loss 1e-5, gradients 1e-4): its
+    model stays within them at every tau, and within 2x of plain float32 products' own error."""
+    x, y = make_episode(500, 50, 512, seed=30, dtype=torch.float64)
+    p = ref.class_prototypes(x, y, 50)
+    xr, pr = x.clone().requires_grad_(True), p.clone().requires_grad_(True)
+    want = ref.symmetric_ce(xr, pr, y, tau)
+    want.backward()
+    got = _tf32_model(x.float(), p.float(), y, tau, _mm_tf32x3)
+    fp32 = _tf32_model(x.float(), p.float(), y, tau, torch.mm)
+    for k, (name, expect) in enumerate((("loss", want), ("dz", xr.grad), ("dq", pr.grad))):
+        tol = TOL[torch.float32]["loss" if k == 0 else "grad"]
+        assert_rel(got[k], expect, tol, f"tf32x3 {name}")
+        assert rel_err(got[k], expect) <= 2 * rel_err(fp32[k], expect) + 1e-7, name
+
+
+@needs_triton
+def test_tf32x3_kernel_meets_the_float32_tolerances():
+    """On a GPU the kernels' real three-product path; under the interpreter the same call checks the
+    plumbing. Weights and per-sample losses too."""
+    x, y = make_episode(300, 30, 256, seed=34, dtype=torch.float64)
+    p = ref.class_prototypes(x, y, 30)
+    w = torch.rand(300, dtype=torch.float64, generator=torch.Generator().manual_seed(35))
+    xr, pr = x.clone().requires_grad_(True), p.clone().requires_grad_(True)
+    want = (ref.symmetric_ce(xr, pr, y, 4.0, reduction="none") * w).sum()
+    want.backward()
+    a = x.float().to(DEVICE).requires_grad_(True)
+    b = p.float().to(DEVICE).requires_grad_(True)
+    per = copa_fast.symmetric_ce(a, b, y.to(DEVICE), 4.0, backend="triton", precision="tf32x3", reduction="none")
+    loss = (per * w.float().to(DEVICE)).sum()
+    loss.backward()
+    assert_rel(loss, want, TOL[torch.float32]["loss"], "tf32x3 loss")
+    assert_rel(a.grad, xr.grad, TOL[torch.float32]["grad"], "tf32x3 dz")
+    assert_rel(b.grad, pr.grad, TOL[torch.float32]["grad"], "tf32x3 dq")
 
 
 @needs_triton
@@ -233,6 +280,8 @@ def test_precision_argument_validated():
         copa_fast.symmetric_ce(x, x[:4], y, precision="fp16")
     with pytest.raises(ValueError, match="precision: 'tf32' is a tensor-core mode"):
         copa_fast.symmetric_ce(x, x[:4], y, backend="reference", precision="tf32")
+    with pytest.raises(ValueError, match="precision: 'tf32x3' is a tensor-core mode of the triton backend"):
+        copa_fast.symmetric_ce(x, x[:4], y, backend="reference", precision="tf32x3")
     if "cpu" in copa_fast.available_backends():
         w = torch.eye(8)
         with pytest.raises(ValueError, match="precision"):
@@ -307,7 +356,7 @@ def test_triton_gpu_tiles_under_the_interpreter(monkeypatch, dtype):
 
     gpu, gpu_batched = kernels._launch_config(False, dtype), kernels._launch_config(False, dtype, True)
     monkeypatch.setattr(kernels, "_launch_config",
-                        lambda interpreted, dt, batched=False: gpu_batched if batched else gpu)
+                        lambda interpreted, dt, batched=False, precision="ieee": gpu_batched if batched else gpu)
     n, c, d = gpu[0] + 13, gpu[1] + 5, gpu[2] + 6
     x, y = make_episode(n, c, d, seed=41, dtype=torch.float64, one_shot=1)
     p = torch.randn(c, d, generator=torch.Generator().manual_seed(42), dtype=torch.float64)

@@ -17,7 +17,8 @@ its pair (max, log of the shifted sum), R[2i], R[2i + 1] (L likewise): |S| reach
 one rounded sum of the two (1e-3 at tau = 10 in float32) would be all the precision left in the
 O(1) loss R + L - 2 S and in the probabilities exp(S - R). Labels outside 0..C-1 are
 masked: their rows get NaN, never an out-of-bounds access. Extra memory: O((N + C) D + N C).
-fp32 by default uses IEEE fp32 products (no TF32); ``precision="tf32"`` opts in.
+fp32 by default uses IEEE fp32 products (no TF32); ``precision="tf32"`` opts in to TF32 tensor cores,
+``precision="tf32x3"`` to three TF32 products a product (float32-grade error).
 """
 
 from __future__ import annotations
@@ -452,7 +453,7 @@ def _norm_backward(g_ptr, xn_ptr, norm_ptr, rows, rmask, dot, D, BD: tl.constexp
 INTERPRETED = type(_prep).__name__ == "InterpretedFunction"
 
 
-def _launch_config(interpreted, dtype, batched=False):
+def _launch_config(interpreted, dtype, batched=False, precision="ieee"):
     """(BN, BC, BD, num_warps) of a launch (``batched``: the episodes kernel). Under the interpreter
     every tile op is a numpy call: larger tiles mean fewer Python steps. On a GPU: the largest
     tiles with which every kernel compiles for sm_80 and sm_90 without local-memory spills, checked
@@ -465,7 +466,8 @@ def _launch_config(interpreted, dtype, batched=False):
         return 32, 32, 64, 4
     if dtype == torch.float64:
         return 16, 16, 64, 8
-    return (32, 32, 64, 8) if batched else (64, 32, 64, 8)
+    # three products a product hold more live tiles: 64 rows spilled 640 B a thread on sm_80
+    return (32, 32, 64, 8) if batched or precision == "tf32x3" else (64, 32, 64, 8)
 
 
 def _dq_splits(n, c, bn, bc, dtype, most=4):
@@ -483,7 +485,10 @@ def _dq_splits(n, c, bn, bc, dtype, most=4):
     return triton.cdiv(blocks, per), per * bn
 
 
-PRECISIONS = ("ieee", "tf32")
+# The dot products' input precision for float32 (float64 is always IEEE): "ieee" FMA products,
+# "tf32" one TF32 tensor-core product, "tf32x3" three (operands split into TF32 high and low parts,
+# the low x low term dropped): float32-grade results on tensor cores.
+PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 
 def _precision(dtype, precision):
@@ -506,7 +511,7 @@ class _Setup:
         self.dev, self.dt = z.device, z.dtype
         self.acc = tl.float64 if self.dt == torch.float64 else tl.float32
         self.prec = _precision(self.dt, precision)
-        self.bn, self.bc, self.bd, self.warps = _launch_config(INTERPRETED, self.dt, batched)
+        self.bn, self.bc, self.bd, self.warps = _launch_config(INTERPRETED, self.dt, batched, self.prec)
         vec = lambda k: torch.empty(k, device=self.dev, dtype=self.dt)  # noqa: E731
         self.zn, self.qn = torch.empty_like(self.z), torch.empty_like(self.q)
         self.znorm, self.qnorm, self.cnt, self.wsum = vec(self.n), vec(self.c), vec(self.c), vec(self.c)
