@@ -40,7 +40,8 @@ inline void check_labels_tau_weights(int64_t n, const at::Device& device, const 
 }
 
 inline void check_symmetric_ce_args(const at::Tensor& z, const at::Tensor& q, const at::Tensor& labels,
-                                    const at::Tensor& tau, const c10::optional<at::Tensor>& weights) {
+                                    const at::Tensor& tau, const c10::optional<at::Tensor>& weights,
+                                    c10::string_view precision) {
   CHECK_RANK(z, 2);
   CHECK_RANK(q, 2);
   CHECK_FLOATING(z);
@@ -51,12 +52,15 @@ inline void check_symmetric_ce_args(const at::Tensor& z, const at::Tensor& q, co
   CHECK_ARG(q.size(1) == z.size(1), "q: expected ", z.size(1), " columns (as z), got ", q.size(1));
   CHECK_SAME_DEVICE(q, z);
   check_labels_tau_weights(z.size(0), z.device(), labels, tau, weights);
+  check_precision(precision);
 }
 
-// Checks of copa_fast::copa_loss (x, pf (N, D); w_img, w_proto (E, D); labels, tau, weights as above).
+// Checks of copa_fast::copa_loss (x, pf (N, D); w_img, w_proto (E, D); labels, tau, weights, precision
+// as above).
 inline void check_copa_loss_args(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_img,
                                  const at::Tensor& w_proto, const at::Tensor& pf, int64_t num_classes,
-                                 const at::Tensor& tau, const c10::optional<at::Tensor>& weights) {
+                                 const at::Tensor& tau, const c10::optional<at::Tensor>& weights,
+                                 c10::string_view precision) {
   CHECK_RANK(x, 2);
   CHECK_RANK(w_img, 2);
   CHECK_RANK(w_proto, 2);
@@ -75,6 +79,7 @@ inline void check_copa_loss_args(const at::Tensor& x, const at::Tensor& labels, 
   CHECK_ARG(pf.sizes() == x.sizes(), "pf: expected shape ", x.sizes(), " (as x), got ", pf.sizes());
   CHECK_ARG(num_classes >= 1, "num_classes: expected >= 1, got ", num_classes);
   check_labels_tau_weights(x.size(0), x.device(), labels, tau, weights);
+  check_precision(precision);
 }
 
 // Checks of copa_fast::episodes_sce that need no data read (offsets are trusted to lie inside the

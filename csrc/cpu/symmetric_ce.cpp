@@ -345,8 +345,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_img, const at::Tensor& w_proto,
     const at::Tensor& pf, int64_t num_classes, const at::Tensor& tau, const c10::optional<at::Tensor>& weights,
     bool fused_grad, c10::string_view precision) {
-  check_copa_loss_args(x, labels, w_img, w_proto, pf, num_classes, tau, weights);
-  check_precision(precision);
+  check_copa_loss_args(x, labels, w_img, w_proto, pf, num_classes, tau, weights, precision);
   CHECK_ARG(x.device().is_cpu(), "x: expected a CPU tensor, got ", x.device());
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const double t = tau.to(at::kCPU).to(at::kDouble).item<double>();
@@ -360,8 +359,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> symmetric_ce_cpu(
     const at::Tensor& z, const at::Tensor& q, const at::Tensor& labels, const at::Tensor& tau,
     const c10::optional<at::Tensor>& weights, bool fused_grad, c10::string_view precision) {
-  check_symmetric_ce_args(z, q, labels, tau, weights);
-  check_precision(precision);
+  check_symmetric_ce_args(z, q, labels, tau, weights, precision);
   CHECK_ARG(z.device().is_cpu(), "z: expected a CPU tensor, got ", z.device());
   // The products inside are part of this op: an enclosing autocast region must not recast them.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);

@@ -123,8 +123,7 @@ void run_phased(const cuda::SceProblem<T>& p, Buffers& b, const at::Tensor& tau,
 Outputs sce_cuda(const at::Tensor& z_in, const at::Tensor& q_in, const at::Tensor& labels, const at::Tensor& tau_in,
                  const c10::optional<at::Tensor>& weights, bool fused_grad, c10::string_view precision,
                  bool z_is_scratch) {
-  check_symmetric_ce_args(z_in, q_in, labels, tau_in, weights);
-  check_precision(precision);
+  check_symmetric_ce_args(z_in, q_in, labels, tau_in, weights, precision);
   CHECK_ARG(z_in.is_cuda(), "z: expected a CUDA tensor, got ", z_in.device());
   const c10::cuda::CUDAGuard guard(z_in.device());
   auto z = z_in.contiguous(), q = q_in.contiguous();
@@ -202,8 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_img, const at::Tensor& w_proto,
     const at::Tensor& pf, int64_t num_classes, const at::Tensor& tau, const c10::optional<at::Tensor>& weights,
     bool fused_grad, c10::string_view precision) {
-  check_copa_loss_args(x, labels, w_img, w_proto, pf, num_classes, tau, weights);
-  check_precision(precision);
+  check_copa_loss_args(x, labels, w_img, w_proto, pf, num_classes, tau, weights, precision);
   CHECK_ARG(x.is_cuda(), "x: expected a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
