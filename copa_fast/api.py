@@ -73,17 +73,18 @@ def _tau_tensor(tau: Tau, like: torch.Tensor) -> torch.Tensor:
     return torch.full((), float(tau), dtype=like.dtype, device=like.device)
 
 
-PRECISIONS = ("ieee", "tf32", "tf32x3")
+# precision -> the backends that take it (None: every backend)
+_PRECISION_BACKENDS = {"ieee": None, "tf32": ("triton", "cuda"), "tf32x3": ("triton",)}
+PRECISIONS = tuple(_PRECISION_BACKENDS)
 
 
 def _check_precision(precision, backend: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
-    if precision == "tf32" and backend not in ("triton", "cuda"):
-        raise ValueError(f"precision: 'tf32' is a tensor-core mode of the triton and cuda backends; backend "
-                         f"{backend!r} computes in IEEE float32/float64 (use precision='ieee')")
-    if precision == "tf32x3" and backend != "triton":
-        raise ValueError(f"precision: 'tf32x3' is a tensor-core mode of the triton backend; backend {backend!r} "
+    takers = _PRECISION_BACKENDS[precision]
+    if takers is not None and backend not in takers:
+        names = " and ".join(takers) + (" backends" if len(takers) > 1 else " backend")
+        raise ValueError(f"precision: {precision!r} is a tensor-core mode of the {names}; backend {backend!r} "
                          f"computes in IEEE float32/float64 (use precision='ieee')")
 
 

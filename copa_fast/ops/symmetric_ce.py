@@ -14,10 +14,10 @@ losses (reduction="none").
 
 ``copa_fast::symmetric_ce`` is the C++ op (CPU kernel, and CUDA kernel where built);
 ``copa_fast::symmetric_ce_triton`` is the Triton one (CUDA tensors, or CPU tensors under
-TRITON_INTERPRET=1). ``precision`` ("ieee" or "tf32"): for float32 tensors, whether products may
-run on TF32 tensor cores — every dot product of the Triton kernels; on the C++ op, the cuBLAS
-products of the CUDA large-problem path (the CPU kernels and the fused CUDA kernel compute IEEE
-products at either).
+TRITON_INTERPRET=1). ``precision`` ("ieee" or "tf32"; the Triton op also "tf32x3", three TF32
+products a product): for float32 tensors, whether products may run on TF32 tensor cores — every
+dot product of the Triton kernels; on the C++ op, the cuBLAS products of the CUDA large-problem
+path (the CPU kernels and the fused CUDA kernel compute IEEE products at either).
 """
 
 from __future__ import annotations

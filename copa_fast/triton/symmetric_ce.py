@@ -287,6 +287,15 @@ def _gt_zn_chunk(zn_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, c
 
 
 @triton.jit
+def _store_dq_chunk(acc, qn_ptr, dq_ptr, cls, cmask, cols, D, ACC: tl.constexpr):
+    """Stores one D chunk of dq = acc (scaled) for a block of classes; returns its share of <qn, dq>."""
+    m2 = cmask[:, None] & (cols[None, :] < D)
+    qn = tl.load(qn_ptr + cls[:, None] * D + cols[None, :], mask=m2, other=0.0).to(ACC)
+    tl.store(dq_ptr + cls[:, None] * D + cols[None, :], acc, mask=m2)
+    return tl.sum(acc * qn, axis=1)
+
+
+@triton.jit
 def _cls_block(zn_ptr, qn_ptr, qnorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, scale, dq_ptr,
                blk, N, C, D, HAS_W: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr,
                ACC: tl.constexpr, PREC: tl.constexpr):
@@ -297,11 +306,8 @@ def _cls_block(zn_ptr, qn_ptr, qnorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr
     for d0 in range(0, D, BD):
         cols = d0 + tl.arange(0, BD)
         acc = _gt_zn_chunk(zn_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, cls, cols, 0, N, N, C, D,
-                           HAS_W, BN, BC, BD, ACC, PREC) * scale
-        m2 = cmask[:, None] & (cols[None, :] < D)
-        qn = tl.load(qn_ptr + cls[:, None] * D + cols[None, :], mask=m2, other=0.0).to(ACC)
-        dot += tl.sum(acc * qn, axis=1)
-        tl.store(dq_ptr + cls[:, None] * D + cols[None, :], acc, mask=m2)
+                           HAS_W, BN, BC, BD, ACC, PREC)
+        dot += _store_dq_chunk(acc * scale, qn_ptr, dq_ptr, cls, cmask, cols, D, ACC)
     _norm_backward(dq_ptr, qn_ptr, qnorm_ptr, cls, cmask, dot, D, BD, ACC)
 
 
@@ -338,10 +344,7 @@ def _cls_split(zn_ptr, qn_ptr, qnorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr
             for k in range(SPLITS):
                 acc += tl.load(first + (k * BC + lc[:, None]) * D + cols[None, :], mask=m2, other=0.0,
                                cache_modifier=".cg").to(ACC)
-            acc = acc * scale
-            qn = tl.load(qn_ptr + cls[:, None] * D + cols[None, :], mask=m2, other=0.0).to(ACC)
-            dot += tl.sum(acc * qn, axis=1)
-            tl.store(dq_ptr + cls[:, None] * D + cols[None, :], acc, mask=m2)
+            dot += _store_dq_chunk(acc * scale, qn_ptr, dq_ptr, cls, cmask, cols, D, ACC)
         _norm_backward(dq_ptr, qn_ptr, qnorm_ptr, cls, cmask, dot, D, BD, ACC)
 
 

@@ -118,8 +118,8 @@ void run_phased(const cuda::SceProblem<T>& p, Buffers& b, const at::Tensor& tau,
   C10_CUDA_CHECK(cuda::launch_phase<T>(p, 6, stream));
 }
 
-// z_is_scratch: z is a contiguous temporary of the caller's (copa_loss's x w_img^T), overwritten by its
-// normalised rows instead of a second N x D buffer.
+// z_is_scratch: z is a temporary of the caller's (copa_loss's x w_img^T). The normalised rows are written
+// over z whenever z is this call's own (that, or a contiguous copy made here) instead of a second N x D buffer.
 Outputs sce_cuda(const at::Tensor& z_in, const at::Tensor& q_in, const at::Tensor& labels, const at::Tensor& tau_in,
                  const c10::optional<at::Tensor>& weights, bool fused_grad, c10::string_view precision,
                  bool z_is_scratch) {
@@ -135,7 +135,7 @@ Outputs sce_cuda(const at::Tensor& z_in, const at::Tensor& q_in, const at::Tenso
   check_size(z, "z");
   CHECK_ARG(z.size(0) * q.size(0) < (int64_t(1) << 31), "z, q: N x C must stay below 2^31, got ", z.size(0), " x ",
             q.size(0));
-  Buffers b = allocate(z, q, z.size(0) * q.size(0), 0, fused_grad, z_is_scratch && z.is_same(z_in));
+  Buffers b = allocate(z, q, z.size(0) * q.size(0), 0, fused_grad, z_is_scratch || !z.is_same(z_in));
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool phased = z.size(0) * q.size(0) >= cuda::kPhasedMinScores;
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "copa_fast_symmetric_ce_cuda", [&] {
