@@ -215,12 +215,15 @@ def adapt_many_split(device, count, steps, d):
         print(f"| {e.key[:70]} | {e.self_device_time_total / 1e3:.1f} | {100 * share:.0f} % | {e.count} |")
 
 
-# (BN, BC, BD, num_warps) candidates for float32 launches, and whether the single problem's class
-# gradient is split over row ranges as by default (False: one program per class block, as before)
-TRITON_CONFIGS = {"32x32x64, 8 warps (batched default)": ((32, 32, 64, 8), True),
-                  "64x32x64, 4 warps": ((64, 32, 64, 4), True),
-                  "64x32x64, 8 warps (single-problem default)": ((64, 32, 64, 8), True),
-                  "64x32x64, 8 warps, class gradient unsplit": ((64, 32, 64, 8), False)}
+# (BN, BC, BD, num_warps) candidates for float32 launches, and the single problem's gradient
+# launch: "default" (column groups and row-range splits as planned), "ungrouped" (row-range
+# splits only: one program per row block, as in the eleventh session) or "unsplit" (one program
+# per row block and per class block, as timed in the tenth)
+TRITON_CONFIGS = {"32x32x64, 8 warps (batched default)": ((32, 32, 64, 8), "default"),
+                  "64x32x64, 4 warps": ((64, 32, 64, 4), "default"),
+                  "64x32x64, 8 warps (single-problem default)": ((64, 32, 64, 8), "default"),
+                  "64x32x64, 8 warps, gradient columns ungrouped": ((64, 32, 64, 8), "ungrouped"),
+                  "64x32x64, 8 warps, class gradient unsplit": ((64, 32, 64, 8), "unsplit")}
 
 
 def triton_configs(device, n, d, count, reps, large=None):
@@ -244,11 +247,14 @@ def triton_configs(device, n, d, count, reps, large=None):
     if large:
         xl, _, yl, _ = bench.problem(large[0], large[1], d, device)
         ql = torch.randn(large[1], d, device=device)
-    default, default_splits = kernels._launch_config, kernels._dq_splits
+    default, default_plan = kernels._launch_config, kernels._grads_plan
+    plans = {"default": default_plan,
+             "ungrouped": lambda *a: default_plan(*a)[:2] + (1, 1),
+             "unsplit": lambda n, *a: (1, n, 1, 1)}
     try:
-        for name, (cfg, split) in TRITON_CONFIGS.items():
+        for name, (cfg, plan) in TRITON_CONFIGS.items():
             kernels._launch_config = lambda *a, cfg=cfg, **kw: cfg
-            kernels._dq_splits = default_splits if split else lambda n, c, bn, bc, dtype, most=4: (1, n)
+            kernels._grads_plan = plans[plan]
             single = timer(lambda: kernels.symmetric_ce(x1, p1, y1, tau1, None, True), reps)
             batched = timer(lambda: kernels.episodes_sce(z, q, y, rows, cls, s_off, s_total, tau, True), reps)
             row = f"| {name} | {_fmt(single)} | {_fmt(batched)} |"
@@ -256,7 +262,7 @@ def triton_configs(device, n, d, count, reps, large=None):
                 row += f" {_fmt(timer(lambda: kernels.symmetric_ce(xl, ql, yl, tau1, None, True), reps))} |"
             print(row)
     finally:
-        kernels._launch_config, kernels._dq_splits = default, default_splits
+        kernels._launch_config, kernels._grads_plan = default, default_plan
 
 
 def triton_precisions(device, n, d, reps, large):

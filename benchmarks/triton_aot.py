@@ -43,6 +43,8 @@ from copa_fast.triton import symmetric_ce as K
 SPILL_LIMIT = 32
 # Shared memory per block an SM can give (opt-in maximum), bytes.
 MAX_SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+# SMs of the architecture's data-centre part (A100, H100): the launchers size their splits by them
+SMS = {80: 108, 86: 84, 89: 128, 90: 132}
 
 
 class _TargetOnly:
@@ -121,6 +123,7 @@ def _cases():
         ("single 33x1x17 fp32 fused (C = 1, odd D)", single(33, 1, 17, f32, True)),
         ("single 16384x1000x1024 fp32 fused", single(16384, 1000, 1024, f32, True)),
         ("single 16384x1000x1024 fp32 fused tf32", single(16384, 1000, 1024, f32, True, precision="tf32")),
+        ("single 4096x100x512 fp32 fused (medium splits)", single(4096, 100, 512, f32, True)),
         ("single 500x50x512 fp32 fused tf32x3", single(500, 50, 512, f32, True, precision="tf32x3")),
         ("single 16384x1000x1024 fp32 fused tf32x3", single(16384, 1000, 1024, f32, True, precision="tf32x3")),
         ("episodes 3 ragged x512 fp32 fused", episodes([(25, 5), (100, 10), (500, 50)], 512, f32, True)),
@@ -146,12 +149,13 @@ def main(argv=None) -> int:
         return kernel
 
     report, failures = [], 0
-    gpu_config = K._launch_config
+    gpu_config, gpu_slots = K._launch_config, K._slots
     K._launch_config = lambda interpreted, *a, **kw: gpu_config(False, *a, **kw)   # the GPU tiles
     JITFunction.run = compile_only
     try:
         for arch in args.arch:
             _driver.set_active(_TargetOnly(arch))
+            K._slots = lambda device, arch=arch: 2 * SMS.get(arch, 132)   # the GPU's splits and column groups
             for name, run in _cases():
                 if args.case not in name:
                     continue
@@ -189,7 +193,7 @@ def main(argv=None) -> int:
                           + (f"  PROBLEM: {', '.join(bad)}" if bad else ""))
     finally:
         JITFunction.run = original_run
-        K._launch_config = gpu_config
+        K._launch_config, K._slots = gpu_config, gpu_slots
         _driver._active = None   # back to whatever driver this machine has (none without a GPU)
     if args.json:
         with open(args.json, "w") as f:

@@ -597,3 +597,60 @@ def test_triton_class_gradient_split_over_row_ranges(monkeypatch, splits, dtype)
     bad[n - 1] = c + 3
     lb = copa_fast.symmetric_ce(x, p, bad, 2.5, backend="triton", check_inputs=False)
     assert torch.isnan(lb) and torch.isnan(torch.autograd.grad(lb, p)[0]).all()
+
+
+@pytest.mark.skipif(not TRITON_DEVICES, reason="triton needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("splits,rg,cg,sg,cs,dtype", [(1, 2, 1, 2, 3, torch.float32), (2, 3, 2, 3, 8, torch.float32),
+                                                       (4, 2, 3, 5, 2, torch.float32), (1, 4, 4, 4, 5, torch.float32),
+                                                       (2, 2, 2, 3, 4, torch.float64)], ids=str)
+def test_triton_over_column_groups(monkeypatch, splits, rg, cg, sg, cs, dtype):
+    """The triton launches share their loops out: the D chunks over column groups of the score
+    programs (the last group of a row block sums the partial products in order, then forms the
+    row statistics), of the row programs (the last sums the groups' <zn, dz> shares in order) and
+    of the class programs (sharing their split's partial slot); the column statistics' rows over
+    ranges (the last merges the (max, sum) pairs in order). Forced plans — uneven groups, a ragged
+    last chunk, an empty group of each kind (4 groups of 2 chunks over 5) — against float64, with
+    weights; bitwise repeatable; a bad label still gives NaN and nothing else."""
+    from copa_fast.triton import symmetric_ce as kernels
+
+    device = TRITON_DEVICES[0]
+    bn, _, bd, _ = kernels._launch_config(kernels.INTERPRETED, dtype)
+    n, c, d = 7 * bn + 3, 7, 4 * bd + 17   # 8 row tiles, 5 D chunks (the last one ragged)
+    real = kernels._dq_splits
+    seen = []
+
+    def forced(n_, c_, d_, bn_, bc_, bd_, dtype_, slots):
+        got = real(n_, 1, bn_, bc_, torch.float32, most=splits) + (rg, cg)
+        seen.append(got)
+        return got
+
+    monkeypatch.setattr(kernels, "_grads_plan", forced)
+    monkeypatch.setattr(kernels, "_scores_groups", lambda *a: sg)
+    real_cs = kernels._colstats_splits
+    monkeypatch.setattr(kernels, "_colstats_splits", lambda n_, c_, bn_, bc_, slots: real_cs(n_, 1, bn_, 1, cs))
+    x, p, y = _inputs((n, c, d, 2), dtype, device, seed=10 * rg + cg)
+    w = torch.rand(n, dtype=dtype, generator=torch.Generator().manual_seed(6)).to(device)
+    x.requires_grad_(True), p.requires_grad_(True)
+    losses = copa_fast.symmetric_ce(x, p, y, 3.0, backend="triton", reduction="none")
+    gx, gp = torch.autograd.grad((losses * w).sum(), (x, p))
+    assert seen and seen[0][0] == splits and seen[0][2:] == (rg, cg)
+    x64, p64 = (t.detach().double().requires_grad_(True) for t in (x, p))
+    want_losses = ref.symmetric_ce(x64, p64, y, 3.0, reduction="none")
+    wx, wp = torch.autograd.grad((want_losses * w.double()).sum(), (x64, p64))
+    assert_rel(losses, want_losses, TOL[dtype]["loss"], "losses")
+    assert_rel(gx, wx, TOL[dtype]["grad"], "dembeddings")
+    assert_rel(gp, wp, TOL[dtype]["grad"], "dprototypes")
+    mean, pred = copa_fast.api._sce_core(x.detach(), p.detach(), y, 3.0, "mean", "triton")   # the loss total
+    assert_rel(mean, want_losses.mean(), TOL[dtype]["loss"], "loss")
+    assert torch.equal(pred, copa_fast.api._cosine_predict(x64.detach(), p64.detach()))
+    again = torch.autograd.grad((copa_fast.symmetric_ce(x, p, y, 3.0, backend="triton", reduction="none") * w).sum(),
+                                (x, p))
+    assert torch.equal(again[0], gx) and torch.equal(again[1], gp)
+    bad = y.clone()
+    bad[2] = -1
+    lb = copa_fast.symmetric_ce(x, p, bad, 3.0, backend="triton", check_inputs=False, reduction="none")
+    assert torch.isnan(lb[2]) and torch.isfinite(torch.cat([lb[:2], lb[3:]])).all()
+    gxb, gpb = torch.autograd.grad(copa_fast.symmetric_ce(x, p, bad, 3.0, backend="triton", check_inputs=False),
+                                   (x, p))
+    assert torch.isnan(gxb[2]).all() and torch.isfinite(torch.cat([gxb[:2], gxb[3:]])).all()
+    assert torch.isnan(gpb).all()

@@ -4,13 +4,21 @@ Four launches, no host synchronisation, fixed-order reductions (bitwise determin
 
 1. ``_prep``    row norms and normalised rows of z and q; per-class counts n_c and weight sums.
 2. ``_scores``  S = exp(tau) * zn qn^T tile by tile (written once, N x C), row log-sum-exp over
-                the N expanded columns (R_i = log sum_c n_c exp(S_ic)) and the row argmax.
-3. ``_colstats`` column log-sum-exp L_c = log sum_i exp(S_ic), two-level max shift (online).
+                the N expanded columns (R_i = log sum_c n_c exp(S_ic)) and the row argmax; with
+                few row blocks, only partial products over column groups (``_scores_groups``),
+                which the next launch sums in group order before the row statistics.
+3. ``_colstats`` column log-sum-exp L_c = log sum_i exp(S_ic), two-level max shift (online), each
+                class block's rows split into ranges (``_colstats_splits``).
 4. ``_grads``   per-sample losses, then (fused_grad) G = dloss/dS recomputed tile by tile from S, R,
                 L and the dz = s G qn, dq = s G^T zn products with the normalisation backward;
-                each class block's dq split over up to 4 row ranges when N >> C (``_dq_splits``).
-Per-block partial sums (the loss, dloss/dtau, the split dq) are summed in a fixed order by the
-last program to finish (an integer ticket, the only atomic).
+                each class block's dq split over up to 4 row ranges when N >> C, and both sides'
+                D chunks shared out over column groups when there are few row blocks
+                (``_grads_plan``: N = 500 runs on ~128 programs instead of 16).
+Partial results (the loss, dloss/dtau, the split dq, the column groups' products and <zn, dz>,
+the row ranges' column maxima and sums) are combined in a fixed order by the last program of
+their block to finish (an integer ticket per block, the only atomic): bitwise deterministic. The
+splits are sized by ``_slots`` (two programs an SM), so that a small problem (N = 500: 8 row
+blocks) still spreads over the GPU.
 
 Maxima are exact (never a fixed shift), so any tau up to 80 is safe. Each log-sum-exp is kept as
 its pair (max, log of the shifted sum), R[2i], R[2i + 1] (L likewise): |S| reaches exp(tau), and
@@ -104,17 +112,51 @@ def _prep(z_ptr, q_ptr, zn_ptr, qn_ptr, znorm_ptr, qnorm_ptr, y_ptr, w_ptr, cnt_
 
 
 @triton.jit
-def _scores(zn_ptr, qn_ptr, cnt_ptr, tau_ptr, S_ptr, R_ptr, pred_ptr, N, C, D,
-            BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    scale = tl.exp(tl.load(tau_ptr).to(ACC))
-    _scores_block(zn_ptr, qn_ptr, cnt_ptr, scale, S_ptr, R_ptr, pred_ptr, tl.program_id(0), N, C, D,
-                  BN, BC, BD, ACC, PREC)
+def _scores(zn_ptr, qn_ptr, cnt_ptr, tau_ptr, S_ptr, R_ptr, pred_ptr, part_ptr, N, C, D, SG, SCOLS,
+            GROUPED: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr,
+            PREC: tl.constexpr):
+    """Row blocks, each forming S on its rows with their row statistics; or (GROUPED) row blocks x
+    SG column groups of SCOLS columns, each storing its partial products zn qn^T in its slot of
+    part (SG x N x C), which the next launch sums in group order (``_colstats``)."""
+    if not GROUPED:
+        scale = tl.exp(tl.load(tau_ptr).to(ACC))
+        _scores_block(zn_ptr, qn_ptr, cnt_ptr, scale, S_ptr, R_ptr, pred_ptr, part_ptr, 1, tl.program_id(0), 0, D,
+                      N, C, D, False, BN, BC, BD, ACC, PREC)
+    else:
+        rows = (tl.program_id(0) // SG) * BN + tl.arange(0, BN)
+        grp = tl.program_id(0) % SG
+        d_lo = grp * SCOLS
+        for c0 in range(0, C, BC):
+            cls = c0 + tl.arange(0, BC)
+            acc = _score_acc(zn_ptr, qn_ptr, rows, cls, d_lo, tl.minimum(d_lo + SCOLS, D), N, C, D, BN, BC, BD, ACC,
+                             PREC)
+            tl.store(part_ptr + grp * N * C + rows[:, None] * C + cls[None, :], acc,
+                     mask=(rows[:, None] < N) & (cls[None, :] < C))
 
 
 @triton.jit
-def _scores_block(zn_ptr, qn_ptr, cnt_ptr, scale, S_ptr, R_ptr, pred_ptr, blk, N, C, D,
-                  BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """S = scale * zn qn^T on a block of rows (all classes), its row log-sum-exp and argmax."""
+def _score_acc(zn_ptr, qn_ptr, rows, cls, d_lo, d_hi, N, C, D, BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr,
+               ACC: tl.constexpr, PREC: tl.constexpr):
+    """zn qn^T on a (rows x cls) tile over columns d_lo .. d_hi - 1 (unscaled)."""
+    rmask = rows < N
+    cmask = cls < C
+    acc = tl.zeros((BN, BC), dtype=ACC)
+    for d0 in range(d_lo, d_hi, BD):
+        cols = d0 + tl.arange(0, BD)
+        dmask = cols < D
+        a = tl.load(zn_ptr + rows[:, None] * D + cols[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+        b = tl.load(qn_ptr + cls[:, None] * D + cols[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
+        acc += tl.dot(a, tl.trans(b), input_precision=PREC, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def _scores_block(zn_ptr, qn_ptr, cnt_ptr, scale, S_ptr, R_ptr, pred_ptr, part_ptr, SG, blk, d_lo, d_hi, N, C, D,
+                  FROM_PARTS: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr,
+                  PREC: tl.constexpr):
+    """S = scale * zn qn^T on a block of rows (all classes), its row log-sum-exp and argmax. The
+    products: over columns d_lo .. d_hi - 1, or (FROM_PARTS) the SG groups' partial products, S's
+    own first, summed in group order."""
     rows = blk * BN + tl.arange(0, BN)
     rmask = rows < N
     neg_inf = float("-inf")
@@ -125,13 +167,12 @@ def _scores_block(zn_ptr, qn_ptr, cnt_ptr, scale, S_ptr, R_ptr, pred_ptr, blk, N
     for c0 in range(0, C, BC):
         cls = c0 + tl.arange(0, BC)
         cmask = cls < C
-        acc = tl.zeros((BN, BC), dtype=ACC)
-        for d0 in range(0, D, BD):
-            cols = d0 + tl.arange(0, BD)
-            dmask = cols < D
-            a = tl.load(zn_ptr + rows[:, None] * D + cols[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-            b = tl.load(qn_ptr + cls[:, None] * D + cols[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
-            acc += tl.dot(a, tl.trans(b), input_precision=PREC, out_dtype=ACC)
+        if FROM_PARTS:
+            m2 = rmask[:, None] & cmask[None, :]
+            at = rows[:, None] * C + cls[None, :]
+            acc = _parts_sum(part_ptr, at, m2, SG, N, C, BN, BC, ACC)
+        else:
+            acc = _score_acc(zn_ptr, qn_ptr, rows, cls, d_lo, d_hi, N, C, D, BN, BC, BD, ACC, PREC)
         s = acc * scale
         both = rmask[:, None] & cmask[None, :]
         tl.store(S_ptr + rows[:, None] * C + cls[None, :], s, mask=both)
@@ -157,28 +198,96 @@ def _scores_block(zn_ptr, qn_ptr, cnt_ptr, scale, S_ptr, R_ptr, pred_ptr, blk, N
 
 
 @triton.jit
-def _colstats(S_ptr, L_ptr, N, C, BN: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
-    _colstats_block(S_ptr, L_ptr, tl.program_id(0), N, C, BN, BC, ACC)
+def _parts_sum(part_ptr, at, mask, SG, N, C, BN: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+    """The SG column groups' partial products at offsets ``at`` of each N x C slot, summed in group order."""
+    acc = tl.zeros((BN, BC), dtype=ACC)
+    for k in range(0, SG):
+        acc += tl.load(part_ptr + k * N * C + at, mask=mask, other=0.0).to(ACC)
+    return acc
 
 
 @triton.jit
-def _colstats_block(S_ptr, L_ptr, blk, N, C, BN: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
-    """Column log-sum-exp L_c = log sum_i exp(S_ic) of a block of classes, online max shift."""
+def _colstats(S_ptr, L_ptr, part_ptr, ticket_ptr, T0, N, C, CS, CROWS, tau_ptr, cnt_ptr, R_ptr, pred_ptr, spart_ptr,
+              SG, NBR, SUMMED: tl.constexpr, BNS: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+              ACC: tl.constexpr):
+    """SUMMED (the scores came as SG groups' partial products in spart): first NBR row programs
+    sum them in group order into S with the row statistics (``_scores_block``). Then class blocks x
+    CS row ranges of CROWS rows, which read the scores (SUMMED: form them from spart, the same sum
+    in the same order, so the same bits as S). CS > 1: each range stores its (max, sum of
+    exp(S - max)) per class in its slot of part (CS x 2C); the class block's last range to finish
+    (ticket[T0 + blk], zeroed by _prep) merges them in range order — the same bits whoever finishes
+    last."""
+    pid = tl.program_id(0)
+    scale = tl.exp(tl.load(tau_ptr).to(ACC))
+    if SUMMED and pid < NBR:
+        _scores_block(S_ptr, S_ptr, cnt_ptr, scale, S_ptr, R_ptr, pred_ptr, spart_ptr, SG, pid, 0, 0, N, C, 0,
+                      True, BNS, BC, 16, ACC, "ieee")
+    else:
+        if SUMMED:
+            pid -= NBR
+        blk = pid // CS
+        if CS == 1:
+            _colstats_block(S_ptr, L_ptr, blk, 0, N, N, C, True, spart_ptr, SG, scale, SUMMED, BN, BC, ACC)
+        else:
+            rs = pid % CS
+            r_lo = rs * CROWS
+            _colstats_block(S_ptr, part_ptr + rs * 2 * C, blk, r_lo, tl.minimum(r_lo + CROWS, N), N, C, False,
+                            spart_ptr, SG, scale, SUMMED, BN, BC, ACC)
+            tl.debug_barrier()   # every thread's stores issued before the ticket
+            ticket = tl.atomic_add(ticket_ptr + T0 + blk, 1, sem="acq_rel")
+            if ticket == CS - 1:
+                tl.debug_barrier()
+                _merge_col_ranges(part_ptr, L_ptr, blk, CS, C, BC, ACC)
+
+
+@triton.jit
+def _merge_col_ranges(part_ptr, L_ptr, blk, CS, C, BC: tl.constexpr, ACC: tl.constexpr):
+    """L of a class block from its CS row ranges' (max, shifted sum) pairs, merged in range order."""
     cls = blk * BC + tl.arange(0, BC)
     cmask = cls < C
     neg_inf = float("-inf")
     m_col = tl.full((BC,), neg_inf, dtype=ACC)
     sum_col = tl.zeros((BC,), dtype=ACC)
-    for i0 in range(0, N, BN):
+    for k in range(0, CS):
+        m_k = tl.load(part_ptr + k * 2 * C + 2 * cls, mask=cmask, other=neg_inf, cache_modifier=".cg").to(ACC)
+        s_k = tl.load(part_ptr + k * 2 * C + 2 * cls + 1, mask=cmask, other=0.0, cache_modifier=".cg").to(ACC)
+        m_new = tl.maximum(m_col, m_k)
+        m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
+        # an empty range holds (-inf, 0): its term is 0 * exp(-inf) = 0
+        sum_col = sum_col * tl.exp(m_col - m_safe) + s_k * tl.exp(m_k - m_safe)
+        m_col = m_new
+    tl.store(L_ptr + 2 * cls, m_col, mask=cmask)
+    tl.store(L_ptr + 2 * cls + 1, tl.log(tl.where(cmask, sum_col, 1.0)), mask=cmask)
+
+
+@triton.jit
+def _colstats_block(S_ptr, L_ptr, blk, r_lo, r_hi, N, C, LOG: tl.constexpr, spart_ptr, SG, scale,
+                    SUMMED: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+    """Column log-sum-exp L_c = log sum_i exp(S_ic) over rows r_lo .. r_hi - 1 of a block of
+    classes, online max shift, stored as the pair (max, log of the shifted sum) — or, LOG False,
+    (max, the shifted sum) for a merge. SUMMED: S formed from the groups' partial products."""
+    cls = blk * BC + tl.arange(0, BC)
+    cmask = cls < C
+    neg_inf = float("-inf")
+    m_col = tl.full((BC,), neg_inf, dtype=ACC)
+    sum_col = tl.zeros((BC,), dtype=ACC)
+    for i0 in range(r_lo, r_hi, BN):
         rows = i0 + tl.arange(0, BN)
-        m = (rows[:, None] < N) & cmask[None, :]
-        s = tl.load(S_ptr + rows[:, None] * C + cls[None, :], mask=m, other=neg_inf).to(ACC)
+        m = (rows[:, None] < r_hi) & cmask[None, :]
+        at = rows[:, None] * C + cls[None, :]
+        if SUMMED:
+            s = tl.where(m, _parts_sum(spart_ptr, at, m, SG, N, C, BN, BC, ACC) * scale, neg_inf)
+        else:
+            s = tl.load(S_ptr + at, mask=m, other=neg_inf).to(ACC)
         m_new = tl.maximum(m_col, tl.max(s, axis=0))
         m_safe = tl.where(m_new == neg_inf, 0.0, m_new)
         sum_col = sum_col * tl.exp(m_col - m_safe) + tl.sum(tl.exp(s - m_safe[None, :]), axis=0)
         m_col = m_new
     tl.store(L_ptr + 2 * cls, m_col, mask=cmask)
-    tl.store(L_ptr + 2 * cls + 1, tl.log(tl.where(cmask, sum_col, 1.0)), mask=cmask)
+    if LOG:
+        tl.store(L_ptr + 2 * cls + 1, tl.log(tl.where(cmask, sum_col, 1.0)), mask=cmask)
+    else:
+        tl.store(L_ptr + 2 * cls + 1, sum_col, mask=cmask)
 
 
 @triton.jit
@@ -222,11 +331,13 @@ def _g_tile(S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, rows, cls, N, 
 
 
 @triton.jit
-def _rows_block(zn_ptr, qn_ptr, znorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, scale,
-                losses_ptr, dz_ptr, blk, N, C, D, HAS_W: tl.constexpr, FUSED: tl.constexpr,
-                BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """Per-sample losses of a block of rows and (FUSED) their dz = s G qn with the normalisation
-    backward. Returns the block's weighted loss sum and its share of dloss/dtau = sum G * S."""
+def _rows_block(zn_ptr, qn_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, scale, losses_ptr, dz_ptr, blk,
+                d_lo, d_hi, N, C, D, HAS_W: tl.constexpr, FUSED: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+                BD: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """Per-sample losses of a block of rows (stored by the program whose columns start at 0) and
+    (FUSED) their dz = s G qn on columns d_lo .. d_hi - 1, before the normalisation backward.
+    Returns the block's weighted loss sum, its share of dloss/dtau = sum G * S (on the program with
+    column 0) and its share of <zn, dz> per row, over its columns."""
     rows = blk * BN + tl.arange(0, BN)
     rmask = rows < N
     y = tl.load(y_ptr + rows, mask=rmask, other=0)
@@ -238,17 +349,17 @@ def _rows_block(zn_ptr, qn_ptr, znorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_pt
     # (R - S) + (L - S) from the pairs: max - S is exact when S is near the max, and the O(1)
     # loss keeps float32 precision whatever exp(tau)
     loss = tl.where(valid, 0.5 * (((r_max - st) + r_log) + ((l_max - st) + l_log)), float("nan"))
-    tl.store(losses_ptr + rows, loss, mask=rmask)
+    tl.store(losses_ptr + rows, loss, mask=rmask & ((rows * 0 + d_lo) == 0))   # (d_lo an int or a scalar)
     if HAS_W:
         w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(ACC)
     else:
         w = tl.where(rmask, 1.0, 0.0).to(ACC) / N
     ploss = tl.sum(tl.where(rmask, w * loss, 0.0), axis=0)
     dtau = tl.zeros((BN,), dtype=ACC)
+    dot = tl.zeros((BN,), dtype=ACC)
     if FUSED:
         # dz = s * G qn, D chunk by D chunk; dtau = sum G * S on the first chunk only
-        dot = tl.zeros((BN,), dtype=ACC)
-        for d0 in range(0, D, BD):
+        for d0 in range(d_lo, d_hi, BD):
             cols = d0 + tl.arange(0, BD)
             dmask = cols < D
             acc = tl.zeros((BN, BD), dtype=ACC)
@@ -265,8 +376,27 @@ def _rows_block(zn_ptr, qn_ptr, znorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_pt
             zn = tl.load(zn_ptr + rows[:, None] * D + cols[None, :], mask=m2, other=0.0).to(ACC)
             dot += tl.sum(acc * zn, axis=1)
             tl.store(dz_ptr + rows[:, None] * D + cols[None, :], acc, mask=m2)
-        _norm_backward(dz_ptr, zn_ptr, znorm_ptr, rows, rmask, dot, D, BD, ACC)
-    return ploss, tl.sum(dtau, axis=0)
+    return ploss, tl.sum(dtau, axis=0), dot
+
+
+@triton.jit
+def _rows_group_finish(dz_ptr, zn_ptr, znorm_ptr, pdot_ptr, ticket_ptr, blk, grp, dot, N, D, RG,
+                       BN: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr):
+    """One of RG programs of a row block, each of which wrote dz on its own columns: its share of
+    <zn, dz> goes to its slot of pdot (RG x N). The block's last program to finish (an integer
+    ticket) sums the shares in group order — the same bits whoever finishes last — and applies the
+    normalisation backward to the whole rows."""
+    rows = blk * BN + tl.arange(0, BN)
+    rmask = rows < N
+    tl.store(pdot_ptr + grp * N + rows, dot, mask=rmask)
+    tl.debug_barrier()   # every thread's dz and pdot stores issued before the ticket
+    ticket = tl.atomic_add(ticket_ptr + blk, 1, sem="acq_rel")
+    if ticket == RG - 1:
+        tl.debug_barrier()
+        tot = tl.zeros((BN,), dtype=ACC)
+        for k in range(0, RG):
+            tot += tl.load(pdot_ptr + k * N + rows, mask=rmask, other=0.0, cache_modifier=".cg").to(ACC)
+        _norm_backward(dz_ptr, zn_ptr, znorm_ptr, rows, rmask, tot, D, BD, ACC, True)
 
 
 @triton.jit
@@ -308,32 +438,34 @@ def _cls_block(zn_ptr, qn_ptr, qnorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr
         acc = _gt_zn_chunk(zn_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, cls, cols, 0, N, N, C, D,
                            HAS_W, BN, BC, BD, ACC, PREC)
         dot += _store_dq_chunk(acc * scale, qn_ptr, dq_ptr, cls, cmask, cols, D, ACC)
-    _norm_backward(dq_ptr, qn_ptr, qnorm_ptr, cls, cmask, dot, D, BD, ACC)
+    _norm_backward(dq_ptr, qn_ptr, qnorm_ptr, cls, cmask, dot, D, BD, ACC, False)
 
 
 @triton.jit
 def _cls_split(zn_ptr, qn_ptr, qnorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, scale, dq_ptr,
-               part_ptr, ticket_ptr, blk, split, ROWS_PER, N, C, D, HAS_W: tl.constexpr, SPLITS: tl.constexpr,
-               BNC: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """One of SPLITS programs of a class block: G^T zn over its range of ROWS_PER rows in tiles of BNC
-    rows (half the row programs' BN: with full tiles the kernel spilled 48-128 B a thread), written to its
-    slot of part (BC x D). The block's last program to finish (an integer ticket, as for the loss
-    total) sums the slots in split order — the same bits whoever finishes last — then writes
-    dq = s G^T zn with the normalisation backward."""
+               part_ptr, ticket_ptr, blk, split, d_lo, d_hi, NPART, ROWS_PER, N, C, D, HAS_W: tl.constexpr,
+               SPLITS: tl.constexpr, BNC: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr,
+               PREC: tl.constexpr):
+    """One of NPART programs of a class block (SPLITS row ranges x column groups): G^T zn over its
+    range of ROWS_PER rows in tiles of BNC rows (half the row programs' BN: with full tiles the
+    kernel spilled 48-128 B a thread) on columns d_lo .. d_hi - 1, written to its slot of part
+    (BC x D; the column groups of a range share a slot). The block's last program to finish (an
+    integer ticket, as for the loss total) sums the slots in split order — the same bits whoever
+    finishes last — then writes dq = s G^T zn with the normalisation backward."""
     cls = blk * BC + tl.arange(0, BC)
     cmask = cls < C
     lc = tl.arange(0, BC)
     r_lo = split * ROWS_PER
     r_hi = tl.minimum(r_lo + ROWS_PER, N)
     slot = part_ptr + (blk * SPLITS + split) * BC * D
-    for d0 in range(0, D, BD):
+    for d0 in range(d_lo, d_hi, BD):
         cols = d0 + tl.arange(0, BD)
         acc = _gt_zn_chunk(zn_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, cls, cols, r_lo, r_hi, N,
                            C, D, HAS_W, BNC, BC, BD, ACC, PREC)
         tl.store(slot + lc[:, None] * D + cols[None, :], acc, mask=cols[None, :] < D)
     tl.debug_barrier()   # every thread's slot stores issued before the ticket
     ticket = tl.atomic_add(ticket_ptr + blk, 1, sem="acq_rel")
-    if ticket == SPLITS - 1:
+    if ticket == NPART - 1:
         tl.debug_barrier()
         dot = tl.zeros((BC,), dtype=ACC)
         first = part_ptr + blk * SPLITS * BC * D
@@ -345,43 +477,62 @@ def _cls_split(zn_ptr, qn_ptr, qnorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr
                 acc += tl.load(first + (k * BC + lc[:, None]) * D + cols[None, :], mask=m2, other=0.0,
                                cache_modifier=".cg").to(ACC)
             dot += _store_dq_chunk(acc * scale, qn_ptr, dq_ptr, cls, cmask, cols, D, ACC)
-        _norm_backward(dq_ptr, qn_ptr, qnorm_ptr, cls, cmask, dot, D, BD, ACC)
+        _norm_backward(dq_ptr, qn_ptr, qnorm_ptr, cls, cmask, dot, D, BD, ACC, False)
 
 
 @triton.jit
 def _grads(zn_ptr, qn_ptr, znorm_ptr, qnorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr,
            tau_ptr, losses_ptr, ploss_ptr, pdtau_ptr, ticket_ptr, loss_ptr, dtau_ptr, dz_ptr, dq_ptr, part_ptr,
-           N, C, D, NBZ, ROWS_PER, HAS_W: tl.constexpr, FUSED: tl.constexpr, SPLITS: tl.constexpr,
-           BN: tl.constexpr, BNC: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr,
-           ACC: tl.constexpr, PREC: tl.constexpr):
+           pdot_ptr, N, C, D, NBZ, ROWS_PER, RG, RCOLS, CG, CCOLS, ROW_T0, HAS_W: tl.constexpr, FUSED: tl.constexpr,
+           SPLITS: tl.constexpr, CLS_SPLIT: tl.constexpr, BN: tl.constexpr, BNC: tl.constexpr, BC: tl.constexpr,
+           BD: tl.constexpr, BP: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """Row programs (NBZ row blocks x RG column groups of RCOLS columns) then, FUSED, class programs
+    (each class block: SPLITS row ranges x CG column groups of CCOLS columns when CLS_SPLIT, else
+    one program over everything). Tickets: [0] the loss total, [1 + b] class block b,
+    [ROW_T0 + b] row block b (all zeroed by _prep)."""
     pid = tl.program_id(0)
     scale = tl.exp(tl.load(tau_ptr).to(ACC))
-    if pid < NBZ:
-        ploss, pdtau = _rows_block(zn_ptr, qn_ptr, znorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr,
-                                   scale, losses_ptr, dz_ptr, pid, N, C, D, HAS_W, FUSED, BN, BC, BD, ACC, PREC)
-        tl.store(ploss_ptr + pid, ploss)
-        tl.store(pdtau_ptr + pid, pdtau)
-        # The last row block to finish sums every block's partials in index order: a deterministic
-        # total in this launch (the integer ticket is the only atomic; acq_rel orders the stores).
-        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
-        if ticket == NBZ - 1:
-            tot_l = tl.zeros((BP,), dtype=ACC)
-            tot_t = tl.zeros((BP,), dtype=ACC)
-            for i0 in range(0, NBZ, BP):
-                idx = i0 + tl.arange(0, BP)
-                tot_l += tl.load(ploss_ptr + idx, mask=idx < NBZ, other=0.0, cache_modifier=".cg")
-                tot_t += tl.load(pdtau_ptr + idx, mask=idx < NBZ, other=0.0, cache_modifier=".cg")
-            tl.store(loss_ptr, tl.sum(tot_l, axis=0))
-            tl.store(dtau_ptr, tl.sum(tot_t, axis=0))
+    if pid < NBZ * RG:
+        blk = pid // RG
+        grp = pid % RG
+        d_lo = grp * RCOLS
+        ploss, pdtau, dot = _rows_block(zn_ptr, qn_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, scale,
+                                        losses_ptr, dz_ptr, blk, d_lo, tl.minimum(d_lo + RCOLS, D), N, C, D, HAS_W,
+                                        FUSED, BN, BC, BD, ACC, PREC)
+        if FUSED:
+            if RG == 1:
+                rows = blk * BN + tl.arange(0, BN)
+                _norm_backward(dz_ptr, zn_ptr, znorm_ptr, rows, rows < N, dot, D, BD, ACC, False)
+            else:
+                _rows_group_finish(dz_ptr, zn_ptr, znorm_ptr, pdot_ptr, ticket_ptr + ROW_T0, blk, grp, dot, N, D, RG,
+                                   BN, BD, ACC)
+        if grp == 0:
+            tl.store(ploss_ptr + blk, ploss)
+            tl.store(pdtau_ptr + blk, pdtau)
+            # The last row block to finish sums every block's partials in index order: a deterministic
+            # total in this launch (the integer ticket is the only atomic; acq_rel orders the stores).
+            ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+            if ticket == NBZ - 1:
+                tot_l = tl.zeros((BP,), dtype=ACC)
+                tot_t = tl.zeros((BP,), dtype=ACC)
+                for i0 in range(0, NBZ, BP):
+                    idx = i0 + tl.arange(0, BP)
+                    tot_l += tl.load(ploss_ptr + idx, mask=idx < NBZ, other=0.0, cache_modifier=".cg")
+                    tot_t += tl.load(pdtau_ptr + idx, mask=idx < NBZ, other=0.0, cache_modifier=".cg")
+                tl.store(loss_ptr, tl.sum(tot_l, axis=0))
+                tl.store(dtau_ptr, tl.sum(tot_t, axis=0))
     elif FUSED:
-        if SPLITS == 1:
-            _cls_block(zn_ptr, qn_ptr, qnorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, scale, dq_ptr,
-                       pid - NBZ, N, C, D, HAS_W, BN, BC, BD, ACC, PREC)
-        else:   # class tickets follow the loss total's
-            k = pid - NBZ
+        k = pid - NBZ * RG
+        if CLS_SPLIT:   # class tickets follow the loss total's
+            per_blk = SPLITS * CG
+            r = k % per_blk
+            d_lo = (r % CG) * CCOLS
             _cls_split(zn_ptr, qn_ptr, qnorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, scale, dq_ptr,
-                       part_ptr, ticket_ptr + 1, k // SPLITS, k % SPLITS, ROWS_PER, N, C, D, HAS_W, SPLITS, BNC, BC,
-                       BD, ACC, PREC)
+                       part_ptr, ticket_ptr + 1, k // per_blk, r // CG, d_lo, tl.minimum(d_lo + CCOLS, D), per_blk,
+                       ROWS_PER, N, C, D, HAS_W, SPLITS, BNC, BC, BD, ACC, PREC)
+        else:
+            _cls_block(zn_ptr, qn_ptr, qnorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, scale, dq_ptr,
+                       k, N, C, D, HAS_W, BN, BC, BD, ACC, PREC)
 
 
 @triton.jit
@@ -415,16 +566,19 @@ def _episodes(z_ptr, q_ptr, y_ptr, row_off_ptr, cls_off_ptr, s_off_ptr, tau_ptr,
         _count_block(y, y, cnt, wsum, b, n, c, False, BI, BC, ACC)
     tl.debug_barrier()
     for b in range(0, nbz):
-        _scores_block(zn, qn, cnt, scale, S, R, pred, b, n, c, D, BN, BC, BD, ACC, PREC)
+        _scores_block(zn, qn, cnt, scale, S, R, pred, S, 1, b, 0, D, n, c, D, False, BN, BC, BD, ACC, PREC)
     tl.debug_barrier()
     for b in range(0, nbc):
-        _colstats_block(S, L, b, n, c, BN, BC, ACC)
+        _colstats_block(S, L, b, 0, n, n, c, True, S, 1, scale, False, BN, BC, ACC)
     tl.debug_barrier()
     tot_l = tl.zeros((1,), dtype=ACC)
     tot_t = tl.zeros((1,), dtype=ACC)
     for b in range(0, nbz):
-        pl, pt = _rows_block(zn, qn, znorm, S, R, L, cnt, wsum, y, y, scale, losses, dz, b, n, c, D,
-                             False, FUSED, BN, BC, BD, ACC, PREC)
+        pl, pt, dot = _rows_block(zn, qn, S, R, L, cnt, wsum, y, y, scale, losses, dz, b, 0, D, n, c, D, False, FUSED,
+                                  BN, BC, BD, ACC, PREC)
+        if FUSED:
+            rows = b * BN + tl.arange(0, BN)
+            _norm_backward(dz, zn, znorm, rows, rows < n, dot, D, BD, ACC, False)
         tot_l += pl
         tot_t += pt
     if FUSED:
@@ -436,8 +590,10 @@ def _episodes(z_ptr, q_ptr, y_ptr, row_off_ptr, cls_off_ptr, s_off_ptr, tau_ptr,
 
 
 @triton.jit
-def _norm_backward(g_ptr, xn_ptr, norm_ptr, rows, rmask, dot, D, BD: tl.constexpr, ACC: tl.constexpr):
-    """In place: g <- (g - xn <xn, g>) / ||x|| (g / eps where the norm was clamped), as F.normalize."""
+def _norm_backward(g_ptr, xn_ptr, norm_ptr, rows, rmask, dot, D, BD: tl.constexpr, ACC: tl.constexpr,
+                   OTHERS: tl.constexpr):
+    """In place: g <- (g - xn <xn, g>) / ||x|| (g / eps where the norm was clamped), as F.normalize.
+    OTHERS: other programs of this launch wrote parts of g (read it from L2, past this SM's L1)."""
     tl.debug_barrier()   # g was just stored, possibly by other threads of this program
     nrm = tl.load(norm_ptr + rows, mask=rmask, other=1.0).to(ACC)
     live = nrm > NORM_EPS
@@ -446,7 +602,10 @@ def _norm_backward(g_ptr, xn_ptr, norm_ptr, rows, rmask, dot, D, BD: tl.constexp
     for d0 in range(0, D, BD):
         cols = d0 + tl.arange(0, BD)
         m2 = rmask[:, None] & (cols[None, :] < D)
-        g = tl.load(g_ptr + rows[:, None] * D + cols[None, :], mask=m2, other=0.0).to(ACC)
+        if OTHERS:
+            g = tl.load(g_ptr + rows[:, None] * D + cols[None, :], mask=m2, other=0.0, cache_modifier=".cg").to(ACC)
+        else:
+            g = tl.load(g_ptr + rows[:, None] * D + cols[None, :], mask=m2, other=0.0).to(ACC)
         xn = tl.load(xn_ptr + rows[:, None] * D + cols[None, :], mask=m2, other=0.0).to(ACC)
         tl.store(g_ptr + rows[:, None] * D + cols[None, :], (g - xn * dot[:, None]) * inv[:, None], mask=m2)
 
@@ -486,6 +645,66 @@ def _dq_splits(n, c, bn, bc, dtype, most=4):
     want = max(1, min(most, (n * bc) // (bn * c), blocks))
     per = triton.cdiv(blocks, want)
     return triton.cdiv(blocks, per), per * bn
+
+
+def _grads_plan(n, c, d, bn, bc, bd, dtype, slots):
+    """(splits, rows per split, row column groups, class column groups) of the gradient launch.
+    A row program forms dz on its rows for all classes, a class program dq on its classes over its
+    row range: each loops over the D chunks. With few row blocks (N = 500: 8 programs of 64 rows on
+    a 132-SM GPU) those loops are the launch's length, so the chunks are shared out over column
+    groups — row blocks x groups near ``slots`` programs (about two per SM), and each class block's
+    ranges split by columns too until a class program is no longer than a row program. The groups'
+    shares of each row's <zn, dz> are summed in group order by the last of them (deterministic);
+    the class groups share the split's partial slot. float64 and ``slots`` 0 keep one group."""
+    splits, rows_per = _dq_splits(n, c, bn, bc, dtype)
+    chunks = triton.cdiv(d, bd)
+    if dtype == torch.float64 or slots <= 0:
+        return splits, rows_per, 1, 1
+    whole = lambda g: triton.cdiv(chunks, triton.cdiv(chunks, g))   # noqa: E731  (no empty group)
+    rg = whole(min(chunks, max(1, triton.cdiv(slots, triton.cdiv(n, bn)))))
+    row_steps = triton.cdiv(c, bc) * triton.cdiv(chunks, rg)            # BN x BC x BD products
+    bnc = max(bn // 2, 16)
+    cls_steps = triton.cdiv(min(rows_per, n), bnc) * chunks * bnc / bn   # the same unit
+    cg = whole(min(chunks, max(1, math.ceil(cls_steps / row_steps))))
+    return splits, rows_per, rg, cg
+
+
+def _scores_groups(n, c, d, bn, bd, dtype, slots, budget=1 << 22):
+    """Column groups of the scores launch: with few row blocks (N = 500: 8 programs, each 16
+    dependent tile products) the D chunks are shared out over groups of programs that only store
+    their partial products (``bn``-row blocks x groups near ``slots`` programs); the next launch
+    sums them. They take groups x N x C extra values, kept under ``budget`` (one group, the fused
+    kernel, where two would not fit: N = 16384, C = 1000). float64 keeps one group."""
+    if dtype == torch.float64 or slots <= 0:
+        return 1
+    chunks = triton.cdiv(d, bd)
+    g = max(1, min(chunks, triton.cdiv(slots, triton.cdiv(n, bn)), budget // max(n * c, 1)))
+    return triton.cdiv(chunks, triton.cdiv(chunks, g))
+
+
+def _colstats_splits(n, c, bn, bc, slots):
+    """(row ranges, rows per range) of the column statistics: C / BC class blocks, each a loop over
+    every row tile (N = 16384, C = 1000: 32 programs of 256 steps), are split into row ranges of
+    whole tiles, class blocks x ranges near ``slots`` programs; a block's ranges are merged in order
+    by the last to finish (2 x ranges x C extra values)."""
+    tiles = triton.cdiv(n, bn)
+    k = min(tiles, max(1, triton.cdiv(slots, triton.cdiv(c, bc)))) if slots > 0 else 1
+    per = triton.cdiv(tiles, k)
+    return triton.cdiv(tiles, per), per * bn
+
+
+_SLOTS: dict[int, int] = {}
+
+
+def _slots(device):
+    """Programs the gradient launch aims for: two per SM on a GPU; a nominal 8 under the
+    interpreter, so that CI's small problems take the column-group paths too."""
+    if INTERPRETED or device.type != "cuda":
+        return 8
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SLOTS:
+        _SLOTS[key] = 2 * torch.cuda.get_device_properties(key).multi_processor_count
+    return _SLOTS[key]
 
 
 # The dot products' input precision for float32 (float64 is always IEEE): "ieee" FMA products,
@@ -544,21 +763,35 @@ def symmetric_ce(z, q, labels, tau, weights, fused_grad, precision="ieee"):
     ploss = torch.empty(nbz, device=dev, dtype=dt)
     pdtau = torch.empty(nbz, device=dev, dtype=dt)
     loss, dtau = torch.empty((), device=dev, dtype=dt), torch.empty((), device=dev, dtype=dt)
-    splits, rows_per = _dq_splits(n, c, bn, bc, dt) if fused_grad else (1, n)
-    part = torch.empty(splits * nbc * bc * d, device=dev, dtype=dt) if splits > 1 else dq
-    # [0]: the loss total's completion counter; [1 + b]: class block b's splits (zeroed by _prep)
-    ticket = torch.empty(1 + (nbc if splits > 1 else 0), device=dev, dtype=torch.int32)
+    splits, rows_per, rg, cg = _grads_plan(n, c, d, bn, bc, bd, dt, _slots(dev)) if fused_grad else (1, n, 1, 1)
+    cls_split = splits * cg > 1
+    part = torch.empty(splits * nbc * bc * d, device=dev, dtype=dt) if cls_split else dq
+    pdot = torch.empty(rg * n, device=dev, dtype=dt) if rg > 1 else ploss
+    # completion counters, zeroed by _prep: [0] the loss total; [1 + b] class block b's programs;
+    # [row_t0 + b] row block b's column groups
+    row_t0 = 1 + (nbc if cls_split else 0)
+    sg = _scores_groups(n, c, d, min(bn, 32), bd, dt, _slots(dev))
+    cs, crows = _colstats_splits(n, c, bn, bc, _slots(dev))
+    col_t0 = row_t0 + (nbz if rg > 1 else 0)   # [col_t0 + b]: class block b's row ranges
+    ticket = torch.empty(col_t0 + (nbc if cs > 1 else 0), device=dev, dtype=torch.int32)
+    c_part = torch.empty(cs * 2 * c, device=dev, dtype=dt) if cs > 1 else L
+    s_part = torch.empty(sg * n * c, device=dev, dtype=dt) if sg > 1 else S
+    chunk_cols = lambda g: triton.cdiv(triton.cdiv(d, bd), g) * bd   # noqa: E731
     w_arg = w if w is not None else z  # never read when HAS_W is False
 
     _prep[(nbz + nbq + nbc,)](z, q, zn, qn, znorm, qnorm, labels, w_arg, cnt, wsum, ticket, n, c, d, w is not None,
                               nbz, nbq, ticket.numel(), BR=bn, BD=bd, BI=max(bn, 16), BC=bc, ACC=acc)
-    _scores[(nbz,)](zn, qn, cnt, tau_t, S, R, pred, n, c, d, BN=bn, BC=bc, BD=bd, ACC=acc, PREC=prec,
-                    num_warps=st.warps)
-    _colstats[(nbc,)](S, L, n, c, BN=bn, BC=bc, ACC=acc)
-    _grads[(nbz + (nbc * splits if fused_grad else 0),)](
+    bng = min(bn, 32) if sg > 1 else bn   # the partial-product programs' rows (64 spilled there on sm_80 / triton 3.6)
+    _scores[(triton.cdiv(n, bng) * sg,)](zn, qn, cnt, tau_t, S, R, pred, s_part, n, c, d, sg, chunk_cols(sg),
+                                         GROUPED=sg > 1, BN=bng, BC=bc, BD=bd, ACC=acc, PREC=prec, num_warps=st.warps)
+    nbr = nbz if sg > 1 else 0   # row programs that sum the score groups first
+    _colstats[(nbr + nbc * cs,)](S, L, c_part, ticket, col_t0, n, c, cs, crows, tau_t, cnt, R, pred, s_part, sg, nbr,
+                                 SUMMED=sg > 1, BNS=bn, BN=bn, BC=bc, ACC=acc)
+    _grads[(nbz * rg + (nbc * (splits * cg if cls_split else 1) if fused_grad else 0),)](
         zn, qn, znorm, qnorm, S, R, L, cnt, wsum, labels, w_arg, tau_t, losses, ploss, pdtau, ticket, loss,
-        dtau, dz, dq, part, n, c, d, nbz, rows_per, HAS_W=w is not None, FUSED=fused_grad, SPLITS=splits, BN=bn,
-        BNC=max(bn // 2, 16), BC=bc, BD=bd, BP=64, ACC=acc, PREC=prec, num_warps=st.warps)
+        dtau, dz, dq, part, pdot, n, c, d, nbz, rows_per, rg, chunk_cols(rg), cg, chunk_cols(cg), row_t0,
+        HAS_W=w is not None, FUSED=fused_grad, SPLITS=splits, CLS_SPLIT=cls_split, BN=bn, BNC=max(bn // 2, 16),
+        BC=bc, BD=bd, BP=64, ACC=acc, PREC=prec, num_warps=st.warps)
     return loss, losses, pred, dz, dq, dtau if fused_grad else z.new_empty(0)
 
 
