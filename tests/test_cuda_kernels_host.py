@@ -38,10 +38,11 @@ def host_check(tmp_path_factory):
 
 
 def _run(exe, tmp_path, z, q, y, tau, *, fused=True, w=None, blocks=1, episodes=None, phased=False,
-         in_place=False):
+         in_place=False, splits=(1, 1)):
     """episodes: (rows (E, 2), cls (E, 2), s_off (E,), s_total) for the one-block-per-episode kernel;
     phased: the large-problem path (one phase a launch, the products as the vendor GEMM forms them);
-    in_place: the normalised rows written over z (the copa_loss op's arrangement, no zn buffer)."""
+    in_place: the normalised rows written over z (the copa_loss op's arrangement, no zn buffer);
+    splits: (ksplit_s, ksplit_q) of the one-launch kernel's split products."""
     dt = np.float64 if z.dtype == torch.float64 else np.float32
     r, d = z.shape
     k = q.shape[0]
@@ -50,7 +51,7 @@ def _run(exe, tmp_path, z, q, y, tau, *, fused=True, w=None, blocks=1, episodes=
     mode = 1 if episodes is not None else (2 if phased else 0)
     s_total = r * k if episodes is None else episodes[3]
     header = [np.dtype(dt).itemsize, mode, r, k, d, int(fused), int(w is not None), blocks, e, s_total,
-              int(in_place)]
+              int(in_place), *splits]
     src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
     with open(src, "wb") as f:
         f.write(struct.pack(f"{len(header)}q", *header))
@@ -82,7 +83,7 @@ def _class_means(exe, tmp_path, x, y, c, blocks):
     """copa_class_means on the host: the class means of x's rows by y into c classes (c x D)."""
     dt = np.float64 if x.dtype == torch.float64 else np.float32
     r, d = x.shape
-    header = [np.dtype(dt).itemsize, 3, r, c, d, 0, 0, blocks, 1, 0, 0]
+    header = [np.dtype(dt).itemsize, 3, r, c, d, 0, 0, blocks, 1, 0, 0, 1, 1]
     src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
     with open(src, "wb") as f:
         f.write(struct.pack(f"{len(header)}q", *header))
@@ -264,3 +265,36 @@ def test_class_means_kernel_clamps_bad_labels_and_zeroes_empty_classes(host_chec
     want[2] = 0.0
     assert torch.equal(got[2], torch.zeros(20, dtype=torch.float64))
     assert_rel(got, want, 1e-13, "means")
+
+
+@pytest.mark.parametrize("splits,dtype", [((2, 1), torch.float64), ((1, 2), torch.float32),
+                                          ((3, 2), torch.float64), ((5, 4), torch.float32)], ids=str)
+def test_split_products_match_reference(host_check, tmp_path, dtype, splits):
+    """The one-launch kernel's split products: S over shares of D (summed by phase 3's row items into
+    S, and by its column items for themselves), dq over shares of rows (summed in phase 6). Shares
+    past the end (5 of D's 3 tile steps, 4 of the 2 row steps) store zeros. Against float64, with
+    weights; forward-only too; the same bits at any block count; a bad label: NaN, no stray access
+    (ASan)."""
+    n, c, d = 45, 7, 70
+    x, y = make_episode(n, c, d, seed=sum(splits), dtype=dtype, one_shot=1)
+    p = torch.randn(c, d, generator=torch.Generator().manual_seed(4), dtype=dtype)
+    w = torch.rand(n, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    out = _run(host_check, tmp_path, x, p, y, 3.0, w=w, blocks=3, splits=splits)
+    loss, per, dx, dp, dtau = _want(x, p, y, 3.0, w)
+    tol = TOL[dtype]
+    assert_rel(out["loss"][0], loss, tol["loss"], "loss")
+    assert_rel(out["losses"], per, tol["loss"], "per-sample losses")
+    assert_rel(out["dz"], dx, tol["grad"], "dz")
+    assert_rel(out["dq"], dp, tol["grad"], "dq")
+    assert_rel(out["dtau"][0], dtau, tol["grad"], "dtau")
+    cos = torch.nn.functional.normalize(x.double(), dim=1) @ torch.nn.functional.normalize(p.double(), dim=1).t()
+    assert torch.equal(out["pred"], cos.argmax(1))
+    again = _run(host_check, tmp_path, x, p, y, 3.0, w=w, blocks=1, splits=splits)
+    for key in ("loss", "dtau", "losses", "pred", "dz", "dq"):
+        assert torch.equal(again[key], out[key]), key
+    fwd = _run(host_check, tmp_path, x, p, y, 3.0, w=w, blocks=2, fused=False, splits=splits)
+    assert torch.equal(fwd["losses"], out["losses"]) and torch.equal(fwd["loss"], out["loss"])
+    bad = y.clone()
+    bad[4] = c + 2
+    nan = _run(host_check, tmp_path, x, p, bad, 3.0, blocks=2, splits=splits, in_place=True)
+    assert torch.isnan(nan["losses"][4]) and torch.isnan(nan["dq"]).all()

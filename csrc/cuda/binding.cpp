@@ -18,6 +18,7 @@ using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::T
 
 struct Buffers {
   at::Tensor zn, qn, znorm, qnorm, cnt, wsum, S, R, L, row_dtau, wloss, losses, pred, dz, dq, loss, dtau;
+  at::Tensor Spart, dqpart;   // the one-launch kernel's split products (undefined: not split)
 };
 
 // zn_over_z: the normalised rows are written over z (z is the caller's scratch, read by phase 1 only).
@@ -77,7 +78,25 @@ cuda::SceProblem<T> problem(const at::Tensor& z, const at::Tensor& q, const at::
   p.dq = fused ? b.dq.data_ptr<T>() : nullptr;
   p.loss = b.loss.data_ptr<T>();
   p.dtau = fused ? b.dtau.data_ptr<T>() : nullptr;
+  p.ksplit_s = p.ksplit_q = 1;
+  p.Spart = p.dqpart = nullptr;
   return p;
+}
+
+// The one-launch kernel's split products (plan_single): workspace of their size, set on p.
+template <typename T>
+void split_products(cuda::SceProblem<T>& p, Buffers& b, const at::Tensor& like) {
+  const cuda::SingleSplits k = cuda::plan_single<T>(p.n, p.c, p.d);
+  if (k.scores > 1) {
+    b.Spart = at::empty({int64_t(k.scores) * p.n * p.c}, like.options());
+    p.Spart = b.Spart.data_ptr<T>();
+    p.ksplit_s = k.scores;
+  }
+  if (p.fused && k.dq > 1) {
+    b.dqpart = at::empty({int64_t(k.dq) * p.c * p.d}, like.options());
+    p.dqpart = b.dqpart.data_ptr<T>();
+    p.ksplit_q = k.dq;
+  }
 }
 
 void check_size(const at::Tensor& t, const char* name) {
@@ -140,8 +159,12 @@ Outputs sce_cuda(const at::Tensor& z_in, const at::Tensor& q_in, const at::Tenso
   const bool phased = z.size(0) * q.size(0) >= cuda::kPhasedMinScores;
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "copa_fast_symmetric_ce_cuda", [&] {
     auto p = problem<scalar_t>(z, q, y, weights.has_value() ? &w : nullptr, tau, fused_grad, b);
-    if (phased) run_phased<scalar_t>(p, b, tau, fused_grad, precision == "tf32", stream);
-    else C10_CUDA_CHECK(cuda::launch_single<scalar_t>(p, stream));
+    if (phased) {
+      run_phased<scalar_t>(p, b, tau, fused_grad, precision == "tf32", stream);
+    } else {
+      split_products<scalar_t>(p, b, z);
+      C10_CUDA_CHECK(cuda::launch_single<scalar_t>(p, stream));
+    }
   });
   return {b.loss.reshape({}), b.losses, b.pred, b.dz, b.dq, fused_grad ? b.dtau.reshape({}) : b.dtau};
 }

@@ -6,7 +6,7 @@
 //
 // Input (native endianness): int64 header [dtype_bytes, mode (0 single, 1 episodes, 2 phased, 3 class
 // means), R, K, d, fused, has_w, blocks, E, s_total, in_place (zn written over z, as binding.cpp's
-// copa_loss op has it)], then z (R*d), q (K*d) in dtype, y (R) int64, w (R, if has_w) and tau (E) in
+// copa_loss op has it), ksplit_s, ksplit_q (the single kernel's split products; 1: none)], then z (R*d), q (K*d) in dtype, y (R) int64, w (R, if has_w) and tau (E) in
 // dtype, then for episodes rows (2E), cls (2E), s_off (E) int64.
 // Output: loss (E), dtau (E), losses (R) in dtype, pred (R) int64, dz (R*d), dq (K*d) in dtype; for class
 // means p0 (K*d) in dtype.
@@ -76,7 +76,7 @@ template <typename T>
 int run(FILE* in, FILE* out, const int64_t* h) {
   using copa_fast::cuda::SceProblem;
   const int64_t mode = h[1], R = h[2], K = h[3], d = h[4], fused = h[5], has_w = h[6], blocks = h[7], E = h[8],
-                s_total = h[9], in_place = h[10];
+                s_total = h[9], in_place = h[10], ksplit_s = h[11], ksplit_q = h[12];
   auto z = read<T>(in, R * d), q = read<T>(in, K * d);
   auto y = read<int64_t>(in, R);
   auto w = has_w ? read<T>(in, R) : std::vector<T>();
@@ -98,10 +98,15 @@ int run(FILE* in, FILE* out, const int64_t* h) {
       S(mode == 1 ? s_total : R * K), Rr(2 * R), L(2 * K), row_dtau(R), wloss(R), losses(R, T(0)),
       dz(fused ? R * d : 0, T(0)), dq(fused ? K * d : 0, T(0)), loss(E), dtau(E, T(0));
   std::vector<int64_t> pred(R, 0);
+  // the split products' shares, exactly sized (none unless the single kernel splits)
+  std::vector<T> Spart(mode == 0 && ksplit_s > 1 ? ksplit_s * R * K : 0),
+      dqpart(mode == 0 && fused && ksplit_q > 1 ? ksplit_q * K * d : 0);
   SceProblem<T> p{z.data(), q.data(), y.data(), has_w ? w.data() : nullptr, tau.data(), (int)R, (int)K, (int)d,
                   fused != 0, in_place ? z.data() : zn.data(), qn.data(), znorm.data(), qnorm.data(), cnt.data(),
                   wsum.data(), S.data(), Rr.data(), L.data(), row_dtau.data(), wloss.data(), losses.data(), pred.data(),
-                  fused ? dz.data() : nullptr, fused ? dq.data() : nullptr, loss.data(), dtau.data()};
+                  fused ? dz.data() : nullptr, fused ? dq.data() : nullptr, loss.data(), dtau.data(),
+                  Spart.empty() ? 1 : (int)ksplit_s, dqpart.empty() ? 1 : (int)ksplit_q,
+                  Spart.empty() ? nullptr : Spart.data(), dqpart.empty() ? nullptr : dqpart.data()};
   if (mode == 0) {
     simt::launch((int)blocks, copa_fast::cuda::kThreads, [&] { copa_fast::cuda::copa_sce_single<T>(p); });
   } else if (mode == 2) {
@@ -133,7 +138,7 @@ int main(int argc, char** argv) {
     fprintf(stderr, "host_check: cannot open files\n");
     return 2;
   }
-  auto h = read<int64_t>(in, 11);
+  auto h = read<int64_t>(in, 13);
   const int rc = h[0] == 8 ? run<double>(in, out, h.data()) : run<float>(in, out, h.data());
   fclose(in);
   fclose(out);

@@ -26,12 +26,18 @@ int co_resident_blocks() {
 }  // namespace
 
 template <typename T>
+SingleSplits plan_single(int n, int c, int d) {
+  return plan_splits(n, c, d, co_resident_blocks<T>());
+}
+
+template <typename T>
 cudaError_t launch_single(const SceProblem<T>& problem, cudaStream_t stream) {
   const long ti = (problem.n + kTile - 1) / kTile, tc = (problem.c + kTile - 1) / kTile;
   const long td = (problem.d + kTile - 1) / kTile;
+  const long ks = problem.ksplit_s > 1 ? problem.ksplit_s : 1, kq = problem.ksplit_q > 1 ? problem.ksplit_q : 1;
   long items = problem.n + 2L * problem.c;  // the widest phase bounds the useful number of blocks
-  if (ti * tc > items) items = ti * tc;
-  if ((ti + tc) * td > items) items = (ti + tc) * td;
+  if (ti * tc * ks > items) items = ti * tc * ks;
+  if (ti * td + tc * td * kq > items) items = ti * td + tc * td * kq;
   const long fit = co_resident_blocks<T>();
   const int blocks = (int)(items < fit ? items : fit);
   SceProblem<T> p = problem;
@@ -63,6 +69,8 @@ cudaError_t launch_class_means(const T* pf, const int64_t* y, int n, int c, int 
   return cudaGetLastError();
 }
 
+template SingleSplits plan_single<float>(int, int, int);
+template SingleSplits plan_single<double>(int, int, int);
 template cudaError_t launch_single<float>(const SceProblem<float>&, cudaStream_t);
 template cudaError_t launch_single<double>(const SceProblem<double>&, cudaStream_t);
 template cudaError_t launch_phase<float>(const SceProblem<float>&, int, cudaStream_t);

@@ -9,10 +9,10 @@
 // Work is split into phases separated by a barrier; within a phase, "workers" (blocks) take work
 // items round-robin, each item processed by a whole block of kThreads threads:
 //   P1  row norms and normalised rows of z and q; class counts and weight sums
-//   P2  S = exp(tau) zn qn^T by 32 x 32 tiles
+//   P2  S = exp(tau) zn qn^T by 32 x 32 tiles (one launch, few tiles: shares of D, summed in P3)
 //   P3  row log-sum-exp over the N expanded columns + row argmax; column log-sum-exp
 //   P4  per-sample losses; (fused) G = dloss/dS written over S, per-row dloss/dtau
-//   P5  (fused) dz = s G qn and dq = s G^T zn by 32 x 32 tiles
+//   P5  (fused) dz = s G qn and dq = s G^T zn by 32 x 32 tiles (dq: shares of rows, summed in P6)
 //   P6  (fused) normalisation backward of dz, dq; totals (loss, dtau) summed in a fixed order
 // Three entry points share the phases: copa_sce_single (all blocks of a cooperative grid on one
 // problem, grid-wide barriers), copa_sce_episodes (one block per episode, block barriers) and
@@ -204,9 +204,22 @@ COPA_DEVICE void tile_product(const T* A, long sai, long sak, const T* B, long s
 
 // ---- phase 3: row and column statistics -------------------------------------------------------------
 
+// S(i, c) of a split product (p.ksplit_s > 1): exp(tau) x the shares of D summed in split order. The
+// row items of phase 3 write it into S; the column items of the same phase form it themselves.
 template <typename T>
-COPA_DEVICE void row_stats(const SceProblem<T>& p, int i, const Shared<T>& sh) {
-  const T* s = p.S + (long)i * p.c;
+COPA_DEVICE T split_score(const SceProblem<T>& p, long at, T scale) {
+  T acc = T(0);
+  for (int k = 0; k < p.ksplit_s; ++k) acc += p.Spart[(long)k * p.n * p.c + at];
+  return scale * acc;
+}
+
+template <typename T>
+COPA_DEVICE void row_stats(const SceProblem<T>& p, int i, T scale, const Shared<T>& sh) {
+  T* s = p.S + (long)i * p.c;
+  if (p.ksplit_s > 1) {
+    for (int c = COPA_TID; c < p.c; c += kThreads) s[c] = split_score(p, (long)i * p.c + c, scale);
+    COPA_SYNC_BLOCK();
+  }
   T m = neg_inf<T>(), best = neg_inf<T>();
   int64_t arg = -1;
   for (int c = COPA_TID; c < p.c; c += kThreads) {
@@ -231,13 +244,18 @@ COPA_DEVICE void row_stats(const SceProblem<T>& p, int i, const Shared<T>& sh) {
 }
 
 template <typename T>
-COPA_DEVICE void col_stats(const SceProblem<T>& p, int c, T* red) {
+COPA_DEVICE void col_stats(const SceProblem<T>& p, int c, T scale, T* red) {
+  // S(i, c): S itself, or formed from the split shares as the row items form it (the same bits)
+  const auto score = [&](int i) {
+    const long at = (long)i * p.c + c;
+    return p.ksplit_s > 1 ? split_score(p, at, scale) : p.S[at];
+  };
   T m = neg_inf<T>();
-  for (int i = COPA_TID; i < p.n; i += kThreads) m = dev_max(m, p.S[(long)i * p.c + c]);
+  for (int i = COPA_TID; i < p.n; i += kThreads) m = dev_max(m, score(i));
   m = block_max(m, red);
   const T shift = m == neg_inf<T>() ? T(0) : m;
   T sum = T(0);
-  for (int i = COPA_TID; i < p.n; i += kThreads) sum += dev_exp(p.S[(long)i * p.c + c] - shift);
+  for (int i = COPA_TID; i < p.n; i += kThreads) sum += dev_exp(score(i) - shift);
   sum = block_sum(sum, red);
   if (COPA_TID == 0) {
     p.L[2 * c] = shift;
@@ -330,15 +348,26 @@ COPA_DEVICE void phase_norms(const SceProblem<T>& p, int worker, int workers, co
 template <typename T>
 COPA_DEVICE void phase_scores(const SceProblem<T>& p, T scale, int worker, int workers, const Shared<T>& sh) {  // P2
   const int ti = (p.n + kTile - 1) / kTile, tc = (p.c + kTile - 1) / kTile;
-  for (int item = worker; item < ti * tc; item += workers)
-    tile_product(p.zn, p.d, 1, p.qn, 1, p.d, p.n, p.c, p.d, item / tc, item % tc, scale, p.S, p.c, sh);
+  if (p.ksplit_s <= 1) {
+    for (int item = worker; item < ti * tc; item += workers)
+      tile_product(p.zn, p.d, 1, p.qn, 1, p.d, p.n, p.c, p.d, item / tc, item % tc, scale, p.S, p.c, sh);
+    return;
+  }
+  // share k of D: columns k0 .. k0 + depth - 1 (whole kTile steps; a share past D stores zeros)
+  const int span = ((p.d + kTile - 1) / kTile + p.ksplit_s - 1) / p.ksplit_s * kTile;
+  for (int item = worker; item < ti * tc * p.ksplit_s; item += workers) {
+    const int tile = item % (ti * tc), k = item / (ti * tc);
+    const int k0 = k * span, depth = dev_max(0, dev_min(span, p.d - k0));
+    tile_product(p.zn + k0, p.d, 1, p.qn + k0, 1, p.d, p.n, p.c, depth, tile / tc, tile % tc, T(1),
+                 p.Spart + (long)k * p.n * p.c, p.c, sh);
+  }
 }
 
 template <typename T>
-COPA_DEVICE void phase_stats(const SceProblem<T>& p, int worker, int workers, const Shared<T>& sh) {  // P3
+COPA_DEVICE void phase_stats(const SceProblem<T>& p, T scale, int worker, int workers, const Shared<T>& sh) {  // P3
   for (int item = worker; item < p.n + p.c; item += workers) {
-    if (item < p.n) row_stats(p, item, sh);
-    else col_stats(p, item - p.n, sh.red);
+    if (item < p.n) row_stats(p, item, scale, sh);
+    else col_stats(p, item - p.n, scale, sh.red);
   }
 }
 
@@ -351,25 +380,41 @@ COPA_DEVICE void phase_losses(const SceProblem<T>& p, int worker, int workers, c
 template <typename T>
 COPA_DEVICE void phase_products(const SceProblem<T>& p, T scale, int worker, int workers, const Shared<T>& sh) {
   const int ti = (p.n + kTile - 1) / kTile, tc = (p.c + kTile - 1) / kTile, td = (p.d + kTile - 1) / kTile;
-  for (int item = worker; item < (ti + tc) * td; item += workers) {
-    if (item < ti * td)
+  const int kq = p.ksplit_q > 1 ? p.ksplit_q : 1;
+  // dq share k: rows i0 .. i0 + depth - 1 (whole kTile steps; a share past N stores zeros)
+  const int span = (ti + kq - 1) / kq * kTile;
+  for (int item = worker; item < ti * td + tc * td * kq; item += workers) {
+    if (item < ti * td) {
       tile_product(p.S, p.c, 1, p.qn, p.d, 1, p.n, p.d, p.c, item / td, item % td, scale, p.dz, p.d, sh);
-    else {
+    } else if (kq == 1) {
       const int it = item - ti * td;
       tile_product(p.S, 1, p.c, p.zn, p.d, 1, p.c, p.d, p.n, it / td, it % td, scale, p.dq, p.d, sh);
+    } else {
+      const int it = (item - ti * td) % (tc * td), k = (item - ti * td) / (tc * td);
+      const int i0 = k * span, depth = dev_max(0, dev_min(span, p.n - i0));
+      tile_product(p.S + (long)i0 * p.c, 1, p.c, p.zn + (long)i0 * p.d, p.d, 1, p.c, p.d, depth, it / td, it % td,
+                   T(1), p.dqpart + (long)k * p.c * p.d, p.d, sh);
     }
   }
 }
 
 template <typename T>
-COPA_DEVICE void phase_finish(const SceProblem<T>& p, int worker, int workers, const Shared<T>& sh) {  // P6
+COPA_DEVICE void phase_finish(const SceProblem<T>& p, T scale, int worker, int workers, const Shared<T>& sh) {  // P6
   for (int item = worker; item < 1 + (p.fused ? p.n + p.c : 0); item += workers) {
     if (item == 0) totals(p, sh.red);
     else if (item <= p.n) normalize_backward(p.dz + (long)(item - 1) * p.d, p.zn + (long)(item - 1) * p.d,
                                              p.znorm[item - 1], p.d, sh.red);
     else {
       const int c = item - 1 - p.n;
-      normalize_backward(p.dq + (long)c * p.d, p.qn + (long)c * p.d, p.qnorm[c], p.d, sh.red);
+      T* g = p.dq + (long)c * p.d;
+      if (p.ksplit_q > 1) {   // dq row c: exp(tau) x the row shares summed in split order (each thread its k)
+        for (int k = COPA_TID; k < p.d; k += kThreads) {
+          T acc = T(0);
+          for (int s = 0; s < p.ksplit_q; ++s) acc += p.dqpart[((long)s * p.c + c) * p.d + k];
+          g[k] = scale * acc;
+        }
+      }
+      normalize_backward(g, p.qn + (long)c * p.d, p.qnorm[c], p.d, sh.red);
     }
   }
 }
@@ -391,7 +436,7 @@ COPA_DEVICE void run_problem(const SceProblem<T>& p, int worker, int workers, co
   sync();
   phase_scores(p, scale, worker, workers, sh);
   sync();
-  phase_stats(p, worker, workers, sh);
+  phase_stats(p, scale, worker, workers, sh);
   sync();
   phase_losses(p, worker, workers, sh);
   sync();
@@ -399,7 +444,7 @@ COPA_DEVICE void run_problem(const SceProblem<T>& p, int worker, int workers, co
     phase_products(p, scale, worker, workers, sh);
     sync();
   }
-  phase_finish(p, worker, workers, sh);
+  phase_finish(p, scale, worker, workers, sh);
 }
 
 struct GridSync {
@@ -430,10 +475,11 @@ COPA_GLOBAL void copa_sce_single(SceProblem<T> p) {
 template <typename T>
 COPA_GLOBAL void copa_sce_phase(SceProblem<T> p, int phase) {
   COPA_DECLARE_SHARED(T);
+  const T scale = dev_exp(p.tau[0]);   // (used by split products only; the phased path has none)
   if (phase == 1) phase_norms(p, COPA_BID, COPA_NBLOCKS, sh);
-  else if (phase == 3) phase_stats(p, COPA_BID, COPA_NBLOCKS, sh);
+  else if (phase == 3) phase_stats(p, scale, COPA_BID, COPA_NBLOCKS, sh);
   else if (phase == 4) phase_losses(p, COPA_BID, COPA_NBLOCKS, sh);
-  else if (phase == 6) phase_finish(p, COPA_BID, COPA_NBLOCKS, sh);
+  else if (phase == 6) phase_finish(p, scale, COPA_BID, COPA_NBLOCKS, sh);
 }
 
 // E episodes, one block each. Episode e owns rows rows[2e] + (0..rows[2e+1]) of z (and of every

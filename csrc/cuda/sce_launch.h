@@ -9,6 +9,11 @@
 namespace copa_fast {
 namespace cuda {
 
+// The split products of one problem on this device (plan_splits over its co-resident blocks): the
+// caller allocates Spart / dqpart of that size and sets ksplit_s / ksplit_q before launch_single.
+template <typename T>
+SingleSplits plan_single(int n, int c, int d);
+
 // One problem in one cooperative launch: as many blocks as the device holds at once (at most as
 // many as there are work items), grid-wide barriers between the phases.
 template <typename T>

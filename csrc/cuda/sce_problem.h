@@ -41,7 +41,38 @@ struct SceProblem {
   T* dq;               // (c, d) when fused
   T* loss;             // (1,)
   T* dtau;             // (1,) when fused
+  // Split products of the one-launch kernel (copa_sce_single; 1, or 0 as left by an initialiser: not
+  // split). Few output tiles (N = 500: 32 of S's, each 16 steps deep) would leave most blocks idle:
+  // the depth is shared out, each share's partial tile stored, and the next phase sums them in a
+  // fixed order.
+  int ksplit_s;        // S = zn qn^T over ksplit_s ranges of D: partials in Spart (ksplit_s, n, c)
+  int ksplit_q;        // dq = G^T zn over ksplit_q ranges of rows: partials in dqpart (ksplit_q, c, d)
+  T* Spart;
+  T* dqpart;
 };
+
+struct SingleSplits {
+  int scores;   // ksplit_s
+  int dq;       // ksplit_q
+};
+
+// The splits of one problem on a grid of `blocks` co-resident blocks: S's tiles x ksplit_s up to the
+// grid (each share at least one kTile step of D), dq's tiles split until a share is about as deep
+// as a dz tile (K = C) and they fit the grid too; each partial buffer kept under 2^22 values.
+inline SingleSplits plan_splits(long n, long c, long d, long blocks) {
+  const auto cdiv = [](long a, long b) { return (a + b - 1) / b; };
+  const auto clamp1 = [](long v) { return v < 1 ? 1L : v; };
+  const long ti = cdiv(n, kTile), tc = cdiv(c, kTile), td = cdiv(d, kTile);
+  const long budget = 1L << 22;
+  long ks = blocks / (ti * tc);
+  if (ks > td) ks = td;
+  if (ks > budget / (n * c)) ks = budget / (n * c);
+  long kq = cdiv(ti, tc);                           // dq tile depth (rows) / dz tile depth (classes)
+  if (kq > blocks / (tc * td)) kq = blocks / (tc * td);
+  if (kq > ti) kq = ti;
+  if (kq > budget / (c * d)) kq = budget / (c * d);
+  return {(int)clamp1(ks), (int)clamp1(kq)};
+}
 
 }  // namespace cuda
 }  // namespace copa_fast
