@@ -296,3 +296,29 @@ def test_split_products_match_reference(host_check, tmp_path, dtype, splits):
     bad[4] = c + 2
     nan = _run(host_check, tmp_path, x, p, bad, 3.0, blocks=2, splits=splits, in_place=True)
     assert torch.isnan(nan["losses"][4]) and torch.isnan(nan["dq"]).all()
+
+
+def _plan(exe, tmp_path, n, c, d, blocks):
+    """plan_splits(n, c, d, blocks) of sce_problem.h: (ksplit_s, ksplit_q)."""
+    header = [4, 4, n, c, d, 0, 0, blocks, 0, 0, 0, 1, 1]
+    src, dst = tmp_path / "plan.bin", tmp_path / "plan.out"
+    src.write_bytes(struct.pack(f"{len(header)}q", *header))
+    res = subprocess.run([exe, str(src), str(dst)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return struct.unpack("2q", dst.read_bytes())
+
+
+def test_split_plan(host_check, tmp_path):
+    """The one-launch kernel's split products as planned for a device: N = 500 on a ~1000-block grid
+    shares S's 16 steps of D out one each and dq's 16 row steps two each; shares never exceed the
+    steps there are, nor (with dq's dz-tile partners) the grid, nor 2^22 partial values; a problem
+    with enough tiles, or a grid of one block, is not split."""
+    assert _plan(host_check, tmp_path, 500, 50, 512, 1056) == (16, 8)
+    assert _plan(host_check, tmp_path, 500, 50, 512, 64) == (2, 2)        # 32 tiles of each on 64 blocks
+    assert _plan(host_check, tmp_path, 1000, 1000, 512, 1056) == (1, 1)   # 1024 tiles; dq as deep as dz
+    assert _plan(host_check, tmp_path, 37, 5, 45, 1) == (1, 1)
+    assert _plan(host_check, tmp_path, 2000, 1000, 1024, 1 << 20) == (2, 2)     # S: 2^22 / (N C) = 2
+    assert _plan(host_check, tmp_path, 65536, 2048, 2048, 1 << 20) == (1, 1)    # 2^22 / (C D) = 1
+    for n, c, d in ((33, 1, 17), (1024, 128, 1024), (25, 5, 512)):
+        ks, kq = _plan(host_check, tmp_path, n, c, d, 1056)
+        assert 1 <= ks <= -(-d // 32) and 1 <= kq <= -(-n // 32)

@@ -155,8 +155,8 @@ def _scores_block(zn_ptr, qn_ptr, cnt_ptr, scale, S_ptr, R_ptr, pred_ptr, part_p
                   FROM_PARTS: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr,
                   PREC: tl.constexpr):
     """S = scale * zn qn^T on a block of rows (all classes), its row log-sum-exp and argmax. The
-    products: over columns d_lo .. d_hi - 1, or (FROM_PARTS) the SG groups' partial products, S's
-    own first, summed in group order."""
+    products: over columns d_lo .. d_hi - 1, or (FROM_PARTS) the SG groups' partial products in
+    part, summed in group order."""
     rows = blk * BN + tl.arange(0, BN)
     rmask = rows < N
     neg_inf = float("-inf")
@@ -220,6 +220,7 @@ def _colstats(S_ptr, L_ptr, part_ptr, ticket_ptr, T0, N, C, CS, CROWS, tau_ptr, 
     pid = tl.program_id(0)
     scale = tl.exp(tl.load(tau_ptr).to(ACC))
     if SUMMED and pid < NBR:
+        # (no products here: the operand pointers, columns, BD and PREC go unused)
         _scores_block(S_ptr, S_ptr, cnt_ptr, scale, S_ptr, R_ptr, pred_ptr, spart_ptr, SG, pid, 0, 0, N, C, 0,
                       True, BNS, BC, 16, ACC, "ieee")
     else:

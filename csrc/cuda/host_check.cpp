@@ -9,7 +9,8 @@
 // copa_loss op has it), ksplit_s, ksplit_q (the single kernel's split products; 1: none)], then z (R*d), q (K*d) in dtype, y (R) int64, w (R, if has_w) and tau (E) in
 // dtype, then for episodes rows (2E), cls (2E), s_off (E) int64.
 // Output: loss (E), dtau (E), losses (R) in dtype, pred (R) int64, dz (R*d), dq (K*d) in dtype; for class
-// means p0 (K*d) in dtype.
+// means p0 (K*d) in dtype. Mode 4 runs nothing: the split products plan_splits gives R x K x d on
+// `blocks` co-resident blocks, as two int64 (ksplit_s, ksplit_q).
 #define COPA_SIMT_HOST 1
 #include "sce_kernels.cuh"
 
@@ -77,6 +78,11 @@ int run(FILE* in, FILE* out, const int64_t* h) {
   using copa_fast::cuda::SceProblem;
   const int64_t mode = h[1], R = h[2], K = h[3], d = h[4], fused = h[5], has_w = h[6], blocks = h[7], E = h[8],
                 s_total = h[9], in_place = h[10], ksplit_s = h[11], ksplit_q = h[12];
+  if (mode == 4) {
+    const copa_fast::cuda::SingleSplits k = copa_fast::cuda::plan_splits(R, K, d, blocks);
+    write(out, std::vector<int64_t>{k.scores, k.dq});
+    return 0;
+  }
   auto z = read<T>(in, R * d), q = read<T>(in, K * d);
   auto y = read<int64_t>(in, R);
   auto w = has_w ? read<T>(in, R) : std::vector<T>();
