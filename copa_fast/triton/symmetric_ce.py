@@ -208,8 +208,7 @@ def _parts_sum(part_ptr, at, mask, SG, N, C, BN: tl.constexpr, BC: tl.constexpr,
 
 @triton.jit
 def _colstats(S_ptr, L_ptr, part_ptr, ticket_ptr, T0, N, C, CS, CROWS, tau_ptr, cnt_ptr, R_ptr, pred_ptr, spart_ptr,
-              SG, NBR, SUMMED: tl.constexpr, BNS: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
-              ACC: tl.constexpr):
+              SG, NBR, SUMMED: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
     """SUMMED (the scores came as SG groups' partial products in spart): first NBR row programs
     sum them in group order into S with the row statistics (``_scores_block``). Then class blocks x
     CS row ranges of CROWS rows, which read the scores (SUMMED: form them from spart, the same sum
@@ -222,7 +221,7 @@ def _colstats(S_ptr, L_ptr, part_ptr, ticket_ptr, T0, N, C, CS, CROWS, tau_ptr, 
     if SUMMED and pid < NBR:
         # (no products here: the operand pointers, columns, BD and PREC go unused)
         _scores_block(S_ptr, S_ptr, cnt_ptr, scale, S_ptr, R_ptr, pred_ptr, spart_ptr, SG, pid, 0, 0, N, C, 0,
-                      True, BNS, BC, 16, ACC, "ieee")
+                      True, BN, BC, 16, ACC, "ieee")
     else:
         if SUMMED:
             pid -= NBR
@@ -698,8 +697,9 @@ _SLOTS: dict[int, int] = {}
 
 
 def _slots(device):
-    """Programs the gradient launch aims for: two per SM on a GPU; a nominal 8 under the
-    interpreter, so that CI's small problems take the column-group paths too."""
+    """Programs a launch aims for when it shares its loops out (``_grads_plan``, ``_scores_groups``,
+    ``_colstats_splits``): two per SM on a GPU; a nominal 8 under the interpreter, so that CI's
+    small problems take the grouped and split paths too."""
     if INTERPRETED or device.type != "cuda":
         return 8
     key = device.index if device.index is not None else torch.cuda.current_device()
@@ -764,15 +764,19 @@ def symmetric_ce(z, q, labels, tau, weights, fused_grad, precision="ieee"):
     ploss = torch.empty(nbz, device=dev, dtype=dt)
     pdtau = torch.empty(nbz, device=dev, dtype=dt)
     loss, dtau = torch.empty((), device=dev, dtype=dt), torch.empty((), device=dev, dtype=dt)
-    splits, rows_per, rg, cg = _grads_plan(n, c, d, bn, bc, bd, dt, _slots(dev)) if fused_grad else (1, n, 1, 1)
+    slots = _slots(dev)
+    splits, rows_per, rg, cg = _grads_plan(n, c, d, bn, bc, bd, dt, slots) if fused_grad else (1, n, 1, 1)
     cls_split = splits * cg > 1
     part = torch.empty(splits * nbc * bc * d, device=dev, dtype=dt) if cls_split else dq
     pdot = torch.empty(rg * n, device=dev, dtype=dt) if rg > 1 else ploss
     # completion counters, zeroed by _prep: [0] the loss total; [1 + b] class block b's programs;
     # [row_t0 + b] row block b's column groups
     row_t0 = 1 + (nbc if cls_split else 0)
-    sg = _scores_groups(n, c, d, min(bn, 32), bd, dt, _slots(dev))
-    cs, crows = _colstats_splits(n, c, bn, bc, _slots(dev))
+    # the score groups' partial-product programs take 32-row blocks (64 spilled there on sm_80 / triton 3.6)
+    bn_parts = min(bn, 32)
+    sg = _scores_groups(n, c, d, bn_parts, bd, dt, slots)
+    bng = bn_parts if sg > 1 else bn
+    cs, crows = _colstats_splits(n, c, bn, bc, slots)
     col_t0 = row_t0 + (nbz if rg > 1 else 0)   # [col_t0 + b]: class block b's row ranges
     ticket = torch.empty(col_t0 + (nbc if cs > 1 else 0), device=dev, dtype=torch.int32)
     c_part = torch.empty(cs * 2 * c, device=dev, dtype=dt) if cs > 1 else L
@@ -782,12 +786,11 @@ def symmetric_ce(z, q, labels, tau, weights, fused_grad, precision="ieee"):
 
     _prep[(nbz + nbq + nbc,)](z, q, zn, qn, znorm, qnorm, labels, w_arg, cnt, wsum, ticket, n, c, d, w is not None,
                               nbz, nbq, ticket.numel(), BR=bn, BD=bd, BI=max(bn, 16), BC=bc, ACC=acc)
-    bng = min(bn, 32) if sg > 1 else bn   # the partial-product programs' rows (64 spilled there on sm_80 / triton 3.6)
     _scores[(triton.cdiv(n, bng) * sg,)](zn, qn, cnt, tau_t, S, R, pred, s_part, n, c, d, sg, chunk_cols(sg),
                                          GROUPED=sg > 1, BN=bng, BC=bc, BD=bd, ACC=acc, PREC=prec, num_warps=st.warps)
     nbr = nbz if sg > 1 else 0   # row programs that sum the score groups first
     _colstats[(nbr + nbc * cs,)](S, L, c_part, ticket, col_t0, n, c, cs, crows, tau_t, cnt, R, pred, s_part, sg, nbr,
-                                 SUMMED=sg > 1, BNS=bn, BN=bn, BC=bc, ACC=acc)
+                                 SUMMED=sg > 1, BN=bn, BC=bc, ACC=acc)
     _grads[(nbz * rg + (nbc * (splits * cg if cls_split else 1) if fused_grad else 0),)](
         zn, qn, znorm, qnorm, S, R, L, cnt, wsum, labels, w_arg, tau_t, losses, ploss, pdtau, ticket, loss,
         dtau, dz, dq, part, pdot, n, c, d, nbz, rows_per, rg, chunk_cols(rg), cg, chunk_cols(cg), row_t0,
