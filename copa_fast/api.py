@@ -196,12 +196,13 @@ def copa_loss(features: torch.Tensor, labels: torch.Tensor, w_img: torch.Tensor,
         # torch.func, forward AD: differentiable ops (ops/composite.py), not the kernels
         losses = _composite.copa_losses(x, labels, wi, wp, pfw, c, _tau_tensor(tau, x))
         return reference._reduce(losses, reduction).to(features.dtype)
-    if b in ("cpu", "cuda") and reduction != "none":   # the whole step, gradients included, in one C++ call
+    step = (_ops.copa_op() if b in ("cpu", "cuda") else _ops.triton_step_op()) if reduction != "none" else None
+    if step is not None:   # the whole step, gradients included, in one op call with a C++ autograd
         tau_t = _tau_tensor(tau, x)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or wi.requires_grad or wp.requires_grad
                                                   or pfw.requires_grad or tau_t.requires_grad)
         weights = torch.ones(x.shape[0], dtype=work, device=x.device) if reduction == "sum" else None
-        out = _ops.copa_op()(x, labels, wi, wp, pfw, c, tau_t, weights, needs_grad, precision)
+        out = step(x, labels, wi, wp, pfw, c, tau_t, weights, needs_grad, precision)
         return out[0] if out[0].dtype == features.dtype else out[0].to(features.dtype)
     p0 = class_means(pfw, labels, c)
     return _sce_core(x @ wi.t(), p0 @ wp.t(), labels, tau, reduction, b, precision)[0].to(features.dtype)

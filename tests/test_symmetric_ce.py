@@ -454,73 +454,106 @@ def test_cuda_graph_capture_replays_a_training_step(backend, device):
         torch.testing.assert_close(w_img.grad, wi.grad)
 
 
-# --- the fused CoPA step op of the cpu backend (copa_fast::copa_loss) ---------------------------------
-needs_cpu = pytest.mark.skipif("cpu" not in copa_fast.available_backends(), reason="C++ extension not built")
+# --- the fused CoPA step ops: copa_fast::copa_loss (cpu, cuda) and copa_loss_triton -------------------
+def _step_op(backend):
+    from copa_fast.ops import symmetric_ce as ops
+
+    return ops.triton_step_op() if backend == "triton" else ops.copa_op()
 
 
-def _step_inputs(n, c, d, e, seed):
+# every (backend, device) whose step op exists here (both need the extension: schema and autograd)
+STEP_PAIRS = [p for p in PAIRS if copa_fast._extension.loaded() and _step_op(p.values[0]) is not None]
+
+
+def _step_inputs(n, c, d, e, seed, device="cpu", dtype=torch.float64):
     x, y = make_episode(n, c, d, seed=seed, dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed + 1)
     wi = torch.eye(e, d, dtype=torch.float64) + 0.05 * torch.randn(e, d, dtype=torch.float64, generator=gen)
     wp = torch.eye(e, d, dtype=torch.float64) + 0.05 * torch.randn(e, d, dtype=torch.float64, generator=gen)
-    return x, y, wi, wp
+    return x.to(device, dtype), y.to(device), wi.to(device, dtype), wp.to(device, dtype)
 
 
-@needs_cpu
+@pytest.mark.parametrize("backend,device", STEP_PAIRS)
 @pytest.mark.parametrize("e", [23, 17], ids=lambda e: f"E{e}")   # square and non-square adapters
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("frozen_features", [True, False])
-def test_cpu_fused_step_matches_reference(e, reduction, frozen_features):
+def test_fused_step_matches_reference(backend, device, e, reduction, frozen_features):
     """The adapter-training case (features frozen: no input gradients formed) and the backbone
     case, against the float64 reference; non-square (E, D) adapters included."""
-    x, y, wi, wp = _step_inputs(61, 7, 23, e, seed=30)
+    x, y, wi, wp = _step_inputs(61, 7, 23, e, seed=30, device=device)
     leaves64 = [x.clone().requires_grad_(not frozen_features), wi.clone().requires_grad_(True),
                 wp.clone().requires_grad_(True)]
     expect = ref.copa_loss(*leaves64[:1], y, *leaves64[1:], 2.5, reduction=reduction)
     leaves = [t.detach().float().requires_grad_(t.requires_grad) for t in leaves64]
-    out = copa_fast.copa_loss(leaves[0], y, leaves[1], leaves[2], 2.5, reduction=reduction, backend="cpu")
+    inputs = [t.detach().clone() for t in leaves]
+    out = copa_fast.copa_loss(leaves[0], y, leaves[1], leaves[2], 2.5, reduction=reduction, backend=backend)
+    assert type(out.grad_fn).__name__ == "CppFunction"   # the step op with its C++ autograd, not a composite
     assert_rel(out, expect, TOL[torch.float32]["loss"], "loss")
     wrt = [t for t in leaves if t.requires_grad]
     got = torch.autograd.grad(out, wrt)
     want = torch.autograd.grad(expect, [t for t in leaves64 if t.requires_grad])
     for a, b in zip(got, want):
         assert_rel(a, b, TOL[torch.float32]["grad"], "grad")
+    for a, b in zip(leaves, inputs):   # the step normalises its own adapted rows in place, never an input
+        assert torch.equal(a.detach(), b)
 
 
-@needs_cpu
-def test_cpu_fused_step_opcheck():
-    from copa_fast.ops import symmetric_ce as ops
+@pytest.mark.parametrize("backend,device", [p for p in STEP_PAIRS if p.values[0] == "triton"])
+def test_triton_step_normalises_its_own_rows_in_place(monkeypatch, backend, device):
+    """copa_loss_triton hands the kernels its own z = x w_img^T and q = p0 w_proto^T, whose rows the
+    first launch normalises in place (one N x E buffer fewer at the peak); symmetric_ce's z and q
+    are the caller's and get buffers of their own."""
+    from copa_fast.triton import symmetric_ce as kernels
 
-    x, y, wi, wp = [t.float() if t.is_floating_point() else t for t in _step_inputs(21, 6, 10, 8, seed=31)]
+    seen = []
+    real = kernels._Setup.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        seen.append((self.zn.data_ptr() == self.z.data_ptr(), self.qn.data_ptr() == self.q.data_ptr()))
+
+    monkeypatch.setattr(kernels._Setup, "__init__", spy)
+    x, y, wi, wp = _step_inputs(30, 4, 12, 12, seed=35, device=device, dtype=torch.float32)
+    copa_fast.copa_loss(x, y, wi.requires_grad_(True), wp, backend=backend).backward()
+    z, q = x @ wi.detach().t(), x[:4] @ wp.t()
+    copa_fast.symmetric_ce(z, q, y, backend=backend)
+    assert seen == [(True, True), (False, False)]
+
+
+@pytest.mark.parametrize("backend,device", STEP_PAIRS)
+def test_fused_step_opcheck(backend, device):
+    x, y, wi, wp = _step_inputs(21, 6, 10, 8, seed=31, device=device, dtype=torch.float32)
     pf = x + 0.3 * torch.randn_like(x)
-    tau = torch.tensor(2.0)
-    for fused, inputs in ((True, True), (True, False), (False, False)):
-        for w in (None, torch.rand(21)):
+    tau = torch.tensor(2.0, device=device)
+    cases = ((True, True), (True, False), (False, False))
+    weights = (None, torch.rand(21, device=device))
+    if backend == "triton" and device == "cpu":   # each case runs the interpreter ~10 times
+        cases, weights = cases[:2], weights[1:]
+    for fused, inputs in cases:
+        for w in weights:
             grad = [fused and inputs, fused, fused, fused and inputs]
             args = (x.clone().requires_grad_(grad[0]), y, wi.clone().requires_grad_(grad[1]),
                     wp.clone().requires_grad_(grad[2]), pf.clone().requires_grad_(grad[3]), 6, tau, w, fused)
-            torch.library.opcheck(ops.copa_op(), args)
+            torch.library.opcheck(_step_op(backend), args)
 
 
-@needs_cpu
-def test_cpu_fused_step_refuses_gradients_it_did_not_form():
-    from copa_fast.ops import symmetric_ce as ops
-
-    x, y, wi, wp = [t.float() if t.is_floating_point() else t for t in _step_inputs(12, 3, 6, 6, seed=32)]
+@pytest.mark.parametrize("backend,device", STEP_PAIRS)
+def test_fused_step_refuses_gradients_it_did_not_form(backend, device):
+    x, y, wi, wp = _step_inputs(12, 3, 6, 6, seed=32, device=device, dtype=torch.float32)
     wi.requires_grad_(True)
-    loss = ops.copa_op()(x, y, wi, wp, x, 3, torch.tensor(2.0), None, False)[0]
+    loss = _step_op(backend)(x, y, wi, wp, x, 3, torch.tensor(2.0, device=device), None, False)[0]
     with pytest.raises(RuntimeError, match="fused_grad=True"):
         loss.backward()
 
 
-@needs_cpu
+@pytest.mark.parametrize("backend,device", STEP_PAIRS)
 @pytest.mark.parametrize("g", [1.0, -2.5])
-def test_cpu_fused_step_scales_by_grad_output(g):
+def test_fused_step_scales_by_grad_output(backend, device, g):
     """The backward folds grad_output into its GEMMs (no pass when it is 1): both cases exact."""
-    x, y, wi, wp = _step_inputs(40, 5, 12, 12, seed=34)
+    x, y, wi, wp = _step_inputs(40, 5, 12, 12, seed=34, device=device)
     leaves = [t.clone().requires_grad_(True) for t in (x, wi, wp)]
-    tau = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
-    out = copa_fast.copa_loss(leaves[0], y, leaves[1], leaves[2], tau, backend="cpu")
+    tau = torch.tensor(1.5, dtype=torch.float64, device=device, requires_grad=True)
+    out = copa_fast.copa_loss(leaves[0], y, leaves[1], leaves[2], tau, backend=backend)
     got = torch.autograd.grad(out * g, leaves + [tau])
     leaves64 = [t.clone().requires_grad_(True) for t in (x, wi, wp)]
     tau64 = tau.detach().clone().requires_grad_(True)
@@ -530,17 +563,15 @@ def test_cpu_fused_step_scales_by_grad_output(g):
         assert_rel(a, b, 1e-10, "grad")
 
 
-@needs_cpu
+@pytest.mark.parametrize("backend,device", STEP_PAIRS)
 @pytest.mark.parametrize("case,match", [
     ("w_proto_shape", "w_proto: expected shape"),
     ("pf_shape", "pf: expected shape"),
     ("dtype", "expected dtype"),
     ("labels_len", "labels: expected 12 entries"),
 ])
-def test_cpu_fused_step_op_errors_name_the_argument(case, match):
-    from copa_fast.ops import symmetric_ce as ops
-
-    x, y, wi, wp = [t.float() if t.is_floating_point() else t for t in _step_inputs(12, 3, 6, 6, seed=33)]
+def test_fused_step_op_errors_name_the_argument(backend, device, case, match):
+    x, y, wi, wp = _step_inputs(12, 3, 6, 6, seed=33, device=device, dtype=torch.float32)
     pf = x
     if case == "w_proto_shape":
         wp = wp[:5]
@@ -551,7 +582,7 @@ def test_cpu_fused_step_op_errors_name_the_argument(case, match):
     elif case == "labels_len":
         y = y[:-1]
     with pytest.raises((ValueError, TypeError), match=match):
-        ops.copa_op()(x, y, wi, wp, pf, 3, torch.tensor(2.0), None, False)
+        _step_op(backend)(x, y, wi, wp, pf, 3, torch.tensor(2.0, device=device), None, False)
 
 
 TRITON_DEVICES = [p.values[1] for p in PAIRS if p.values[0] == "triton"]

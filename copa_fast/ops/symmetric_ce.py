@@ -143,6 +143,29 @@ def copa_op():
     return torch.ops.copa_fast.copa_loss.default
 
 
+# The same step on the Triton kernels: schema and C++ autograd from the extension, kernel from here.
+COPA_TRITON = "copa_fast::copa_loss_triton"
+
+
+def _copa_triton_impl(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad, precision="ieee"):
+    from ..triton import symmetric_ce as kernels
+
+    return kernels.copa_loss(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad, precision)
+
+
+_HAS_TRITON_STEP = _extension.loaded() and hasattr(torch.ops.copa_fast, "copa_loss_triton")
+if _HAS_TRITON_STEP:
+    torch.library.register_fake(COPA_TRITON)(_copa_fake)
+    # CPU tensors reach it only under Triton's interpreter (the API's backend choice)
+    torch.library.impl(COPA_TRITON, ("cpu", "cuda"))(_copa_triton_impl)
+
+
+def triton_step_op():
+    """copa_fast::copa_loss_triton, or None without the extension (which defines its schema and
+    autograd): the API then runs the Triton step as adapters + symmetric_ce_triton."""
+    return torch.ops.copa_fast.copa_loss_triton.default if _HAS_TRITON_STEP else None
+
+
 # --- the Triton op --------------------------------------------------------------------------------
 def _triton_impl(z, q, labels, tau, weights, fused_grad, precision="ieee"):
     from ..triton import symmetric_ce as kernels

@@ -448,33 +448,40 @@ def _cls_split(zn_ptr, qn_ptr, qnorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr
                PREC: tl.constexpr):
     """One of NPART programs of a class block (SPLITS row ranges x column groups): G^T zn over its
     range of ROWS_PER rows in tiles of BNC rows (half the row programs' BN: with full tiles the
-    kernel spilled 48-128 B a thread) on columns d_lo .. d_hi - 1, written to its slot of part
-    (BC x D; the column groups of a range share a slot). The block's last program to finish (an
-    integer ticket, as for the loss total) sums the slots in split order — the same bits whoever
-    finishes last — then writes dq = s G^T zn with the normalisation backward."""
+    kernel spilled 48-128 B a thread) on columns d_lo .. d_hi - 1, written to its range's slot (BC x D;
+    the column groups of a range share a slot): the first range's is the block's own rows of dq, the
+    others' are in part (SPLITS - 1 slots a block: C x D fewer values than a slot each). The
+    block's last program to finish (an integer ticket, as for the loss total) sums the slots in
+    split order — the same bits whoever finishes last — then writes dq = s G^T zn with the
+    normalisation backward."""
     cls = blk * BC + tl.arange(0, BC)
     cmask = cls < C
     lc = tl.arange(0, BC)
     r_lo = split * ROWS_PER
     r_hi = tl.minimum(r_lo + ROWS_PER, N)
-    slot = part_ptr + (blk * SPLITS + split) * BC * D
+    own = dq_ptr + blk * BC * D   # the first range's slot: rows past C masked (dq has C rows)
+    if split == 0:
+        slot = own
+    else:
+        slot = part_ptr + (blk * (SPLITS - 1) + split - 1) * BC * D
+    smask = (cls < tl.where(split == 0, C, (blk + 1) * BC))[:, None]   # part's slots are whole blocks
     for d0 in range(d_lo, d_hi, BD):
         cols = d0 + tl.arange(0, BD)
         acc = _gt_zn_chunk(zn_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr, cls, cols, r_lo, r_hi, N,
                            C, D, HAS_W, BNC, BC, BD, ACC, PREC)
-        tl.store(slot + lc[:, None] * D + cols[None, :], acc, mask=cols[None, :] < D)
+        tl.store(slot + lc[:, None] * D + cols[None, :], acc, mask=smask & (cols[None, :] < D))
     tl.debug_barrier()   # every thread's slot stores issued before the ticket
     ticket = tl.atomic_add(ticket_ptr + blk, 1, sem="acq_rel")
     if ticket == NPART - 1:
         tl.debug_barrier()
         dot = tl.zeros((BC,), dtype=ACC)
-        first = part_ptr + blk * SPLITS * BC * D
+        rest = part_ptr + blk * (SPLITS - 1) * BC * D
         for d0 in range(0, D, BD):
             cols = d0 + tl.arange(0, BD)
             m2 = cmask[:, None] & (cols[None, :] < D)
-            acc = tl.zeros((BC, BD), dtype=ACC)
-            for k in range(SPLITS):
-                acc += tl.load(first + (k * BC + lc[:, None]) * D + cols[None, :], mask=m2, other=0.0,
+            acc = tl.load(own + lc[:, None] * D + cols[None, :], mask=m2, other=0.0, cache_modifier=".cg").to(ACC)
+            for k in range(SPLITS - 1):
+                acc += tl.load(rest + (k * BC + lc[:, None]) * D + cols[None, :], mask=m2, other=0.0,
                                cache_modifier=".cg").to(ACC)
             dot += _store_dq_chunk(acc * scale, qn_ptr, dq_ptr, cls, cmask, cols, D, ACC)
         _norm_backward(dq_ptr, qn_ptr, qnorm_ptr, cls, cmask, dot, D, BD, ACC, False)
@@ -637,7 +644,8 @@ def _dq_splits(n, c, bn, bc, dtype, most=4):
     block's program runs N x BC x D products, N BC / (BN C) times a row block's work (8x at
     N = 16384, C = 1000), on only C / BC programs (32 there, for a GPU of 132 SMs): the kernel waits
     on them. Split into at most ``most`` row ranges of whole row tiles, each close to a row block's
-    work; the partial sums take splits x C x D extra memory, summed in split order (deterministic).
+    work; the partial sums take (splits - 1) x C x D extra memory (the first range sums in dq itself),
+    summed in split order (deterministic).
     float64 (an accuracy mode) stays unsplit: its split kernel spilled 48 B a thread (triton 3.9, sm_90)."""
     if dtype == torch.float64:
         return 1, n
@@ -724,7 +732,7 @@ class _Setup:
     """What both launchers share: contiguous inputs, dtypes, tile sizes and the per-row and
     per-class workspace (normalised rows and their norms, class counts, row and column LSE)."""
 
-    def __init__(self, z, q, labels, precision, fused_grad, zero_outputs, batched=False):
+    def __init__(self, z, q, labels, precision, fused_grad, zero_outputs, batched=False, scratch=False):
         if z.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"z: the Triton kernels take float32 or float64, got {z.dtype}")
         self.z, self.q = z.contiguous(), q.contiguous()
@@ -736,7 +744,8 @@ class _Setup:
         self.prec = _precision(self.dt, precision)
         self.bn, self.bc, self.bd, self.warps = _launch_config(INTERPRETED, self.dt, batched, self.prec)
         vec = lambda k: torch.empty(k, device=self.dev, dtype=self.dt)  # noqa: E731
-        self.zn, self.qn = torch.empty_like(self.z), torch.empty_like(self.q)
+        # scratch: z and q are the caller's own, and the normalised rows are written over them
+        self.zn, self.qn = (self.z, self.q) if scratch else (torch.empty_like(self.z), torch.empty_like(self.q))
         self.znorm, self.qnorm, self.cnt, self.wsum = vec(self.n), vec(self.c), vec(self.c), vec(self.c)
         self.R, self.L = vec(2 * self.n), vec(2 * self.c)   # log-sum-exps as (max, log sum) pairs
         fill = torch.zeros if zero_outputs else torch.empty   # zero: rows no episode owns
@@ -749,9 +758,11 @@ class _Setup:
             self.dz, self.dq = z.new_empty(0), z.new_empty(0)
 
 
-def symmetric_ce(z, q, labels, tau, weights, fused_grad, precision="ieee"):
-    """Launcher with the op's schema; see copa_fast.ops.symmetric_ce. Four launches."""
-    st = _Setup(z, q, labels, precision, fused_grad, zero_outputs=False)
+def symmetric_ce(z, q, labels, tau, weights, fused_grad, precision="ieee", scratch=False):
+    """Launcher with the op's schema; see copa_fast.ops.symmetric_ce. Four launches. ``scratch``: z
+    and q belong to the caller alone, which lets the first launch write the normalised rows over
+    them (read only there) instead of into buffers of their own."""
+    st = _Setup(z, q, labels, precision, fused_grad, zero_outputs=False, scratch=scratch)
     z, q, labels, n, c, d, dev, dt, acc, prec = (st.z, st.q, st.labels, st.n, st.c, st.d, st.dev, st.dt, st.acc,
                                                  st.prec)
     bn, bc, bd = st.bn, st.bc, st.bd
@@ -767,7 +778,8 @@ def symmetric_ce(z, q, labels, tau, weights, fused_grad, precision="ieee"):
     slots = _slots(dev)
     splits, rows_per, rg, cg = _grads_plan(n, c, d, bn, bc, bd, dt, slots) if fused_grad else (1, n, 1, 1)
     cls_split = splits * cg > 1
-    part = torch.empty(splits * nbc * bc * d, device=dev, dtype=dt) if cls_split else dq
+    # the class ranges' partial sums past the first (which sums in dq's own rows); never read when empty
+    part = torch.empty((splits - 1) * nbc * bc * d, device=dev, dtype=dt) if cls_split and splits > 1 else dq
     pdot = torch.empty(rg * n, device=dev, dtype=dt) if rg > 1 else ploss
     # completion counters, zeroed by _prep: [0] the loss total; [1 + b] class block b's programs;
     # [row_t0 + b] row block b's column groups
@@ -797,6 +809,58 @@ def symmetric_ce(z, q, labels, tau, weights, fused_grad, precision="ieee"):
         HAS_W=w is not None, FUSED=fused_grad, SPLITS=splits, CLS_SPLIT=cls_split, BN=bn, BNC=max(bn // 2, 16),
         BC=bc, BD=bd, BP=64, ACC=acc, PREC=prec, num_warps=st.warps)
     return loss, losses, pred, dz, dq, dtau if fused_grad else z.new_empty(0)
+
+
+def _check_step(x, labels, w_img, w_proto, pf, num_classes, tau, weights):
+    """The checks of copa_fast::copa_loss's C++ kernels (csrc/symmetric_ce_checks.h), for the same
+    step on these kernels: what the launches need, with errors naming the argument."""
+    for name, t in (("x", x), ("w_img", w_img), ("w_proto", w_proto), ("pf", pf)):
+        if t.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected dtype {x.dtype} (as x), got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (as x), got {t.device}")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"x: the Triton kernels take float32 or float64, got {x.dtype}")
+    n, d = x.shape
+    if n < 1 or w_img.shape[0] < 1 or w_img.shape[1] != d:
+        raise ValueError(f"x, w_img: expected x (N >= 1, D) and w_img (E >= 1, D), got {tuple(x.shape)} and "
+                         f"{tuple(w_img.shape)}")
+    if w_proto.shape != w_img.shape:
+        raise ValueError(f"w_proto: expected shape {tuple(w_img.shape)} (as w_img), got {tuple(w_proto.shape)}")
+    if pf.shape != x.shape:
+        raise ValueError(f"pf: expected shape {tuple(x.shape)} (as x), got {tuple(pf.shape)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes: expected >= 1, got {num_classes}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels: expected int64 or int32, got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != n:
+        raise ValueError(f"labels: expected {n} entries (rows of x), got shape {tuple(labels.shape)}")
+    if labels.device != x.device:
+        raise ValueError(f"labels: expected device {x.device}, got {labels.device}")
+    if tau.numel() != 1 or not tau.is_floating_point():
+        raise ValueError(f"tau: expected one floating element, got shape {tuple(tau.shape)}, {tau.dtype}")
+    if weights is not None and (weights.shape != (n,) or weights.device != x.device):
+        raise ValueError(f"weights: expected {n} entries on {x.device}, got shape {tuple(weights.shape)} on "
+                         f"{weights.device}")
+
+
+def copa_loss(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad, precision="ieee"):
+    """One CoPA step with the schema of copa_fast::copa_loss_triton (that of copa_fast::copa_loss):
+    class means p0 of pf, the adapters z = x w_img^T and q = p0 w_proto^T (vendor GEMMs, which
+    follow torch's TF32 setting), then the four launches of ``symmetric_ce`` on z and q — this
+    call's own, so the normalised rows are written over them (one N x E buffer fewer at the peak:
+    ~32 MiB at N = 16384, E = 512). Returns (loss, losses, pred, dz, dq, p0, dtau). Labels outside
+    0..C-1 are clamped for the means and reach the kernels as they are, which makes the loss NaN."""
+    from ..ops.composite import class_means
+
+    _check_step(x, labels, w_img, w_proto, pf, num_classes, tau, weights)
+    with torch.autocast(x.device.type, enabled=False):   # in x's dtype whatever region the step runs in
+        p0 = class_means(pf, labels, int(num_classes))
+        z, q = torch.mm(x, w_img.t()), torch.mm(p0, w_proto.t())
+    loss, losses, pred, dz, dq, dtau = symmetric_ce(z, q, labels, tau, weights, fused_grad, precision, scratch=True)
+    return loss, losses, pred, dz, dq, p0, dtau
 
 
 def episodes_sce(z, q, labels, rows, classes, s_off, s_total, tau, fused_grad, precision="ieee"):

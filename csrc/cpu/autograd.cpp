@@ -1,6 +1,6 @@
-// Autograd of the C++ ops copa_fast::copa_loss, symmetric_ce and episodes_sce (CPU and CUDA kernels),
-// registered at the Autograd key in C++: a training step pays no Python autograd wrapper (argument
-// re-packing and a Python backward, ~100 us a call). The backwards use ATen ops only, so they also
+// Autograd of the ops copa_fast::copa_loss, symmetric_ce and episodes_sce (CPU and CUDA kernels) and
+// copa_loss_triton (the same step on the Triton kernels), registered at the Autograd key in C++: a
+// training step pays no Python autograd wrapper (argument re-packing and a Python backward, ~100 us a call). The backwards use ATen ops only, so they also
 // trace under torch.compile (the fake kernels are in copa_fast/ops/symmetric_ce.py).
 //
 // copa_loss: the op returns, with fused_grad, the gradients of `loss` w.r.t. the adapted rows (dz, dq) and tau.
@@ -36,15 +36,26 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// The step ops share a schema and this autograd: copa_loss (C++ kernels) and copa_loss_triton (the
+// Triton kernels, registered from Python). Each instantiation is named by its op's tag.
+struct CppStep {
+  static constexpr const char* name = "copa_fast::copa_loss";
+};
+struct TritonStep {
+  static constexpr const char* name = "copa_fast::copa_loss_triton";
+};
+
+template <class Step>
 Outputs call_below_autograd(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_img,
                             const at::Tensor& w_proto, const at::Tensor& pf, const c10::SymInt& num_classes,
                             const at::Tensor& tau, const c10::optional<at::Tensor>& weights, bool fused_grad,
                             c10::string_view precision) {
   static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("copa_fast::copa_loss", "")
-                             .typed<Outputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                            const at::Tensor&, const at::Tensor&, c10::SymInt, const at::Tensor&,
-                                            const c10::optional<at::Tensor>&, bool, c10::string_view)>();
+                             .findSchemaOrThrow(Step::name, "")
+                             .template typed<Outputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                     const at::Tensor&, const at::Tensor&, c10::SymInt,
+                                                     const at::Tensor&, const c10::optional<at::Tensor>&, bool,
+                                                     c10::string_view)>();
   at::AutoDispatchBelowADInplaceOrView guard;
   return op.call(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad, precision);
 }
@@ -99,7 +110,8 @@ variable_list composite_grads(const char* name, std::vector<c10::IValue> args, c
 // Input slots as the autograd edges see them: the tensor arguments in order (weights last).
 enum Slot : size_t { kX = 0, kLabels, kWImg, kWProto, kPf, kTau };
 
-class CopaLoss : public torch::autograd::Function<CopaLoss> {
+template <class Step>
+class CopaLoss : public torch::autograd::Function<CopaLoss<Step>> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& labels,
                                const at::Tensor& w_img, const at::Tensor& w_proto, const at::Tensor& pf,
@@ -107,7 +119,7 @@ class CopaLoss : public torch::autograd::Function<CopaLoss> {
                                const c10::optional<at::Tensor>& weights, bool fused_grad,
                                c10::string_view precision) {
     auto [loss, losses, pred, dz, dq, p0, dtau] =
-        call_below_autograd(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad, precision);
+        call_below_autograd<Step>(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad, precision);
     ctx->mark_non_differentiable({pred, dz, dq, p0, dtau});
     ctx->set_materialize_grads(false);
     ctx->saved_data["fused"] = fused_grad;
@@ -125,8 +137,7 @@ class CopaLoss : public torch::autograd::Function<CopaLoss> {
     variable_list out(10);   // one slot per forward argument; non-tensors stay undefined
     const at::Tensor& g = grads[0];
     if (!g.defined()) return out;   // only the per-sample losses were used: they carry no gradient
-    TORCH_CHECK(ctx->saved_data["fused"].toBool(),
-                "copa_fast::copa_loss: gradients need fused_grad=True in the forward");
+    TORCH_CHECK(ctx->saved_data["fused"].toBool(), Step::name, ": gradients need fused_grad=True in the forward");
     const variable_list s = ctx->get_saved_variables();
     const at::Tensor &x = s[0], &labels = s[1], &w_img = s[2], &w_proto = s[3], &dz = s[4], &dq = s[5],
                      &p0 = s[6], &dtau = s[7];
@@ -171,11 +182,12 @@ class CopaLoss : public torch::autograd::Function<CopaLoss> {
   }
 };
 
+template <class Step>
 Outputs copa_loss_autograd(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_img,
                            const at::Tensor& w_proto, const at::Tensor& pf, c10::SymInt num_classes,
                            const at::Tensor& tau, const c10::optional<at::Tensor>& weights, bool fused_grad,
                            c10::string_view precision) {
-  variable_list o = CopaLoss::apply(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad, precision);
+  variable_list o = CopaLoss<Step>::apply(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad, precision);
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
 }
 
@@ -327,7 +339,8 @@ EpisodesOutputs episodes_sce_autograd(const at::Tensor& z, const at::Tensor& q, 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(copa_fast, Autograd, m) {
-  m.impl("copa_loss", &copa_loss_autograd);
+  m.impl("copa_loss", &copa_loss_autograd<CppStep>);
+  m.impl("copa_loss_triton", &copa_loss_autograd<TritonStep>);
   m.impl("symmetric_ce", &symmetric_ce_autograd);
   m.impl("episodes_sce", &episodes_sce_autograd);
 }

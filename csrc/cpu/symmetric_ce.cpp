@@ -430,6 +430,13 @@ TORCH_LIBRARY(copa_fast, m) {
       "copa_loss(Tensor x, Tensor labels, Tensor w_img, Tensor w_proto, Tensor pf, SymInt num_classes, Tensor tau,"
       " Tensor? weights, bool fused_grad, str precision=\"ieee\")"
       " -> (Tensor loss, Tensor losses, Tensor pred, Tensor dz, Tensor dq, Tensor p0, Tensor dtau)");
+  // The same step on the Triton kernels (precision also "tf32x3"), with the same C++ autograd
+  // (csrc/cpu/autograd.cpp); its kernel is registered by the Python package
+  // (copa_fast/ops/symmetric_ce.py) for CUDA tensors, and CPU ones under Triton's interpreter.
+  m.def(
+      "copa_loss_triton(Tensor x, Tensor labels, Tensor w_img, Tensor w_proto, Tensor pf, SymInt num_classes,"
+      " Tensor tau, Tensor? weights, bool fused_grad, str precision=\"ieee\")"
+      " -> (Tensor loss, Tensor losses, Tensor pred, Tensor dz, Tensor dq, Tensor p0, Tensor dtau)");
 }
 
 TORCH_LIBRARY_IMPL(copa_fast, CPU, m) {
