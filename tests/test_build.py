@@ -52,11 +52,14 @@ def test_cuda_kernels_compile_with_plain_nvcc_without_spills(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the GPU tests compile and run these kernels")
 def test_triton_kernels_compile_for_sm90_and_sm80(tmp_path):
     # The interpreter never compiles a kernel: a construct only the compiler rejects (a plain
-    # global read inside @triton.jit was one) would first show on a GPU. Compile them all here.
+    # global read inside @triton.jit was one) would first show on a GPU. Compile them all here:
+    # every case for sm_90, the core ones for sm_80 (the full sm_80 set is the manual run's, after
+    # a kernel change: benchmarks/triton_aot.py --arch 90 80).
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     report = tmp_path / "aot.json"
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "triton_aot.py"), "--arch", "90", "80",
-                          "--json", str(report)], capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+                          "--core-after-first", "--json", str(report)], capture_output=True, text=True, timeout=900,
+                         env=env, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     kernels = json.loads(report.read_text())["kernels"]
     names = {(k["arch"], k["kernel"]) for k in kernels}
