@@ -100,11 +100,9 @@ def finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected finite values, found NaN or Inf")
 
 
-def labels(name: str, y, n: int, ref: torch.Tensor, num_classes: int | None, *, check_values: bool) -> int:
-    """Validates (N,) integer labels; returns the number of classes C (max label + 1 when not given).
-
-    With ``check_values`` every label must lie in 0..C-1 and every class must have a sample.
-    """
+def label_tensor(name: str, y, n: int, ref: torch.Tensor, num_classes: int | None) -> None:
+    """(N,) integer labels on ``ref``'s device, and ``num_classes`` a positive int when given: no
+    data read."""
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of integer class indices, got {type(y).__name__}")
     if y.dtype not in LABEL_DTYPES:
@@ -115,6 +113,14 @@ def labels(name: str, y, n: int, ref: torch.Tensor, num_classes: int | None, *, 
     if num_classes is not None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
             raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
+
+
+def labels(name: str, y, n: int, ref: torch.Tensor, num_classes: int | None, *, check_values: bool) -> int:
+    """Validates (N,) integer labels; returns the number of classes C (max label + 1 when not given).
+
+    With ``check_values`` every label must lie in 0..C-1 and every class must have a sample.
+    """
+    label_tensor(name, y, n, ref, num_classes)
     if not check_values:
         if num_classes is None:
             raise ValueError("num_classes: required when check_inputs=False (it cannot be read from the "
@@ -132,6 +138,44 @@ def labels(name: str, y, n: int, ref: torch.Tensor, num_classes: int | None, *, 
         raise ValueError(f"{name}: every class in 0..{c - 1} needs at least one sample; "
                          f"class {int(empty[0])} has none ({empty.numel()} empty in all)")
     return c
+
+
+def values(name: str, y: torch.Tensor, n: int, ref: torch.Tensor, num_classes: int | None, tau_arg,
+           tensors: list) -> int:
+    """Every value check of one call — labels in 0..C-1 with every class present, a tensor tau
+    finite and at most 80, each (name, tensor) of ``tensors`` finite — formed on the device and
+    read back in ONE transfer (one synchronisation on a GPU instead of one or two per check);
+    returns C. When any fails, the checks run one by one, in the API's order, and raise what they
+    find. The types and shapes are checked before (``label_tensor``, ``tau``)."""
+    c = _values_pass(y, n, num_classes, tau_arg, [t for _, t in tensors])
+    if c is not None:
+        return c
+    c = labels(name, y, n, ref, num_classes, check_values=True)
+    tau(tau_arg, check_values=True)
+    for tname, t in tensors:
+        finite(tname, t)
+    return c   # not reached unless the one-read form and the detailed checks disagree
+
+
+def _values_pass(y: torch.Tensor, n: int, num_classes: int | None, tau_arg, tensors: list) -> int | None:
+    """C when every value check passes, else None: a handful of small ops and one device-to-host read."""
+    yd = y.detach()
+    k = n if num_classes is None else int(num_classes)   # with every class present, max label < N
+    lo, hi = torch.aminmax(yd)
+    # distinct labels among 0..k-1, in unit bins (a label k lands in the last one: hi >= k rejects it)
+    present = torch.histc(yd.double(), bins=k, min=0, max=k).count_nonzero()
+    parts = [lo.double(), hi, present]   # float64: labels exact to 2^53, NaN and +-Inf kept
+    for t in tensors:
+        parts.extend(torch.aminmax(t.detach()))
+    tau_here = isinstance(tau_arg, torch.Tensor) and tau_arg.device == yd.device
+    if tau_here:
+        parts.append(tau_arg.detach().reshape(()))
+    elif isinstance(tau_arg, torch.Tensor) and not -math.inf < float(tau_arg.detach()) <= 80.0:
+        return None   # on another device (a CPU scalar beside CUDA labels): read there
+    lo_v, hi_v, present_v, *rest = torch.stack(parts).tolist()
+    c = int(hi_v) + 1 if num_classes is None else k
+    ok = lo_v >= 0 and hi_v < k and present_v == c and all(math.isfinite(v) for v in rest)
+    return c if ok and not (tau_here and rest[-1] > 80.0) else None
 
 
 def tau(t, *, check_values: bool) -> None:

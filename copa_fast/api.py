@@ -57,7 +57,8 @@ def _readable_values():
     try:
         yield
     except RuntimeError as e:
-        if _functorch_active() and "vmap" in str(e):
+        # a batched tensor read: item() names vmap, tolist() the missing storage
+        if _functorch_active() and ("vmap" in str(e) or "have storage" in str(e)):
             raise ValueError("check_inputs: the input checks read the data, which torch.vmap cannot do for a "
                              "batched tensor; pass check_inputs=False (and num_classes to copa_loss)") from e
         raise
@@ -107,14 +108,14 @@ def _sce_core(z, q, labels, tau: Tau, reduction: str, backend: str, precision: s
 
 def _check_sce(embeddings, prototypes, labels, tau, reduction, check_inputs):
     V.sce_inputs(embeddings, prototypes)
-    check = _check_values(check_inputs)
-    with _readable_values():
-        V.labels("labels", labels, embeddings.shape[0], embeddings, prototypes.shape[0], check_values=check)
-        V.tau(tau, check_values=check)
-        V.reduction(reduction)
-        if check:
-            V.finite("embeddings", embeddings)
-            V.finite("prototypes", prototypes)
+    n, c = embeddings.shape[0], prototypes.shape[0]
+    V.label_tensor("labels", labels, n, embeddings, c)
+    V.tau(tau, check_values=False)
+    V.reduction(reduction)
+    if _check_values(check_inputs):
+        with _readable_values():
+            V.values("labels", labels, n, embeddings, c, tau,
+                     [("embeddings", embeddings), ("prototypes", prototypes)])
 
 
 def symmetric_ce(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, tau: Tau = 2.0,
@@ -176,14 +177,16 @@ def copa_loss(features: torch.Tensor, labels: torch.Tensor, w_img: torch.Tensor,
     if num_classes is None and not check:
         raise ValueError("num_classes: required with check_inputs=False or under torch.compile "
                          "(reading it from the labels would synchronise)")
-    with _readable_values():
-        c = V.labels("labels", labels, n, features, num_classes, check_values=check)
-        V.tau(tau, check_values=check)
-        V.reduction(reduction)
-        if check:
-            V.finite("features", features)
-            if prototype_features is not None:
-                V.finite("prototype_features", pf)
+    V.label_tensor("labels", labels, n, features, num_classes)
+    V.tau(tau, check_values=False)
+    V.reduction(reduction)
+    if check:
+        finite = [("features", features)] + ([("prototype_features", pf)] if prototype_features is not None else [])
+        with _readable_values():
+            c = V.values("labels", labels, n, features, num_classes, tau, finite)
+    else:
+        assert num_classes is not None   # required above without the checks
+        c = int(num_classes)
     b = _backends.resolve(backend, features.device)
     _check_precision(precision, b)
     if b == "reference":   # in the features' dtype, as the other backends (adapters of another dtype cast)

@@ -76,6 +76,15 @@ def test_symmetric_ce_bad_input(arg, exc, override, backend):
     ("labels", TypeError, dict(labels=torch.arange(20).to(torch.uint8) % 4)),
     ("num_classes", ValueError, dict(check_inputs=False)),
     ("num_classes", ValueError, dict(num_classes=0)),
+    ("labels", ValueError, dict(labels=torch.arange(20) % 4 - 1)),                     # a negative label
+    ("labels", ValueError, dict(labels=torch.arange(20) % 4 * (torch.arange(20) % 4 != 2))),   # class 2 empty
+    ("labels", ValueError, dict(num_classes=5)),                                      # class 4 empty
+    ("labels", ValueError, dict(labels=torch.where(torch.arange(20) == 7, 25, torch.arange(20) % 4))),  # >= N
+    ("features", ValueError, dict(features=torch.randn(20, 8).index_fill_(0, torch.tensor([5]), float("nan")))),
+    ("prototype_features", ValueError,
+     dict(prototype_features=torch.randn(20, 8).index_fill_(1, torch.tensor([2]), -float("inf")))),
+    ("tau", ValueError, dict(tau=torch.tensor(81.0))),
+    ("tau", ValueError, dict(tau=torch.tensor(float("nan")))),
 ])
 @ENTRY_BACKENDS
 def test_copa_loss_bad_input(arg, exc, override, backend):
@@ -84,6 +93,58 @@ def test_copa_loss_bad_input(arg, exc, override, backend):
     kwargs.update(override)
     with pytest.raises(exc, match=arg):
         copa_fast.copa_loss(**kwargs)
+
+
+def test_value_checks_read_the_device_once(monkeypatch):
+    """A valid call's value checks (labels in range, no empty class, finite features, a finite
+    tensor tau) come back from the device in ONE transfer — one synchronisation on a GPU — with no
+    other host read (item, nonzero, bincount: each a synchronisation of its own there)."""
+    from torch.profiler import profile
+
+    reads = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self.numel()) or real(self))
+    x, p, y = _good()
+    tau = torch.tensor(2.0)
+    calls = [lambda: copa_fast.symmetric_ce(x, p, y, tau, backend="reference"),
+             lambda: copa_fast.copa_loss(x, y, torch.eye(8), torch.eye(8), tau, prototype_features=x + 1,
+                                         backend="reference"),
+             lambda: copa_fast.copa_loss(x, y, torch.eye(8), torch.eye(8), 2.0, num_classes=4, backend="reference")]
+    for call in calls:
+        reads.clear()
+        with torch.no_grad(), profile() as prof:
+            call()
+        syncs = {e.name for e in prof.events()} & {"aten::item", "aten::_local_scalar_dense", "aten::nonzero",
+                                                  "aten::is_nonzero", "aten::bincount"}
+        assert len(reads) == 1 and not syncs, (reads, syncs)
+
+
+def test_one_read_checks_agree_with_the_detailed_ones():
+    """The one-read form of the value checks passes exactly the labels, features and tau that the
+    detailed checks pass, with the same C: random labels with gaps, negatives, values past N and
+    past C, given and read C; features with NaN / +-Inf; tau at and past its bounds."""
+    from copa_fast import _validate as V
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 5, generator=g)
+    for trial in range(400):
+        n = int(torch.randint(1, 12, (1,), generator=g))
+        hi = int(torch.randint(1, 16, (1,), generator=g))
+        y = torch.randint(-1 if trial % 7 == 0 else 0, hi, (n,), generator=g)
+        if trial % 5 == 0:
+            y = torch.arange(n) % hi   # often valid
+        c = None if trial % 2 else int(torch.randint(1, 16, (1,), generator=g))
+        feats = x[:n].clone()
+        if trial % 11 == 0:
+            feats[0, trial % 5] = [float("nan"), float("inf"), -float("inf")][trial % 3]
+        tau = [2.0, torch.tensor(80.0), torch.tensor(80.5), torch.tensor(float("nan")), torch.tensor(-1e30)][trial % 5]
+        try:
+            want = V.labels("labels", y, n, feats, c, check_values=True)
+            V.tau(tau, check_values=True)
+            V.finite("features", feats)
+        except ValueError:
+            want = None
+        assert V._values_pass(y, n, c, tau, [feats]) == want, (y.tolist(), c, tau)
 
 
 @pytest.mark.parametrize("call,arg", [
