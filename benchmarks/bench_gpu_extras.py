@@ -2,6 +2,7 @@
 
 1. CUDA-graph replay of one copa_loss training step (forward + backward), N=500 C=50 D=512, for the
    published formulation and each copa_fast backend (issue targets: >= 4x the published replay),
+   each backend's plain call with the value checks on too (what a user's default call pays),
    and where a plain step's time goes (torch.profiler: device time, launches, host-heavy operators);
 2. 132 ragged episodes (N 25-500) in ONE batched launch of the episodes op: time per episode-step
    against a single-episode call of the same backend (target: >= 10x lower);
@@ -48,6 +49,11 @@ def graph_replay(device, n, c, d, reps):
     impls = {"published-eager": impls.pop("published-eager"),
              "published-eager, C given": lambda x, y, wi, wp, c: ref.copa_loss(x, y, wi, wp, num_classes=c),
              **impls}
+    # each backend's step as a user writes it: the value checks on (one device read) and C read off
+    # the labels, beside the unchecked step the other rows time
+    for name in [k for k in impls if k.startswith("copa_fast-")]:
+        impls[f"{name}, checks on"] = (lambda x, y, wi, wp, c, b=name.split("-", 1)[1]:
+                                       copa_fast.copa_loss(x, y, wi, wp, backend=b))
     for name, fn in impls.items():
         x, y, wi, wp = bench.problem(n, c, d, device)
         step = bench.step_fn(fn, x, y, wi, wp, c)
@@ -55,6 +61,8 @@ def graph_replay(device, n, c, d, reps):
         replay = "-"
         if device.type == "cuda" and name in ("published-eager", "nxc-eager"):
             replay = "not capturable (host sync: labels.max(), bincount)"
+        elif device.type == "cuda" and name.endswith("checks on"):
+            replay = "not capturable (the checks read the data)"
         elif device.type == "cuda":
             wi.grad = torch.zeros_like(wi)
             wp.grad = torch.zeros_like(wp)
