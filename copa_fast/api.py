@@ -310,7 +310,7 @@ def adapt(support: torch.Tensor, support_labels: torch.Tensor, query: Optional[t
     w_proto = torch.eye(d, dtype=work, device=x.device, requires_grad=True)
     protos = class_means(x, support_labels, c)
     opt = _adam([w_img, w_proto], lr, weight_decay)
-    if b == "cpu":   # the whole step is one C++ op; the raw support's class means are its prototypes
+    if b in ("cpu", "cuda"):   # the whole step is one C++ op; the raw support's class means are its prototypes
         tau_t, step_op = _tau_tensor(tau, x), _ops.copa_op()
 
         def step_loss():

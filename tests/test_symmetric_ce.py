@@ -463,6 +463,7 @@ def _step_op(backend):
 
 # every (backend, device) whose step op exists here (both need the extension: schema and autograd)
 STEP_PAIRS = [p for p in PAIRS if copa_fast._extension.loaded() and _step_op(p.values[0]) is not None]
+TRITON_STEP_CPU = any(p.values == ("triton", "cpu") for p in STEP_PAIRS)
 
 
 def _step_inputs(n, c, d, e, seed, device="cpu", dtype=torch.float64):
@@ -518,6 +519,22 @@ def test_triton_step_normalises_its_own_rows_in_place(monkeypatch, backend, devi
     z, q = x @ wi.detach().t(), x[:4] @ wp.t()
     copa_fast.symmetric_ce(z, q, y, backend=backend)
     assert seen == [(True, True), (False, False)]
+
+
+@pytest.mark.skipif(not TRITON_STEP_CPU, reason="needs the Triton step op and its interpreter")
+def test_triton_ops_refuse_cpu_tensors_when_compiled(monkeypatch):
+    """Called directly with CPU tensors while the kernels are compiled for a GPU, the Triton ops say
+    so, naming the argument, instead of failing inside Triton's launcher."""
+    from copa_fast.ops import symmetric_ce as ops
+    from copa_fast.triton import symmetric_ce as kernels
+
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
+    x, y, wi, wp = _step_inputs(12, 3, 6, 6, seed=36, dtype=torch.float32)
+    tau = torch.tensor(2.0)
+    with pytest.raises(ValueError, match="x: the Triton kernels take CUDA tensors"):
+        ops.triton_step_op()(x, y, wi, wp, x, 3, tau, None, True)
+    with pytest.raises(ValueError, match="z: the Triton kernels take CUDA tensors"):
+        ops.triton_op()(x, x[:3], y, tau, None, True)
 
 
 @pytest.mark.parametrize("backend,device", STEP_PAIRS)

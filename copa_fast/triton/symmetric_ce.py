@@ -728,6 +728,12 @@ def _precision(dtype, precision):
     return "ieee" if dtype == torch.float64 else precision
 
 
+def _check_device(name, t):
+    if t.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"{name}: the Triton kernels take CUDA tensors (CPU ones under TRITON_INTERPRET=1, set "
+                         f"before copa_fast first runs them), got a tensor on {t.device}")
+
+
 class _Setup:
     """What both launchers share: contiguous inputs, dtypes, tile sizes and the per-row and
     per-class workspace (normalised rows and their norms, class counts, row and column LSE)."""
@@ -735,6 +741,7 @@ class _Setup:
     def __init__(self, z, q, labels, precision, fused_grad, zero_outputs, batched=False, scratch=False):
         if z.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"z: the Triton kernels take float32 or float64, got {z.dtype}")
+        _check_device("z", z)
         self.z, self.q = z.contiguous(), q.contiguous()
         self.labels = labels.to(torch.int64).contiguous()
         self.n, self.d = z.shape
@@ -823,6 +830,7 @@ def _check_step(x, labels, w_img, w_proto, pf, num_classes, tau, weights):
             raise ValueError(f"{name}: expected device {x.device} (as x), got {t.device}")
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"x: the Triton kernels take float32 or float64, got {x.dtype}")
+    _check_device("x", x)
     n, d = x.shape
     if n < 1 or w_img.shape[0] < 1 or w_img.shape[1] != d:
         raise ValueError(f"x, w_img: expected x (N >= 1, D) and w_img (E >= 1, D), got {tuple(x.shape)} and "
