@@ -521,6 +521,24 @@ def test_triton_step_normalises_its_own_rows_in_place(monkeypatch, backend, devi
     assert seen == [(True, True), (False, False)]
 
 
+@pytest.mark.parametrize("backend,device", [p for p in STEP_PAIRS if p.values[0] == "triton"])
+def test_triton_step_takes_the_precision(backend, device):
+    """copa_loss's precision reaches the Triton step's kernels: "tf32x3" within the float32
+    tolerances (on a GPU three TF32 products a product; under the interpreter the plumbing), an
+    unknown one refused by the op, naming the argument."""
+    x, y, wi, wp = _step_inputs(40, 5, 24, 24, seed=37, device=device)
+    leaves64 = [t.clone().requires_grad_(True) for t in (wi, wp)]
+    expect = ref.copa_loss(x, y, *leaves64, 3.0)
+    want = torch.autograd.grad(expect, leaves64)
+    leaves = [t.detach().float().requires_grad_(True) for t in leaves64]
+    out = copa_fast.copa_loss(x.float(), y, *leaves, 3.0, backend=backend, precision="tf32x3")
+    assert_rel(out, expect, TOL[torch.float32]["loss"], "loss")
+    for a, b in zip(torch.autograd.grad(out, leaves), want):
+        assert_rel(a, b, TOL[torch.float32]["grad"], "grad")
+    with pytest.raises(ValueError, match="precision: expected one of"):
+        _step_op(backend)(x.float(), y, *leaves, x.float(), 5, torch.tensor(3.0, device=device), None, True, "fp8")
+
+
 @pytest.mark.skipif(not TRITON_STEP_CPU, reason="needs the Triton step op and its interpreter")
 def test_triton_ops_refuse_cpu_tensors_when_compiled(monkeypatch):
     """Called directly with CPU tensors while the kernels are compiled for a GPU, the Triton ops say
