@@ -159,8 +159,9 @@ def main(argv=None) -> int:
         return kernel
 
     report, failures = [], 0
-    gpu_config, gpu_slots = K._launch_config, K._slots
+    gpu_config, gpu_slots, device_check = K._launch_config, K._slots, K._check_device
     K._launch_config = lambda interpreted, *a, **kw: gpu_config(False, *a, **kw)   # the GPU tiles
+    K._check_device = lambda name, t: None   # CPU tensors stand in for the GPU's: nothing runs
     JITFunction.run = compile_only
     try:
         for arch in args.arch:
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
                           + (f"  PROBLEM: {', '.join(bad)}" if bad else ""))
     finally:
         JITFunction.run = original_run
-        K._launch_config, K._slots = gpu_config, gpu_slots
+        K._launch_config, K._slots, K._check_device = gpu_config, gpu_slots, device_check
         _driver._active = None   # back to whatever driver this machine has (none without a GPU)
     if args.json:
         with open(args.json, "w") as f:
