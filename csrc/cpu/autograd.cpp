@@ -1,7 +1,8 @@
 // Autograd of the ops copa_fast::copa_loss, symmetric_ce and episodes_sce (CPU and CUDA kernels) and
 // copa_loss_triton (the same step on the Triton kernels), registered at the Autograd key in C++: a
-// training step pays no Python autograd wrapper (argument re-packing and a Python backward, ~100 us a call). The backwards use ATen ops only, so they also
-// trace under torch.compile (the fake kernels are in copa_fast/ops/symmetric_ce.py).
+// training step pays no Python autograd wrapper (argument re-packing and a Python backward, ~100 us a
+// call). The backwards use ATen ops only, so they also trace under torch.compile (the fake kernels
+// are in copa_fast/ops/symmetric_ce.py).
 //
 // copa_loss: the op returns, with fused_grad, the gradients of `loss` w.r.t. the adapted rows (dz, dq) and tau.
 // The backward forms what is asked for from them with grad_output g folded in:
@@ -187,7 +188,8 @@ Outputs copa_loss_autograd(const at::Tensor& x, const at::Tensor& labels, const 
                            const at::Tensor& w_proto, const at::Tensor& pf, c10::SymInt num_classes,
                            const at::Tensor& tau, const c10::optional<at::Tensor>& weights, bool fused_grad,
                            c10::string_view precision) {
-  variable_list o = CopaLoss<Step>::apply(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad, precision);
+  variable_list o =
+      CopaLoss<Step>::apply(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad, precision);
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
 }
 
