@@ -310,8 +310,9 @@ def adapt(support: torch.Tensor, support_labels: torch.Tensor, query: Optional[t
     w_proto = torch.eye(d, dtype=work, device=x.device, requires_grad=True)
     protos = class_means(x, support_labels, c)
     opt = _adam([w_img, w_proto], lr, weight_decay)
-    if b in ("cpu", "cuda"):   # the whole step is one C++ op; the raw support's class means are its prototypes
-        tau_t, step_op = _tau_tensor(tau, x), _ops.copa_op()
+    step_op = _ops.copa_op() if b in ("cpu", "cuda") else _ops.triton_step_op()
+    if step_op is not None:   # the whole step is one op; the raw support's class means are its prototypes
+        tau_t = _tau_tensor(tau, x)
 
         def step_loss():
             return step_op(x, support_labels, w_img, w_proto, x, c, tau_t, None, True)[0]

@@ -44,6 +44,32 @@ def test_adapt_float64_follows_reference_trajectory(backend):
     assert got.losses[-1] < got.losses[0]  # it adapts
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_adapt_runs_each_step_as_the_backends_step_op(backend, monkeypatch):
+    # one op call a step (class means, both adapters, the loss and its gradients), the same op
+    # copa_loss calls; not the adapters and the symmetric-CE op as separate calls
+    from copa_fast.ops import symmetric_ce as ops
+
+    want = ops.triton_step_op() if backend == "triton" else ops.copa_op()
+    if want is None:
+        pytest.skip("the Triton step op needs the C++ extension")
+    dev = device_for(backend)
+    calls = []
+
+    def spy(*args):
+        calls.append(args)
+        return want(*args)
+
+    monkeypatch.setattr(ops, "triton_step_op" if backend == "triton" else "copa_op", lambda: spy)
+    for name in ("triton_call", "cpp_op"):   # the symmetric-CE op alone is not what a step runs
+        monkeypatch.setattr(ops, name, lambda: pytest.fail("adapt called the symmetric-CE op"))
+    xs, ys, xq, yq = _split(20, 10, 3, 8, seed=4)
+    got = copa_fast.adapt(*(t.to(dev) for t in (xs, ys, xq, yq)), steps=2, backend=backend)
+    want_ref = ref.adapt(xs, ys, xq, yq, steps=2)
+    assert len(calls) == 2
+    assert rel_err(got.w_img, want_ref.w_img) < 1e-9
+
+
 def test_adapt_float32_stays_close_to_float64_reference():
     xs, ys, xq, yq = _split(120, 60, 8, 64, seed=2)
     got = copa_fast.adapt(xs.float(), ys, xq.float(), yq, steps=50, backend="cpu")
