@@ -68,10 +68,33 @@ def _working_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_TAU_TENSORS: dict = {}   # (value, dtype, device) -> a 0-d tensor holding a float tau; read-only
+_TAU_TENSORS_MAX = 64
+
+
 def _tau_tensor(tau: Tau, like: torch.Tensor) -> torch.Tensor:
+    """tau as the 0-d tensor the ops take. A float tau's tensor is made once per (value, dtype,
+    device) and reused (the ops only read it): no allocation — on CUDA no fill launch — per call.
+    Not kept where only a fresh one is right: under torch.compile's tracing or a dispatch mode (fake
+    tensors), inside a torch.func transform (factories make wrapped tensors there), in inference
+    mode (an inference tensor cannot be saved for a later backward), and while a CUDA stream is
+    being captured (a tensor made there is filled only when the graph replays)."""
     if isinstance(tau, torch.Tensor):
         return tau.reshape(()).to(device=like.device)
-    return torch.full((), float(tau), dtype=like.dtype, device=like.device)
+    value, device = float(tau), like.device
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return torch.full((), value, dtype=like.dtype, device=device)
+    key = (value, like.dtype, device)
+    t = _TAU_TENSORS.get(key)
+    if t is not None:
+        return t
+    t = torch.full((), value, dtype=like.dtype, device=device)
+    if (not torch.is_inference_mode_enabled() and not _functorch_active() and type(t) is torch.Tensor
+            and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
+        if len(_TAU_TENSORS) >= _TAU_TENSORS_MAX:
+            _TAU_TENSORS.clear()
+        _TAU_TENSORS[key] = t
+    return t
 
 
 # precision -> the backends that take it (None: every backend)

@@ -720,3 +720,47 @@ def test_triton_over_column_groups(monkeypatch, splits, rg, cg, sg, cs, dtype):
                                    (x, p))
     assert torch.isnan(gxb[2]).all() and torch.isfinite(torch.cat([gxb[:2], gxb[3:]])).all()
     assert torch.isnan(gpb).all()
+
+
+def test_float_tau_tensor_is_made_once_and_never_where_it_must_be_fresh():
+    from copa_fast import api
+
+    x = torch.randn(3, 4)
+    a, b = api._tau_tensor(2.0, x), api._tau_tensor(2, x)
+    assert a is b and a.item() == 2.0 and a.dtype == x.dtype and not a.requires_grad
+    assert api._tau_tensor(3.0, x) is not a and api._tau_tensor(2.0, x.double()).dtype == torch.float64
+    # NaN (reachable with check_inputs=False) never matches its own key: the cache stays bounded
+    for _ in range(3 * api._TAU_TENSORS_MAX):
+        assert api._tau_tensor(float("nan"), x).isnan()
+    assert len(api._TAU_TENSORS) <= api._TAU_TENSORS_MAX
+    # made in inference mode it would be an inference tensor, which a later backward cannot save
+    api._TAU_TENSORS.clear()
+    with torch.inference_mode():
+        t = api._tau_tensor(1.5, x)
+        assert t.is_inference()
+    assert not api._TAU_TENSORS
+    # inside torch.func.grad a factory makes a tensor wrapped for that transform's level only
+    torch.func.grad(lambda v: (v * api._tau_tensor(1.5, v)).sum())(x)
+    assert not api._TAU_TENSORS
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = api._tau_tensor(1.5, mode.from_tensor(x))
+    assert type(fake) is not torch.Tensor and not api._TAU_TENSORS
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_a_loss_in_inference_mode_then_a_training_step(backend, device):
+    # the same float tau in both calls: the inference-mode one must not leave its tensor behind
+    x, y = make_episode(30, 4, 8, seed=21)
+    x = x.to(device)
+    y = y.to(device)
+    w = torch.eye(8, device=device)
+    with torch.inference_mode():
+        copa_fast.copa_loss(x, y, w, w, tau=1.25, backend=backend)
+    wi, wp = w.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    copa_fast.copa_loss(x, y, wi, wp, tau=1.25, backend=backend).backward()
+    want_i, want_p = (v.clone().double().requires_grad_(True) for v in (w.cpu(), w.cpu()))
+    ref.copa_loss(x.cpu().double(), y.cpu(), want_i, want_p, 1.25).backward()
+    assert rel_err(wi.grad.cpu(), want_i.grad) < TOL[torch.float32]["grad"]
+    assert rel_err(wp.grad.cpu(), want_p.grad) < TOL[torch.float32]["grad"]
