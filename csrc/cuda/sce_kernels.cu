@@ -35,7 +35,8 @@ cudaError_t launch_single(const SceProblem<T>& problem, cudaStream_t stream) {
   const long ti = (problem.n + kTile - 1) / kTile, tc = (problem.c + kTile - 1) / kTile;
   const long td = (problem.d + kTile - 1) / kTile;
   const long ks = problem.ksplit_s > 1 ? problem.ksplit_s : 1, kq = problem.ksplit_q > 1 ? problem.ksplit_q : 1;
-  long items = problem.n + 2L * problem.c;  // the widest phase bounds the useful number of blocks
+  // the widest phase bounds the useful number of blocks: rows go kWarps to a block, tiles one
+  long items = (problem.n + 2L * problem.c + kWarps - 1) / kWarps;
   if (ti * tc * ks > items) items = ti * tc * ks;
   if (ti * td + tc * td * kq > items) items = ti * td + tc * td * kq;
   const long fit = co_resident_blocks<T>();
@@ -55,8 +56,8 @@ cudaError_t launch_episodes(const SceProblem<T>& stacked, const int64_t* rows, c
 
 template <typename T>
 cudaError_t launch_phase(const SceProblem<T>& problem, int phase, cudaStream_t stream) {
-  const long items = phase_items(phase, problem.n, problem.c, problem.fused);
-  const int blocks = (int)(items < kMaxPhaseBlocks ? items : kMaxPhaseBlocks);   // the rest round-robin
+  const long need = (phase_items(phase, problem.n, problem.c, problem.fused) + kWarps - 1) / kWarps;
+  const int blocks = (int)(need < kMaxPhaseBlocks ? need : kMaxPhaseBlocks);   // the rest round-robin
   copa_sce_phase<T><<<blocks, kThreads, 0, stream>>>(problem, phase);
   return cudaGetLastError();
 }

@@ -6,8 +6,10 @@
 // and grid barriers included) so that CI checks the kernel logic — under AddressSanitizer — on a
 // machine without a GPU.
 //
-// Work is split into phases separated by a barrier; within a phase, "workers" (blocks) take work
-// items round-robin, each item processed by a whole block of kThreads threads:
+// Work is split into phases separated by a barrier; within a phase, work items are taken
+// round-robin: a row or a column (norms, statistics, losses, normalisation backward) by one warp
+// — its reductions are warp shuffles, no block barrier — and a product tile by a whole block of
+// kThreads threads:
 //   P1  row norms and normalised rows of z and q; class counts and weight sums
 //   P2  S = exp(tau) zn qn^T by 32 x 32 tiles (one launch, few tiles: shares of D, summed in P3)
 //   P3  row log-sum-exp over the N expanded columns + row argmax; column log-sum-exp
@@ -37,6 +39,22 @@
 #define COPA_NBLOCKS ((int)gridDim.x)
 #define COPA_SYNC_BLOCK() __syncthreads()
 #define COPA_SYNC_GRID() cooperative_groups::this_grid().sync()
+#define COPA_SYNC_WARP() __syncwarp()
+template <typename T>
+__device__ __forceinline__ T copa_shfl_xor(T v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+template <typename T>
+__device__ __forceinline__ T copa_shfl(T v, int lane) { return __shfl_sync(0xffffffffu, v, lane); }
+template <>
+__device__ __forceinline__ int64_t copa_shfl_xor<int64_t>(int64_t v, int mask) {
+  return (int64_t)__shfl_xor_sync(0xffffffffu, (long long)v, mask);
+}
+template <>
+__device__ __forceinline__ int64_t copa_shfl<int64_t>(int64_t v, int lane) {
+  return (int64_t)__shfl_sync(0xffffffffu, (long long)v, lane);
+}
+#define COPA_SHFL_XOR(v, mask) copa_shfl_xor((v), (mask))
+#define COPA_SHFL(v, lane) copa_shfl((v), (lane))
+#define COPA_MIN_BLOCKS(k) __launch_bounds__(kThreads, k)
 #endif
 
 namespace copa_fast {
@@ -47,9 +65,11 @@ template <typename T>
 struct Shared {
   T* a;        // kTile * (kTile + 1)
   T* b;        // kTile * (kTile + 1)
-  T* red;      // kThreads
-  int64_t* idx;  // kThreads
 };
+
+constexpr int kWarpSize = 32;
+constexpr int kWarps = kThreads / kWarpSize;   // warps of a block: each takes its own row items
+static_assert(kThreads % kWarpSize == 0, "whole warps per block");
 
 template <typename T> COPA_DEVICE T neg_inf() { return T(-INFINITY); }
 template <typename T> COPA_DEVICE T quiet_nan();
@@ -70,7 +90,12 @@ template <typename T> COPA_DEVICE T dev_min(T a, T b) { return a > b ? b : a; } 
 
 constexpr double kNormEps = 1e-12;
 
-// ---- block reductions: fixed tree order over kThreads slots ----------------------------------------
+// ---- warp reductions: a fixed xor-butterfly order over the 32 lanes ---------------------------------
+// Every lane ends with lane 0's result (broadcast): one value for the whole warp even where NaN
+// makes the operator order-dependent.
+
+COPA_DEVICE int lane_id() { return COPA_TID % kWarpSize; }
+COPA_DEVICE int warp_id() { return COPA_TID / kWarpSize; }
 
 struct SumOp {
   template <typename T> COPA_DEVICE T operator()(T a, T b) const { return a + b; }
@@ -80,79 +105,63 @@ struct MaxOp {
 };
 
 template <typename T, typename Op>
-COPA_DEVICE T block_reduce(T v, T* red, Op op) {
-  const int t = COPA_TID;
-  red[t] = v;
-  COPA_SYNC_BLOCK();
-  for (int s = kThreads / 2; s > 0; s >>= 1) {
-    if (t < s) red[t] = op(red[t], red[t + s]);
-    COPA_SYNC_BLOCK();
-  }
-  T r = red[0];
-  COPA_SYNC_BLOCK();
-  return r;
+COPA_DEVICE T warp_reduce(T v, Op op) {
+  for (int m = kWarpSize / 2; m > 0; m >>= 1) v = op(v, COPA_SHFL_XOR(v, m));
+  return COPA_SHFL(v, 0);
 }
 
-template <typename T> COPA_DEVICE T block_sum(T v, T* red) { return block_reduce(v, red, SumOp{}); }
-template <typename T> COPA_DEVICE T block_max(T v, T* red) { return block_reduce(v, red, MaxOp{}); }
+template <typename T> COPA_DEVICE T warp_sum(T v) { return warp_reduce(v, SumOp{}); }
+template <typename T> COPA_DEVICE T warp_max(T v) { return warp_reduce(v, MaxOp{}); }
 
 // (value, index) maximum, the smallest index on ties; index -1 marks an empty slot.
 template <typename T>
-COPA_DEVICE int64_t block_argmax(T v, int64_t i, T* red, int64_t* idx) {
-  const int t = COPA_TID;
-  red[t] = v;
-  idx[t] = i;
-  COPA_SYNC_BLOCK();
-  for (int s = kThreads / 2; s > 0; s >>= 1) {
-    if (t < s) {
-      const T ov = red[t + s];
-      const int64_t oi = idx[t + s];
-      const bool take = oi >= 0 && (idx[t] < 0 || ov > red[t] || (ov == red[t] && oi < idx[t]));
-      if (take) {
-        red[t] = ov;
-        idx[t] = oi;
-      }
+COPA_DEVICE int64_t warp_argmax(T v, int64_t i) {
+  for (int m = kWarpSize / 2; m > 0; m >>= 1) {
+    const T ov = COPA_SHFL_XOR(v, m);
+    const int64_t oi = COPA_SHFL_XOR(i, m);
+    if (oi >= 0 && (i < 0 || ov > v || (ov == v && oi < i))) {
+      v = ov;
+      i = oi;
     }
-    COPA_SYNC_BLOCK();
   }
-  int64_t r = idx[0];
-  COPA_SYNC_BLOCK();
-  return r;
+  return COPA_SHFL(i, 0);
 }
 
 // ---- phase 1: norms, normalised rows, class counts ------------------------------------------------
 
 // Scaled norm (max |x| first) so that float32 neither overflows at 1e20 nor underflows at 1e-20.
+// One warp per row; each lane reads and writes its own columns (xn may be x itself).
 template <typename T>
-COPA_DEVICE void normalize_row(const T* x, T* xn, T* norm_out, int d, T* red) {
+COPA_DEVICE void normalize_row(const T* x, T* xn, T* norm_out, int d) {
+  const int l = lane_id();
   T m = T(0);
-  for (int k = COPA_TID; k < d; k += kThreads) m = dev_max(m, dev_abs(x[k]));
-  m = block_max(m, red);
+  for (int k = l; k < d; k += kWarpSize) m = dev_max(m, dev_abs(x[k]));
+  m = warp_max(m);
   const T safe = m > T(0) ? m : T(1);
   T ss = T(0);
-  for (int k = COPA_TID; k < d; k += kThreads) {
+  for (int k = l; k < d; k += kWarpSize) {
     const T v = x[k] / safe;
     ss += v * v;
   }
-  ss = block_sum(ss, red);
+  ss = warp_sum(ss);
   const T nrm = m * dev_sqrt(ss);
-  if (COPA_TID == 0) *norm_out = nrm;
+  if (l == 0) *norm_out = nrm;
   const T inv = T(1) / dev_max(nrm, T(kNormEps));
-  for (int k = COPA_TID; k < d; k += kThreads) xn[k] = x[k] * inv;
+  for (int k = l; k < d; k += kWarpSize) xn[k] = x[k] * inv;
 }
 
 template <typename T>
-COPA_DEVICE void count_class(const SceProblem<T>& p, int cls, T* red) {
+COPA_DEVICE void count_class(const SceProblem<T>& p, int cls) {
   T cnt = T(0), ws = T(0);
-  for (int i = COPA_TID; i < p.n; i += kThreads) {
+  for (int i = lane_id(); i < p.n; i += kWarpSize) {
     if (p.y[i] == cls) {
       cnt += T(1);
       ws += p.w ? p.w[i] : T(0);
     }
   }
-  cnt = block_sum(cnt, red);
-  ws = block_sum(ws, red);
-  if (COPA_TID == 0) {
+  cnt = warp_sum(cnt);
+  ws = warp_sum(ws);
+  if (lane_id() == 0) {
     p.cnt[cls] = cnt;
     p.wsum[cls] = p.w ? ws : cnt / T(p.n);
   }
@@ -161,6 +170,11 @@ COPA_DEVICE void count_class(const SceProblem<T>& p, int cls, T* red) {
 // ---- tiled products: out(i, j) = alpha * sum_k A(i, k) B(k, j) on one kTile x kTile tile ----------
 // Element (i, k) of A is at A[i * sai + k * sak], (k, j) of B at B[k * sbk + j * sbj]. Thread t owns
 // outputs (2 * (t / 16) + {0, 1}, 2 * (t % 16) + {0, 1}) of the tile. Out-of-range loads give 0.
+// Software-pipelined: each thread's global loads for depth step k + 1 are issued before the
+// products of step k, so their latency overlaps the shared-memory work (the sums keep their order).
+
+constexpr int kStage = kTile * kTile / kThreads;   // elements of each operand a thread stages a step
+static_assert(kTile * kTile % kThreads == 0, "whole stages per thread");
 
 template <typename T>
 COPA_DEVICE void tile_product(const T* A, long sai, long sak, const T* B, long sbk, long sbj, int M, int N, int K,
@@ -170,20 +184,37 @@ COPA_DEVICE void tile_product(const T* A, long sai, long sak, const T* B, long s
   const int i0 = tile_i * kTile, j0 = tile_j * kTile;
   const bool a_rows_fast = sai == 1;  // A's rows are contiguous (A read transposed)
   const bool b_cols_fast = sbj == 1;  // B's columns are contiguous
+  // Staged element u of this thread: e = t + u * kThreads of the kTile x kTile operand tile, with
+  // consecutive threads on the operand's contiguous axis (coalesced global loads): along that axis
+  // at t % kTile, across it at t / kTile + u * kRowsPerStage. The padded row (kTile + 1) keeps the
+  // shared-memory stores free of bank conflicts either way.
+  constexpr int kRowsPerStage = kThreads / kTile;
+  static_assert(kThreads % kTile == 0, "whole tile rows per stage");
+  const int fast = t % kTile, slow = t / kTile;
+  // A's element u: row ar + u * dar, depth ak + u * dak; B's (stored transposed): column bj + u * dbj,
+  // depth bk + u * dbk
+  const int ar = a_rows_fast ? fast : slow, dar = a_rows_fast ? 0 : kRowsPerStage;
+  const int ak = a_rows_fast ? slow : fast, dak = a_rows_fast ? kRowsPerStage : 0;
+  const int bj = b_cols_fast ? fast : slow, dbj = b_cols_fast ? 0 : kRowsPerStage;
+  const int bk = b_cols_fast ? slow : fast, dbk = b_cols_fast ? kRowsPerStage : 0;
+  T ra[kStage], rb[kStage];
+  const auto fetch = [&](int k0) {
+    for (int u = 0; u < kStage; ++u) {
+      const int gi = i0 + ar + u * dar, gk = k0 + ak + u * dak;
+      ra[u] = (gi < M && gk < K) ? A[gi * sai + gk * sak] : T(0);
+      const int gj = j0 + bj + u * dbj, gkb = k0 + bk + u * dbk;
+      rb[u] = (gj < N && gkb < K) ? B[gkb * sbk + gj * sbj] : T(0);
+    }
+  };
   T acc[2][2] = {{T(0), T(0)}, {T(0), T(0)}};
+  fetch(0);
   for (int k0 = 0; k0 < K; k0 += kTile) {
-    // Consecutive threads walk the operand's contiguous axis (coalesced global loads); the padded
-    // row (kTile + 1) keeps the shared-memory stores free of bank conflicts either way.
-    for (int e = t; e < kTile * kTile; e += kThreads) {
-      const int fast = e % kTile, slow = e / kTile;
-      const int r = a_rows_fast ? fast : slow, k = a_rows_fast ? slow : fast;
-      const int gi = i0 + r, gk = k0 + k;
-      sh.a[r * (kTile + 1) + k] = (gi < M && gk < K) ? A[gi * sai + gk * sak] : T(0);
-      const int rb = b_cols_fast ? fast : slow, kb = b_cols_fast ? slow : fast;
-      const int gj = j0 + rb, gkb = k0 + kb;
-      sh.b[rb * (kTile + 1) + kb] = (gj < N && gkb < K) ? B[gkb * sbk + gj * sbj] : T(0);  // stored transposed
+    for (int u = 0; u < kStage; ++u) {
+      sh.a[(ar + u * dar) * (kTile + 1) + ak + u * dak] = ra[u];
+      sh.b[(bj + u * dbj) * (kTile + 1) + bk + u * dbk] = rb[u];
     }
     COPA_SYNC_BLOCK();
+    if (k0 + kTile < K) fetch(k0 + kTile);   // in flight during this step's products
     for (int k = 0; k < kTile; ++k) {
       const T a0 = sh.a[(2 * ty) * (kTile + 1) + k], a1 = sh.a[(2 * ty + 1) * (kTile + 1) + k];
       const T b0 = sh.b[(2 * tx) * (kTile + 1) + k], b1 = sh.b[(2 * tx + 1) * (kTile + 1) + k];
@@ -214,29 +245,30 @@ COPA_DEVICE T split_score(const SceProblem<T>& p, long at, T scale) {
 }
 
 template <typename T>
-COPA_DEVICE void row_stats(const SceProblem<T>& p, int i, T scale, const Shared<T>& sh) {
+COPA_DEVICE void row_stats(const SceProblem<T>& p, int i, T scale) {
   T* s = p.S + (long)i * p.c;
+  const int l = lane_id();
   if (p.ksplit_s > 1) {
-    for (int c = COPA_TID; c < p.c; c += kThreads) s[c] = split_score(p, (long)i * p.c + c, scale);
-    COPA_SYNC_BLOCK();
+    for (int c = l; c < p.c; c += kWarpSize) s[c] = split_score(p, (long)i * p.c + c, scale);
+    COPA_SYNC_WARP();
   }
   T m = neg_inf<T>(), best = neg_inf<T>();
   int64_t arg = -1;
-  for (int c = COPA_TID; c < p.c; c += kThreads) {
+  for (int c = l; c < p.c; c += kWarpSize) {
     if (p.cnt[c] > T(0)) m = dev_max(m, s[c]);
     if (arg < 0 || s[c] > best) {
       best = s[c];
       arg = c;
     }
   }
-  m = block_max(m, sh.red);
-  const int64_t am = block_argmax(best, arg, sh.red, sh.idx);
+  m = warp_max(m);
+  const int64_t am = warp_argmax(best, arg);
   const T shift = m == neg_inf<T>() ? T(0) : m;
   T sum = T(0);
-  for (int c = COPA_TID; c < p.c; c += kThreads)
+  for (int c = l; c < p.c; c += kWarpSize)
     if (p.cnt[c] > T(0)) sum += p.cnt[c] * dev_exp(s[c] - shift);
-  sum = block_sum(sum, sh.red);
-  if (COPA_TID == 0) {
+  sum = warp_sum(sum);
+  if (l == 0) {
     p.R[2 * i] = shift;   // the pair (max, log of the shifted sum); see SceProblem::R
     p.R[2 * i + 1] = dev_log(sum);
     p.pred[i] = am < 0 ? 0 : am;
@@ -244,20 +276,21 @@ COPA_DEVICE void row_stats(const SceProblem<T>& p, int i, T scale, const Shared<
 }
 
 template <typename T>
-COPA_DEVICE void col_stats(const SceProblem<T>& p, int c, T scale, T* red) {
+COPA_DEVICE void col_stats(const SceProblem<T>& p, int c, T scale) {
   // S(i, c): S itself, or formed from the split shares as the row items form it (the same bits)
   const auto score = [&](int i) {
     const long at = (long)i * p.c + c;
     return p.ksplit_s > 1 ? split_score(p, at, scale) : p.S[at];
   };
+  const int l = lane_id();
   T m = neg_inf<T>();
-  for (int i = COPA_TID; i < p.n; i += kThreads) m = dev_max(m, score(i));
-  m = block_max(m, red);
+  for (int i = l; i < p.n; i += kWarpSize) m = dev_max(m, score(i));
+  m = warp_max(m);
   const T shift = m == neg_inf<T>() ? T(0) : m;
   T sum = T(0);
-  for (int i = COPA_TID; i < p.n; i += kThreads) sum += dev_exp(score(i) - shift);
-  sum = block_sum(sum, red);
-  if (COPA_TID == 0) {
+  for (int i = l; i < p.n; i += kWarpSize) sum += dev_exp(score(i) - shift);
+  sum = warp_sum(sum);
+  if (l == 0) {
     p.L[2 * c] = shift;
     p.L[2 * c + 1] = dev_log(sum);
   }
@@ -266,7 +299,7 @@ COPA_DEVICE void col_stats(const SceProblem<T>& p, int c, T scale, T* red) {
 // ---- phase 4: losses and G -----------------------------------------------------------------------
 
 template <typename T>
-COPA_DEVICE void row_loss_and_grad(const SceProblem<T>& p, int i, T* red) {
+COPA_DEVICE void row_loss_and_grad(const SceProblem<T>& p, int i) {
   T* s = p.S + (long)i * p.c;
   const int64_t yi = p.y[i];
   const bool valid = yi >= 0 && yi < p.c;
@@ -279,8 +312,8 @@ COPA_DEVICE void row_loss_and_grad(const SceProblem<T>& p, int i, T* red) {
       valid ? T(0.5) * (((r_max - s[yc]) + r_log) + ((p.L[2 * yc] - s[yc]) + p.L[2 * yc + 1])) : quiet_nan<T>();
   T dt = T(0);
   if (p.fused) {
-    COPA_SYNC_BLOCK();  // every thread has read S[i, y_i] above; now S -> G in place, entry by entry
-    for (int c = COPA_TID; c < p.c; c += kThreads) {
+    COPA_SYNC_WARP();  // every lane has read S[i, y_i] above; now S -> G in place, entry by entry
+    for (int c = lane_id(); c < p.c; c += kWarpSize) {
       const T sc = s[c];
       // both exponents are <= 0 wherever their term counts; the clamp keeps 0 * exp(overflow) from
       // making NaN for a class with no sample (n_c = 0, validation off) that scores above the row max
@@ -291,9 +324,9 @@ COPA_DEVICE void row_loss_and_grad(const SceProblem<T>& p, int i, T* red) {
       dt += g * sc;
       s[c] = g;
     }
-    dt = block_sum(dt, red);
+    dt = warp_sum(dt);
   }
-  if (COPA_TID == 0) {
+  if (lane_id() == 0) {
     p.losses[i] = loss;
     p.wloss[i] = wi * loss;
     p.row_dtau[i] = dt;
@@ -303,44 +336,48 @@ COPA_DEVICE void row_loss_and_grad(const SceProblem<T>& p, int i, T* red) {
 // ---- phase 6: normalisation backward, totals --------------------------------------------------------
 
 // g <- (g - xn <xn, g>) / ||x|| (g / eps where the norm was clamped), as F.normalize's backward.
+// One warp per row; each lane updates its own columns.
 template <typename T>
-COPA_DEVICE void normalize_backward(T* g, const T* xn, T nrm, int d, T* red) {
+COPA_DEVICE void normalize_backward(T* g, const T* xn, T nrm, int d) {
+  const int l = lane_id();
   T dot = T(0);
-  for (int k = COPA_TID; k < d; k += kThreads) dot += xn[k] * g[k];
-  dot = block_sum(dot, red);
+  for (int k = l; k < d; k += kWarpSize) dot += xn[k] * g[k];
+  dot = warp_sum(dot);
   const bool live = nrm > T(kNormEps);
   const T inv = T(1) / dev_max(nrm, T(kNormEps));
-  for (int k = COPA_TID; k < d; k += kThreads) g[k] = live ? (g[k] - xn[k] * dot) * inv : g[k] * inv;
+  for (int k = l; k < d; k += kWarpSize) g[k] = live ? (g[k] - xn[k] * dot) * inv : g[k] * inv;
 }
 
 template <typename T>
-COPA_DEVICE void totals(const SceProblem<T>& p, T* red) {
+COPA_DEVICE void totals(const SceProblem<T>& p) {
   T l = T(0), dt = T(0);
-  for (int i = COPA_TID; i < p.n; i += kThreads) {
+  for (int i = lane_id(); i < p.n; i += kWarpSize) {
     l += p.wloss[i];
     dt += p.row_dtau[i];
   }
-  l = block_sum(l, red);
-  dt = block_sum(dt, red);
-  if (COPA_TID == 0) {
+  l = warp_sum(l);
+  dt = warp_sum(dt);
+  if (lane_id() == 0) {
     p.loss[0] = l;
     if (p.fused) p.dtau[0] = dt;
   }
 }
 
 // ---- the phases, shared by every entry point --------------------------------------------------------
-// Each runs its items round-robin over `workers` workers (blocks); `scale` is exp(tau).
+// Each runs its items round-robin over `workers` workers (blocks): the row phases over the workers'
+// warps (worker w's warp k is row worker w * kWarps + k), the products over whole blocks; `scale`
+// is exp(tau).
 
 template <typename T>
-COPA_DEVICE void phase_norms(const SceProblem<T>& p, int worker, int workers, const Shared<T>& sh) {  // P1
-  for (int item = worker; item < p.n + 2 * p.c; item += workers) {
+COPA_DEVICE void phase_norms(const SceProblem<T>& p, int worker, int workers) {  // P1
+  for (int item = worker * kWarps + warp_id(); item < p.n + 2 * p.c; item += workers * kWarps) {
     if (item < p.n) {
-      normalize_row(p.z + (long)item * p.d, p.zn + (long)item * p.d, p.znorm + item, p.d, sh.red);
+      normalize_row(p.z + (long)item * p.d, p.zn + (long)item * p.d, p.znorm + item, p.d);
     } else if (item < p.n + p.c) {
       const int c = item - p.n;
-      normalize_row(p.q + (long)c * p.d, p.qn + (long)c * p.d, p.qnorm + c, p.d, sh.red);
+      normalize_row(p.q + (long)c * p.d, p.qn + (long)c * p.d, p.qnorm + c, p.d);
     } else {
-      count_class(p, item - p.n - p.c, sh.red);
+      count_class(p, item - p.n - p.c);
     }
   }
 }
@@ -364,16 +401,16 @@ COPA_DEVICE void phase_scores(const SceProblem<T>& p, T scale, int worker, int w
 }
 
 template <typename T>
-COPA_DEVICE void phase_stats(const SceProblem<T>& p, T scale, int worker, int workers, const Shared<T>& sh) {  // P3
-  for (int item = worker; item < p.n + p.c; item += workers) {
-    if (item < p.n) row_stats(p, item, scale, sh);
-    else col_stats(p, item - p.n, scale, sh.red);
+COPA_DEVICE void phase_stats(const SceProblem<T>& p, T scale, int worker, int workers) {  // P3
+  for (int item = worker * kWarps + warp_id(); item < p.n + p.c; item += workers * kWarps) {
+    if (item < p.n) row_stats(p, item, scale);
+    else col_stats(p, item - p.n, scale);
   }
 }
 
 template <typename T>
-COPA_DEVICE void phase_losses(const SceProblem<T>& p, int worker, int workers, const Shared<T>& sh) {  // P4
-  for (int item = worker; item < p.n; item += workers) row_loss_and_grad(p, item, sh.red);
+COPA_DEVICE void phase_losses(const SceProblem<T>& p, int worker, int workers) {  // P4
+  for (int item = worker * kWarps + warp_id(); item < p.n; item += workers * kWarps) row_loss_and_grad(p, item);
 }
 
 // P5: dz = scale * G qn (n x d), dq = scale * G^T zn (c x d)
@@ -399,27 +436,28 @@ COPA_DEVICE void phase_products(const SceProblem<T>& p, T scale, int worker, int
 }
 
 template <typename T>
-COPA_DEVICE void phase_finish(const SceProblem<T>& p, T scale, int worker, int workers, const Shared<T>& sh) {  // P6
-  for (int item = worker; item < 1 + (p.fused ? p.n + p.c : 0); item += workers) {
-    if (item == 0) totals(p, sh.red);
+COPA_DEVICE void phase_finish(const SceProblem<T>& p, T scale, int worker, int workers) {  // P6
+  for (int item = worker * kWarps + warp_id(); item < 1 + (p.fused ? p.n + p.c : 0); item += workers * kWarps) {
+    if (item == 0) totals(p);
     else if (item <= p.n) normalize_backward(p.dz + (long)(item - 1) * p.d, p.zn + (long)(item - 1) * p.d,
-                                             p.znorm[item - 1], p.d, sh.red);
+                                             p.znorm[item - 1], p.d);
     else {
       const int c = item - 1 - p.n;
       T* g = p.dq + (long)c * p.d;
-      if (p.ksplit_q > 1) {   // dq row c: exp(tau) x the row shares summed in split order (each thread its k)
-        for (int k = COPA_TID; k < p.d; k += kThreads) {
+      if (p.ksplit_q > 1) {   // dq row c: exp(tau) x the row shares summed in split order (each lane its k)
+        for (int k = lane_id(); k < p.d; k += kWarpSize) {
           T acc = T(0);
           for (int s = 0; s < p.ksplit_q; ++s) acc += p.dqpart[((long)s * p.c + c) * p.d + k];
           g[k] = scale * acc;
         }
       }
-      normalize_backward(g, p.qn + (long)c * p.d, p.qnorm[c], p.d, sh.red);
+      normalize_backward(g, p.qn + (long)c * p.d, p.qnorm[c], p.d);
     }
   }
 }
 
-// Work items of the phases the one-phase kernel runs (the launcher sizes its grid by them).
+// Work items (rows, one warp each) of the phases the one-phase kernel runs (the launcher sizes its
+// grid by them: kWarps items a block).
 inline long phase_items(int phase, int n, int c, bool fused) {
   switch (phase) {
     case 1: return (long)n + 2L * c;
@@ -432,19 +470,19 @@ inline long phase_items(int phase, int n, int c, bool fused) {
 template <typename T, typename Sync>
 COPA_DEVICE void run_problem(const SceProblem<T>& p, int worker, int workers, const Shared<T>& sh, Sync sync) {
   const T scale = dev_exp(p.tau[0]);
-  phase_norms(p, worker, workers, sh);
+  phase_norms(p, worker, workers);
   sync();
   phase_scores(p, scale, worker, workers, sh);
   sync();
-  phase_stats(p, scale, worker, workers, sh);
+  phase_stats(p, scale, worker, workers);
   sync();
-  phase_losses(p, worker, workers, sh);
+  phase_losses(p, worker, workers);
   sync();
   if (p.fused) {
     phase_products(p, scale, worker, workers, sh);
     sync();
   }
-  phase_finish(p, scale, worker, workers, sh);
+  phase_finish(p, scale, worker, workers);
 }
 
 struct GridSync {
@@ -457,14 +495,12 @@ struct BlockSync {
 #define COPA_DECLARE_SHARED(T)                                  \
   COPA_SHARED_ARRAY(T, copa_sh_a, kTile*(kTile + 1));          \
   COPA_SHARED_ARRAY(T, copa_sh_b, kTile*(kTile + 1));          \
-  COPA_SHARED_ARRAY(T, copa_sh_red, kThreads);                 \
-  COPA_SHARED_ARRAY(int64_t, copa_sh_idx, kThreads);           \
-  const Shared<T> sh{copa_sh_a, copa_sh_b, copa_sh_red, copa_sh_idx}
+  const Shared<T> sh{copa_sh_a, copa_sh_b}
 
 // One problem, every block of a cooperative grid (launched with cudaLaunchCooperativeKernel, at
 // most as many blocks as fit on the device at once).
 template <typename T>
-COPA_GLOBAL void copa_sce_single(SceProblem<T> p) {
+COPA_GLOBAL void COPA_MIN_BLOCKS(sizeof(T) == 4 ? 3 : 2) copa_sce_single(SceProblem<T> p) {
   COPA_DECLARE_SHARED(T);
   run_problem(p, COPA_BID, COPA_NBLOCKS, sh, GridSync{});
 }
@@ -473,20 +509,19 @@ COPA_GLOBAL void copa_sce_single(SceProblem<T> p) {
 // products P2 and P5 go to a vendor GEMM between launches (csrc/cuda/binding.cpp) and the launch
 // boundaries stand in for the grid barriers.
 template <typename T>
-COPA_GLOBAL void copa_sce_phase(SceProblem<T> p, int phase) {
-  COPA_DECLARE_SHARED(T);
+COPA_GLOBAL void copa_sce_phase(SceProblem<T> p, int phase) {   // no product here: no shared memory
   const T scale = dev_exp(p.tau[0]);   // (used by split products only; the phased path has none)
-  if (phase == 1) phase_norms(p, COPA_BID, COPA_NBLOCKS, sh);
-  else if (phase == 3) phase_stats(p, scale, COPA_BID, COPA_NBLOCKS, sh);
-  else if (phase == 4) phase_losses(p, COPA_BID, COPA_NBLOCKS, sh);
-  else if (phase == 6) phase_finish(p, scale, COPA_BID, COPA_NBLOCKS, sh);
+  if (phase == 1) phase_norms(p, COPA_BID, COPA_NBLOCKS);
+  else if (phase == 3) phase_stats(p, scale, COPA_BID, COPA_NBLOCKS);
+  else if (phase == 4) phase_losses(p, COPA_BID, COPA_NBLOCKS);
+  else if (phase == 6) phase_finish(p, scale, COPA_BID, COPA_NBLOCKS);
 }
 
 // E episodes, one block each. Episode e owns rows rows[2e] + (0..rows[2e+1]) of z (and of every
 // per-row buffer), classes cls[2e] + (0..cls[2e+1]) of q, and the score block at s_off[e]; its
 // labels are local to it. The template problem `base` holds the stacked buffers.
 template <typename T>
-COPA_GLOBAL void copa_sce_episodes(SceProblem<T> base, const int64_t* rows, const int64_t* cls, const int64_t* s_off,
+COPA_GLOBAL void COPA_MIN_BLOCKS(sizeof(T) == 4 ? 2 : 1) copa_sce_episodes(SceProblem<T> base, const int64_t* rows, const int64_t* cls, const int64_t* s_off,
                                    const T* tau) {
   COPA_DECLARE_SHARED(T);
   const int e = COPA_BID;
