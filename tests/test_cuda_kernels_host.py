@@ -173,6 +173,23 @@ def test_deterministic_across_block_counts(host_check, tmp_path, phased):
 
 
 @PATHS
+def test_nan_row_fewer_rows_than_warps(host_check, tmp_path, phased):
+    # validation off: a NaN feature poisons the loss, never the memory; each row is one warp's (a
+    # block has 8), its reductions end on lane 0's value, so every block count gives the same bits
+    x, y = make_episode(5, 3, 40, seed=12)
+    x[2, 17] = float("nan")
+    p = torch.randn(3, 40, generator=torch.Generator().manual_seed(4))
+    runs = [_run(host_check, tmp_path, x, p, y, 2.0, blocks=b, phased=phased) for b in (1, 2, 5)]
+    assert torch.isnan(runs[0]["loss"][0]) and torch.isnan(runs[0]["losses"][2])
+    assert ((runs[0]["pred"] >= 0) & (runs[0]["pred"] < 3)).all()
+    for other in runs[1:]:
+        for key in other:
+            torch.testing.assert_close(other[key], runs[0][key], rtol=0, atol=0, equal_nan=True, msg=key)
+    clean = _run(host_check, tmp_path, x.nan_to_num(0.5), p, y, 2.0, blocks=5, phased=phased)
+    _check_against_reference(clean, x.nan_to_num(0.5), p, y, 2.0, TOL[torch.float32])
+
+
+@PATHS
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_rows_normalised_in_place_give_the_same_bits(host_check, tmp_path, phased, dtype):
     """The copa_loss op hands the kernel its own z = x w_img^T and has the normalised rows written
