@@ -24,17 +24,28 @@ CXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler")
 
 
-@pytest.fixture(scope="module")
-def host_check(tmp_path_factory):
+def _build_host_check(tmp_path_factory, sanitizers):
     exe = tmp_path_factory.mktemp("host_check") / "host_check"
-    cmd = [CXX, "-std=c++20", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
-           "-pthread", "-I", os.path.join(ROOT, "csrc", "cuda"), os.path.join(ROOT, "csrc", "cuda", "host_check.cpp"),
-           "-o", str(exe)]
+    cmd = [CXX, "-std=c++20", "-O1", "-g", *sanitizers, "-pthread", "-I", os.path.join(ROOT, "csrc", "cuda"),
+           os.path.join(ROOT, "csrc", "cuda", "host_check.cpp"), "-o", str(exe)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0 and "sanitize" in out.stderr:
         pytest.skip(f"the compiler lacks sanitizers: {out.stderr[-300:]}")
     assert out.returncode == 0, out.stderr
     return str(exe)
+
+
+@pytest.fixture(scope="module")
+def host_check(tmp_path_factory):
+    return _build_host_check(tmp_path_factory, ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"])
+
+
+@pytest.fixture(scope="module")
+def host_check_tsan(tmp_path_factory):
+    """The same runner under ThreadSanitizer: a CUDA thread reading what another wrote without a
+    barrier between them (block, grid or warp) is a data race between host threads here, and
+    ThreadSanitizer's report fails the run."""
+    return _build_host_check(tmp_path_factory, ["-fsanitize=thread"])
 
 
 def _run(exe, tmp_path, z, q, y, tau, *, fused=True, w=None, blocks=1, episodes=None, phased=False,
@@ -339,3 +350,24 @@ def test_split_plan(host_check, tmp_path):
     for n, c, d in ((33, 1, 17), (1024, 128, 1024), (25, 5, 512)):
         ks, kq = _plan(host_check, tmp_path, n, c, d, 1056)
         assert 1 <= ks <= -(-d // 32) and 1 <= kq <= -(-n // 32)
+
+
+@pytest.mark.parametrize("case", ["one-launch", "split", "in-place", "phased", "episodes"])
+def test_kernels_have_no_data_race(host_check_tsan, tmp_path, case):
+    # every barrier the kernels rely on — __syncthreads, the grid barrier, __syncwarp and the
+    # shuffles' exchanges — is checked by ThreadSanitizer on the host threads that run them (it
+    # reports the race of a row's S[i, y_i] read against its overwrite when that __syncwarp is gone)
+    x, y = make_episode(37, 5, 45, seed=3)
+    p = torch.randn(5, 45, generator=torch.Generator().manual_seed(3))
+    if case == "episodes":
+        rows, cls, s_off = [[0, 30], [30, 7]], [[0, 4], [4, 1]], [0, 120]
+        y = torch.cat([make_episode(30, 4, 45, seed=5)[1], torch.zeros(7, dtype=torch.int64)])
+        out = _run(host_check_tsan, tmp_path, x, p, y, [2.0, 1.0], episodes=(rows, cls, s_off, 127))
+        for k, ((r0, n), (c0, cc)) in enumerate(zip(rows, cls)):
+            loss = _want(x[r0:r0 + n], p[c0:c0 + cc], y[r0:r0 + n], [2.0, 1.0][k])[0]
+            assert_rel(out["loss"][k], loss, TOL[torch.float32]["loss"], f"episode {k} loss")
+        return
+    kw = {"one-launch": dict(blocks=2), "split": dict(blocks=3, splits=(2, 2)), "in-place": dict(blocks=2, in_place=True),
+          "phased": dict(blocks=3, phased=True)}[case]
+    out = _run(host_check_tsan, tmp_path, x, p, y, 2.0, **kw)
+    _check_against_reference(out, x, p, y, 2.0, TOL[torch.float32])
