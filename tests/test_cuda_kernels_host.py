@@ -242,8 +242,16 @@ def test_empty_class_gets_zero_gradient_at_large_tau(host_check, tmp_path, phase
 
 @pytest.mark.parametrize("pad", [0, 3], ids=["packed", "padded"])
 def test_episodes_kernel_matches_reference(host_check, tmp_path, pad):
-    sizes = [(7, 3), (5, 1), (6, 6), (40, 9)]
-    d = 19
+    _check_episodes(host_check, tmp_path, [(7, 3), (5, 1), (6, 6), (40, 9)], 19, pad, [2.0, 0.0, 5.0, 1.0])
+
+
+def test_episodes_kernel_over_several_tiles(host_check, tmp_path):
+    # the episodes kernel's 64 x 64 product tiles: several row, class and column tiles, ragged tails,
+    # several 32-deep steps along D, N and C, beside an episode smaller than one tile
+    _check_episodes(host_check, tmp_path, [(150, 70), (3, 2), (65, 33)], 100, 1, [2.0, 3.0, 0.5])
+
+
+def _check_episodes(host_check, tmp_path, sizes, d, pad, taus):
     zs, qs, ys, rows, cls, s_off = [], [], [], [], [], []
     r = c = s = 0
     eps = []
@@ -260,7 +268,6 @@ def test_episodes_kernel_matches_reference(host_check, tmp_path, pad):
         ys += [y, torch.full((pad,), 10**6)]
         r += n + pad
         c += cc + pad
-    taus = [2.0, 0.0, 5.0, 1.0]
     out = _run(host_check, tmp_path, torch.cat(zs), torch.cat(qs), torch.cat(ys), taus,
                episodes=(rows, cls, s_off, s))
     for k, (x, p, y) in enumerate(eps):
@@ -367,7 +374,7 @@ def test_kernels_have_no_data_race(host_check_tsan, tmp_path, case):
             loss = _want(x[r0:r0 + n], p[c0:c0 + cc], y[r0:r0 + n], [2.0, 1.0][k])[0]
             assert_rel(out["loss"][k], loss, TOL[torch.float32]["loss"], f"episode {k} loss")
         return
-    kw = {"one-launch": dict(blocks=2), "split": dict(blocks=3, splits=(2, 2)), "in-place": dict(blocks=2, in_place=True),
-          "phased": dict(blocks=3, phased=True)}[case]
+    kw = {"one-launch": dict(blocks=2), "split": dict(blocks=3, splits=(2, 2)),
+          "in-place": dict(blocks=2, in_place=True), "phased": dict(blocks=3, phased=True)}[case]
     out = _run(host_check_tsan, tmp_path, x, p, y, 2.0, **kw)
     _check_against_reference(out, x, p, y, 2.0, TOL[torch.float32])

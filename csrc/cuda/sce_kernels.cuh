@@ -11,13 +11,14 @@
 // — its reductions are warp shuffles, no block barrier — and a product tile by a whole block of
 // kThreads threads:
 //   P1  row norms and normalised rows of z and q; class counts and weight sums
-//   P2  S = exp(tau) zn qn^T by 32 x 32 tiles (one launch, few tiles: shares of D, summed in P3)
+//   P2  S = exp(tau) zn qn^T by kT x kT tiles (one launch, few tiles: shares of D, summed in P3)
 //   P3  row log-sum-exp over the N expanded columns + row argmax; column log-sum-exp
 //   P4  per-sample losses; (fused) G = dloss/dS written over S, per-row dloss/dtau
-//   P5  (fused) dz = s G qn and dq = s G^T zn by 32 x 32 tiles (dq: shares of rows, summed in P6)
+//   P5  (fused) dz = s G qn and dq = s G^T zn by kT x kT tiles (dq: shares of rows, summed in P6)
 //   P6  (fused) normalisation backward of dz, dq; totals (loss, dtau) summed in a fixed order
 // Three entry points share the phases: copa_sce_single (all blocks of a cooperative grid on one
-// problem, grid-wide barriers), copa_sce_episodes (one block per episode, block barriers) and
+// problem, grid-wide barriers, kT = 32), copa_sce_episodes (one block per episode, block barriers,
+// kT = 64: one block does all of an episode's tiles, 4 x 4 outputs a thread) and
 // copa_sce_phase (one phase per launch, for large problems whose P2 and P5 a vendor GEMM computes).
 // Every reduction has a fixed order: results are bitwise reproducible. Labels outside 0..C-1 are
 // never used as an index: their rows get NaN.
@@ -61,10 +62,12 @@ namespace copa_fast {
 namespace cuda {
 
 
+// Operand tiles of the products, k-major: A(i, k) at a[k * (kT + kPad) + i], B(k, j) at
+// b[k * (kT + kPad) + j], kDepth steps deep (kT the kernel's output tile: see tile_product).
 template <typename T>
 struct Shared {
-  T* a;        // kTile * (kTile + 1)
-  T* b;        // kTile * (kTile + 1)
+  T* a;
+  T* b;
 };
 
 constexpr int kWarpSize = 32;
@@ -167,67 +170,74 @@ COPA_DEVICE void count_class(const SceProblem<T>& p, int cls) {
   }
 }
 
-// ---- tiled products: out(i, j) = alpha * sum_k A(i, k) B(k, j) on one kTile x kTile tile ----------
-// Element (i, k) of A is at A[i * sai + k * sak], (k, j) of B at B[k * sbk + j * sbj]. Thread t owns
-// outputs (2 * (t / 16) + {0, 1}, 2 * (t % 16) + {0, 1}) of the tile. Out-of-range loads give 0.
-// Software-pipelined: each thread's global loads for depth step k + 1 are issued before the
-// products of step k, so their latency overlaps the shared-memory work (the sums keep their order).
+// ---- tiled products: out(i, j) = alpha * sum_k A(i, k) B(k, j) on one kT x kT tile ----------------
+// Element (i, k) of A is at A[i * sai + k * sak], (k, j) of B at B[k * sbk + j * sbj]. The 16 x 16
+// threads each own kT/16 x kT/16 outputs: rows kPer * (t / 16) + u, columns kPer * (t % 16) + v. Each
+// depth step (kDepth deep) is staged through shared memory, k-major, so that a thread reads its
+// kPer values of A and of B at k as consecutive words (vector loads where aligned) and makes kPer^2
+// products of them. Software-pipelined: each thread's global loads for step s + 1 are issued before
+// the products of step s. Out-of-range loads give 0; every output sums its products in ascending k
+// (whatever kT: the same bits for the same depth).
 
-constexpr int kStage = kTile * kTile / kThreads;   // elements of each operand a thread stages a step
-static_assert(kTile * kTile % kThreads == 0, "whole stages per thread");
+constexpr int kDepth = 32;   // depth step of the tiled products
+constexpr int kPad = 4;      // shared rows of kT + 4 values: 16-byte aligned, stores at most 4-way conflicted
 
-template <typename T>
+template <int kT>
+struct SharedTile {
+  static constexpr int kValues = kDepth * (kT + kPad);   // of each operand
+};
+
+// kAIFast: A's rows are contiguous (sai == 1: A read transposed); kBJFast: B's columns are (sbj == 1).
+template <int kT, bool kAIFast, bool kBJFast, typename T>
 COPA_DEVICE void tile_product(const T* A, long sai, long sak, const T* B, long sbk, long sbj, int M, int N, int K,
                               int tile_i, int tile_j, T alpha, T* out, long ld_out, const Shared<T>& sh) {
+  constexpr int kPer = kT / 16;                    // outputs a thread along each axis
+  constexpr int kRow = kT + kPad;
+  constexpr int kStage = kT * kDepth / kThreads;   // elements of each operand a thread stages a step
+  static_assert(kThreads == 256 && kT % 16 == 0 && (kT * kDepth) % kThreads == 0, "tile geometry");
+  static_assert(kThreads % kT == 0 && kThreads % kDepth == 0, "whole tile rows per stage");
   const int t = COPA_TID;
   const int ty = t / 16, tx = t % 16;
-  const int i0 = tile_i * kTile, j0 = tile_j * kTile;
-  const bool a_rows_fast = sai == 1;  // A's rows are contiguous (A read transposed)
-  const bool b_cols_fast = sbj == 1;  // B's columns are contiguous
-  // Staged element u of this thread: e = t + u * kThreads of the kTile x kTile operand tile, with
-  // consecutive threads on the operand's contiguous axis (coalesced global loads): along that axis
-  // at t % kTile, across it at t / kTile + u * kRowsPerStage. The padded row (kTile + 1) keeps the
-  // shared-memory stores free of bank conflicts either way.
-  constexpr int kRowsPerStage = kThreads / kTile;
-  static_assert(kThreads % kTile == 0, "whole tile rows per stage");
-  const int fast = t % kTile, slow = t / kTile;
-  // A's element u: row ar + u * dar, depth ak + u * dak; B's (stored transposed): column bj + u * dbj,
-  // depth bk + u * dbk
-  const int ar = a_rows_fast ? fast : slow, dar = a_rows_fast ? 0 : kRowsPerStage;
-  const int ak = a_rows_fast ? slow : fast, dak = a_rows_fast ? kRowsPerStage : 0;
-  const int bj = b_cols_fast ? fast : slow, dbj = b_cols_fast ? 0 : kRowsPerStage;
-  const int bk = b_cols_fast ? slow : fast, dbk = b_cols_fast ? kRowsPerStage : 0;
+  const int i0 = tile_i * kT, j0 = tile_j * kT;
+  // Staged element u of each operand: consecutive threads along the operand's contiguous axis
+  // (coalesced global loads): A's row ia + u * dia at depth ka + u * dka, B's column jb + u * djb at
+  // depth kb + u * dkb.
+  const int ia = kAIFast ? t % kT : t / kDepth, ka = kAIFast ? t / kT : t % kDepth;
+  constexpr int dia = kAIFast ? 0 : kThreads / kDepth, dka = kAIFast ? kThreads / kT : 0;
+  const int jb = kBJFast ? t % kT : t / kDepth, kb = kBJFast ? t / kT : t % kDepth;
+  constexpr int djb = kBJFast ? 0 : kThreads / kDepth, dkb = kBJFast ? kThreads / kT : 0;
   T ra[kStage], rb[kStage];
   const auto fetch = [&](int k0) {
     for (int u = 0; u < kStage; ++u) {
-      const int gi = i0 + ar + u * dar, gk = k0 + ak + u * dak;
+      const int gi = i0 + ia + u * dia, gk = k0 + ka + u * dka;
       ra[u] = (gi < M && gk < K) ? A[gi * sai + gk * sak] : T(0);
-      const int gj = j0 + bj + u * dbj, gkb = k0 + bk + u * dbk;
+      const int gj = j0 + jb + u * djb, gkb = k0 + kb + u * dkb;
       rb[u] = (gj < N && gkb < K) ? B[gkb * sbk + gj * sbj] : T(0);
     }
   };
-  T acc[2][2] = {{T(0), T(0)}, {T(0), T(0)}};
+  T acc[kPer][kPer];
+  for (int u = 0; u < kPer; ++u)
+    for (int v = 0; v < kPer; ++v) acc[u][v] = T(0);
   fetch(0);
-  for (int k0 = 0; k0 < K; k0 += kTile) {
+  for (int k0 = 0; k0 < K; k0 += kDepth) {
     for (int u = 0; u < kStage; ++u) {
-      sh.a[(ar + u * dar) * (kTile + 1) + ak + u * dak] = ra[u];
-      sh.b[(bj + u * dbj) * (kTile + 1) + bk + u * dbk] = rb[u];
+      sh.a[(ka + u * dka) * kRow + ia + u * dia] = ra[u];
+      sh.b[(kb + u * dkb) * kRow + jb + u * djb] = rb[u];
     }
     COPA_SYNC_BLOCK();
-    if (k0 + kTile < K) fetch(k0 + kTile);   // in flight during this step's products
-    for (int k = 0; k < kTile; ++k) {
-      const T a0 = sh.a[(2 * ty) * (kTile + 1) + k], a1 = sh.a[(2 * ty + 1) * (kTile + 1) + k];
-      const T b0 = sh.b[(2 * tx) * (kTile + 1) + k], b1 = sh.b[(2 * tx + 1) * (kTile + 1) + k];
-      acc[0][0] += a0 * b0;
-      acc[0][1] += a0 * b1;
-      acc[1][0] += a1 * b0;
-      acc[1][1] += a1 * b1;
+    if (k0 + kDepth < K) fetch(k0 + kDepth);   // in flight during this step's products
+    for (int k = 0; k < kDepth; ++k) {
+      T a[kPer], b[kPer];
+      for (int u = 0; u < kPer; ++u) a[u] = sh.a[k * kRow + kPer * ty + u];
+      for (int v = 0; v < kPer; ++v) b[v] = sh.b[k * kRow + kPer * tx + v];
+      for (int u = 0; u < kPer; ++u)
+        for (int v = 0; v < kPer; ++v) acc[u][v] += a[u] * b[v];
     }
     COPA_SYNC_BLOCK();
   }
-  for (int u = 0; u < 2; ++u) {
-    for (int v = 0; v < 2; ++v) {
-      const int gi = i0 + 2 * ty + u, gj = j0 + 2 * tx + v;
+  for (int u = 0; u < kPer; ++u) {
+    for (int v = 0; v < kPer; ++v) {
+      const int gi = i0 + kPer * ty + u, gj = j0 + kPer * tx + v;
       if (gi < M && gj < N) out[(long)gi * ld_out + gj] = alpha * acc[u][v];
     }
   }
@@ -382,20 +392,22 @@ COPA_DEVICE void phase_norms(const SceProblem<T>& p, int worker, int workers) { 
   }
 }
 
-template <typename T>
-COPA_DEVICE void phase_scores(const SceProblem<T>& p, T scale, int worker, int workers, const Shared<T>& sh) {  // P2
-  const int ti = (p.n + kTile - 1) / kTile, tc = (p.c + kTile - 1) / kTile;
+// P2: S = scale * zn qn^T (n x c) by kT x kT tiles
+template <int kT, typename T>
+COPA_DEVICE void phase_scores(const SceProblem<T>& p, T scale, int worker, int workers, const Shared<T>& sh) {
+  const int ti = (p.n + kT - 1) / kT, tc = (p.c + kT - 1) / kT;
   if (p.ksplit_s <= 1) {
     for (int item = worker; item < ti * tc; item += workers)
-      tile_product(p.zn, p.d, 1, p.qn, 1, p.d, p.n, p.c, p.d, item / tc, item % tc, scale, p.S, p.c, sh);
+      tile_product<kT, false, false>(p.zn, p.d, 1, p.qn, 1, p.d, p.n, p.c, p.d, item / tc, item % tc, scale, p.S,
+                                     p.c, sh);
     return;
   }
-  // share k of D: columns k0 .. k0 + depth - 1 (whole kTile steps; a share past D stores zeros)
-  const int span = ((p.d + kTile - 1) / kTile + p.ksplit_s - 1) / p.ksplit_s * kTile;
+  // share k of D: columns k0 .. k0 + depth - 1 (whole kDepth steps; a share past D stores zeros)
+  const int span = ((p.d + kDepth - 1) / kDepth + p.ksplit_s - 1) / p.ksplit_s * kDepth;
   for (int item = worker; item < ti * tc * p.ksplit_s; item += workers) {
     const int tile = item % (ti * tc), k = item / (ti * tc);
     const int k0 = k * span, depth = dev_max(0, dev_min(span, p.d - k0));
-    tile_product(p.zn + k0, p.d, 1, p.qn + k0, 1, p.d, p.n, p.c, depth, tile / tc, tile % tc, T(1),
+    tile_product<kT, false, false>(p.zn + k0, p.d, 1, p.qn + k0, 1, p.d, p.n, p.c, depth, tile / tc, tile % tc, T(1),
                  p.Spart + (long)k * p.n * p.c, p.c, sh);
   }
 }
@@ -413,24 +425,25 @@ COPA_DEVICE void phase_losses(const SceProblem<T>& p, int worker, int workers) {
   for (int item = worker * kWarps + warp_id(); item < p.n; item += workers * kWarps) row_loss_and_grad(p, item);
 }
 
-// P5: dz = scale * G qn (n x d), dq = scale * G^T zn (c x d)
-template <typename T>
+// P5: dz = scale * G qn (n x d), dq = scale * G^T zn (c x d) by kT x kT tiles
+template <int kT, typename T>
 COPA_DEVICE void phase_products(const SceProblem<T>& p, T scale, int worker, int workers, const Shared<T>& sh) {
-  const int ti = (p.n + kTile - 1) / kTile, tc = (p.c + kTile - 1) / kTile, td = (p.d + kTile - 1) / kTile;
+  const int ti = (p.n + kT - 1) / kT, tc = (p.c + kT - 1) / kT, td = (p.d + kT - 1) / kT;
   const int kq = p.ksplit_q > 1 ? p.ksplit_q : 1;
-  // dq share k: rows i0 .. i0 + depth - 1 (whole kTile steps; a share past N stores zeros)
-  const int span = (ti + kq - 1) / kq * kTile;
+  // dq share k: rows i0 .. i0 + depth - 1 (whole kDepth steps; a share past N stores zeros)
+  const int span = ((p.n + kDepth - 1) / kDepth + kq - 1) / kq * kDepth;
   for (int item = worker; item < ti * td + tc * td * kq; item += workers) {
     if (item < ti * td) {
-      tile_product(p.S, p.c, 1, p.qn, p.d, 1, p.n, p.d, p.c, item / td, item % td, scale, p.dz, p.d, sh);
+      tile_product<kT, false, true>(p.S, p.c, 1, p.qn, p.d, 1, p.n, p.d, p.c, item / td, item % td, scale, p.dz,
+                                    p.d, sh);
     } else if (kq == 1) {
       const int it = item - ti * td;
-      tile_product(p.S, 1, p.c, p.zn, p.d, 1, p.c, p.d, p.n, it / td, it % td, scale, p.dq, p.d, sh);
+      tile_product<kT, true, true>(p.S, 1, p.c, p.zn, p.d, 1, p.c, p.d, p.n, it / td, it % td, scale, p.dq, p.d, sh);
     } else {
       const int it = (item - ti * td) % (tc * td), k = (item - ti * td) / (tc * td);
       const int i0 = k * span, depth = dev_max(0, dev_min(span, p.n - i0));
-      tile_product(p.S + (long)i0 * p.c, 1, p.c, p.zn + (long)i0 * p.d, p.d, 1, p.c, p.d, depth, it / td, it % td,
-                   T(1), p.dqpart + (long)k * p.c * p.d, p.d, sh);
+      tile_product<kT, true, true>(p.S + (long)i0 * p.c, 1, p.c, p.zn + (long)i0 * p.d, p.d, 1, p.c, p.d, depth,
+                                   it / td, it % td, T(1), p.dqpart + (long)k * p.c * p.d, p.d, sh);
     }
   }
 }
@@ -467,19 +480,19 @@ inline long phase_items(int phase, int n, int c, bool fused) {
   }
 }
 
-template <typename T, typename Sync>
+template <int kT, typename T, typename Sync>
 COPA_DEVICE void run_problem(const SceProblem<T>& p, int worker, int workers, const Shared<T>& sh, Sync sync) {
   const T scale = dev_exp(p.tau[0]);
   phase_norms(p, worker, workers);
   sync();
-  phase_scores(p, scale, worker, workers, sh);
+  phase_scores<kT>(p, scale, worker, workers, sh);
   sync();
   phase_stats(p, scale, worker, workers);
   sync();
   phase_losses(p, worker, workers);
   sync();
   if (p.fused) {
-    phase_products(p, scale, worker, workers, sh);
+    phase_products<kT>(p, scale, worker, workers, sh);
     sync();
   }
   phase_finish(p, scale, worker, workers);
@@ -492,17 +505,17 @@ struct BlockSync {
   COPA_DEVICE void operator()() const { COPA_SYNC_BLOCK(); }
 };
 
-#define COPA_DECLARE_SHARED(T)                                  \
-  COPA_SHARED_ARRAY(T, copa_sh_a, kTile*(kTile + 1));          \
-  COPA_SHARED_ARRAY(T, copa_sh_b, kTile*(kTile + 1));          \
+#define COPA_DECLARE_SHARED(T, kT)                                       \
+  COPA_SHARED_ARRAY(T, copa_sh_a, SharedTile<kT>::kValues);            \
+  COPA_SHARED_ARRAY(T, copa_sh_b, SharedTile<kT>::kValues);            \
   const Shared<T> sh{copa_sh_a, copa_sh_b}
 
 // One problem, every block of a cooperative grid (launched with cudaLaunchCooperativeKernel, at
 // most as many blocks as fit on the device at once).
 template <typename T>
 COPA_GLOBAL void COPA_MIN_BLOCKS(sizeof(T) == 4 ? 3 : 2) copa_sce_single(SceProblem<T> p) {
-  COPA_DECLARE_SHARED(T);
-  run_problem(p, COPA_BID, COPA_NBLOCKS, sh, GridSync{});
+  COPA_DECLARE_SHARED(T, kTile);
+  run_problem<kTile>(p, COPA_BID, COPA_NBLOCKS, sh, GridSync{});
 }
 
 // One phase (1, 3, 4 or 6) of one problem over an ordinary grid: the large-problem path, where the two
@@ -521,9 +534,9 @@ COPA_GLOBAL void copa_sce_phase(SceProblem<T> p, int phase) {   // no product he
 // per-row buffer), classes cls[2e] + (0..cls[2e+1]) of q, and the score block at s_off[e]; its
 // labels are local to it. The template problem `base` holds the stacked buffers.
 template <typename T>
-COPA_GLOBAL void COPA_MIN_BLOCKS(sizeof(T) == 4 ? 2 : 1) copa_sce_episodes(SceProblem<T> base, const int64_t* rows, const int64_t* cls, const int64_t* s_off,
-                                   const T* tau) {
-  COPA_DECLARE_SHARED(T);
+COPA_GLOBAL void COPA_MIN_BLOCKS(1) copa_sce_episodes(SceProblem<T> base, const int64_t* rows, const int64_t* cls,
+                                                      const int64_t* s_off, const T* tau) {
+  COPA_DECLARE_SHARED(T, kEpisodeTile);
   const int e = COPA_BID;
   const long r0 = rows[2 * e], c0 = cls[2 * e];
   const long d = base.d;
@@ -555,7 +568,7 @@ COPA_GLOBAL void COPA_MIN_BLOCKS(sizeof(T) == 4 ? 2 : 1) copa_sce_episodes(ScePr
   p.loss += e;
   p.w = nullptr;
   if (p.n > 0 && p.c > 0) {
-    run_problem(p, 0, 1, sh, BlockSync{});
+    run_problem<kEpisodeTile>(p, 0, 1, sh, BlockSync{});
   } else if (COPA_TID == 0) {  // an empty episode: zero loss, no gradient
     p.loss[0] = T(0);
     if (p.fused) p.dtau[0] = T(0);
