@@ -2,9 +2,9 @@
 // runs as a host thread; __syncthreads is a per-block std::barrier, a cooperative grid sync a
 // barrier over all threads, __syncwarp a barrier over the 32 lanes of a warp, and a warp shuffle an
 // exchange through the warp's slots between two such barriers; each block gets its own
-// shared-memory arena. It exists so that CI runs
-// the kernel source (built with AddressSanitizer) on machines without a GPU. Kernels must follow
-// CUDA's rule that barriers are reached by every thread (block) — a violation deadlocks here too.
+// shared-memory arena. It exists so that CI runs the kernel source (built with AddressSanitizer,
+// and with ThreadSanitizer) on machines without a GPU. Kernels must follow CUDA's rule that
+// barriers are reached by every thread (block, warp) — a violation deadlocks here too.
 #pragma once
 
 #include <barrier>
