@@ -4,8 +4,47 @@
 
 #include <ATen/ATen.h>
 
-#define CHECK_ARG(cond, ...) TORCH_CHECK_VALUE(cond, __VA_ARGS__)
-#define CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, __VA_ARGS__)
+#include <string>
+#include <type_traits>
+
+namespace copa_fast::detail {
+
+// An error message assembled without iostreams. torch's check macros format their arguments through
+// a std::ostringstream compiled into the extension. On the lent H200's image (torch 2.11, the
+// extension compiled by the g++ its CXX names, /opt/gcc/bin/g++, GCC 13.3) an integer streamed that
+// way kills the process with SIGSEGV instead of raising: seen in every check of ours whose message
+// held a number, and in a four-line probe extension (`TORCH_CHECK_VALUE(false, "n: ", int64_t(5))`)
+// in a fresh process, where the same check given one std::string raised ValueError. So integers go
+// through std::to_string, shapes are written out here, and torch receives one string.
+inline void append(std::string& s, const char* v) { s += v; }
+inline void append(std::string& s, const std::string& v) { s += v; }
+inline void append(std::string& s, c10::string_view v) { s.append(v.data(), v.size()); }
+inline void append(std::string& s, c10::ScalarType v) { s += c10::toString(v); }
+inline void append(std::string& s, const c10::Device& v) { s += v.str(); }
+inline void append(std::string& s, c10::IntArrayRef v) {
+  s += '[';
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(v[i]);
+  }
+  s += ']';
+}
+template <class T, std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, bool>, int> = 0>
+void append(std::string& s, T v) {
+  s += std::to_string(v);
+}
+
+template <class... Args>
+std::string msg(const Args&... args) {
+  std::string s;
+  (append(s, args), ...);
+  return s;
+}
+
+}  // namespace copa_fast::detail
+
+#define CHECK_ARG(cond, ...) TORCH_CHECK_VALUE(cond, ::copa_fast::detail::msg(__VA_ARGS__))
+#define CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE(cond, ::copa_fast::detail::msg(__VA_ARGS__))
 #define CHECK_RANK(t, r) CHECK_ARG((t).dim() == (r), #t ": expected a ", r, "-D tensor, got ", (t).dim(), "-D")
 #define CHECK_FLOATING(t)                                                                   \
   CHECK_TYPE((t).scalar_type() == at::kFloat || (t).scalar_type() == at::kDouble,          \
