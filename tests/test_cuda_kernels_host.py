@@ -281,12 +281,15 @@ def _check_episodes(host_check, tmp_path, sizes, d, pad, taus):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("n,c,d,blocks", [(53, 7, 300, 3), (40, 1, 17, 2), (12, 12, 256, 5), (9, 3, 1100, 2)],
-                         ids=["ragged-columns", "C=1", "C=N", "two-column-passes"])
+@pytest.mark.parametrize("n,c,d,blocks", [(53, 7, 300, 3), (40, 1, 17, 2), (12, 12, 256, 5), (9, 3, 1100, 2),
+                                           (600, 7, 70, 3), (520, 1, 40, 2)],
+                         ids=["ragged-columns", "C=1", "C=N", "two-column-passes", "label-chunks",
+                              "C=1-full-chunks"])
 def test_class_means_kernel_matches_reference(host_check, tmp_path, dtype, n, c, d, blocks):
     """copa_loss's class means on cuda (one launch, rows summed in index order): equal to the float64
     means; fewer blocks than classes take the rest round-robin; D = 300 has ragged columns, D = 1100
-    a second pass over the labels (1024 columns a pass)."""
+    a second pass over the labels (1024 columns a pass); N = 600 and 520 read the labels in several
+    chunks of a block's width with a ragged last one (C = 1: every row of a chunk listed)."""
     x, y = make_episode(n, c, d, seed=n + d, dtype=dtype, one_shot=1 if 1 < c < n else 0)
     got = _class_means(host_check, tmp_path, x, y, c, blocks)
     assert_rel(got, ref.class_prototypes(x.double(), y, c), 1e-6 if dtype == torch.float32 else 1e-13, "means")
@@ -359,13 +362,18 @@ def test_split_plan(host_check, tmp_path):
         assert 1 <= ks <= -(-d // 32) and 1 <= kq <= -(-n // 32)
 
 
-@pytest.mark.parametrize("case", ["one-launch", "split", "in-place", "phased", "episodes"])
+@pytest.mark.parametrize("case", ["one-launch", "split", "in-place", "phased", "episodes", "class-means"])
 def test_kernels_have_no_data_race(host_check_tsan, tmp_path, case):
     # every barrier the kernels rely on — __syncthreads, the grid barrier, __syncwarp and the
     # shuffles' exchanges — is checked by ThreadSanitizer on the host threads that run them (it
     # reports the race of a row's S[i, y_i] read against its overwrite when that __syncwarp is gone)
     x, y = make_episode(37, 5, 45, seed=3)
     p = torch.randn(5, 45, generator=torch.Generator().manual_seed(3))
+    if case == "class-means":   # the label chunks' shared row lists, rewritten chunk after chunk
+        x, y = make_episode(300, 6, 20, seed=3)
+        got = _class_means(host_check_tsan, tmp_path, x, y, 6, 2)
+        assert_rel(got, ref.class_prototypes(x.double(), y, 6), 1e-6, "means")
+        return
     if case == "episodes":
         rows, cls, s_off = [[0, 30], [30, 7]], [[0, 4], [4, 1]], [0, 120]
         y = torch.cat([make_episode(30, 4, 45, seed=5)[1], torch.zeros(7, dtype=torch.int64)])

@@ -580,26 +580,57 @@ COPA_GLOBAL void COPA_MIN_BLOCKS(1) copa_sce_episodes(SceProblem<T> base, const 
 // rows summed in index order (deterministic). Labels outside [0, C) are clamped into it, never used
 // as an index as they are (their rows' losses are NaN anyway); a class with no row gets zeros. One
 // launch in place of a one-hot GEMM and its helpers.
+//
+// The labels are read by the whole block, kThreads at a time (coalesced); a chunk's rows of the
+// block's class are listed in ascending order in shared memory (a prefix count of the matches over
+// each warp by shuffles, then over the warps), then every thread adds its columns of those rows in
+// list order: the same additions in the same order as a walk over the rows one by one, without a
+// dependent global load per row (that walk took 2.9 ms of a 5.3 ms step at N = 16384, C = 1000 on
+// an H200: 16,384 label loads in sequence in each block).
 constexpr int kMeanCols = 4;
 
 template <typename T>
 COPA_GLOBAL void copa_class_means(const T* pf, const int64_t* y, int n, int c, int d, T* p0) {
+  COPA_SHARED_ARRAY(int, hit_rows, kThreads);   // a chunk's rows of the class, ascending
+  COPA_SHARED_ARRAY(int, warp_hits, kWarps);    // matches per warp in the chunk
+  const int lane = lane_id(), warp = warp_id();
   for (int cls = COPA_BID; cls < c; cls += COPA_NBLOCKS) {
     for (int k0 = 0; k0 < d; k0 += kThreads * kMeanCols) {
       T acc[kMeanCols];
       for (int j = 0; j < kMeanCols; ++j) acc[j] = T(0);
       T cnt = T(0);
-      for (int i = 0; i < n; ++i) {
-        const int64_t yi = y[i];
-        const int64_t yc = yi < 0 ? 0 : (yi >= c ? c - 1 : yi);
-        if (yc == cls) {   // the same branch for every thread of the block
-          cnt += T(1);
-          const T* row = pf + (long)i * d;
+      for (int i0 = 0; i0 < n; i0 += kThreads) {
+        const int i = i0 + COPA_TID;
+        int hit = 0;
+        if (i < n) {
+          const int64_t yi = y[i];
+          hit = (yi < 0 ? 0 : (yi >= c ? c - 1 : yi)) == cls;
+        }
+        int upto = hit;   // matches among lanes 0..lane of this warp (inclusive prefix)
+        for (int o = 1; o < kWarpSize; o <<= 1) {
+          const int v = COPA_SHFL(upto, lane >= o ? lane - o : lane);
+          if (lane >= o) upto += v;
+        }
+        if (lane == kWarpSize - 1) warp_hits[warp] = upto;
+        COPA_SYNC_BLOCK();
+        int before = 0, total = 0;
+        for (int w = 0; w < kWarps; ++w) {
+          const int h = warp_hits[w];
+          before += w < warp ? h : 0;
+          total += h;
+        }
+        if (hit) hit_rows[before + upto - 1] = i;
+        COPA_SYNC_BLOCK();
+        for (int r = 0; r < total; ++r) {   // the same count for every thread of the block
+          const T* row = pf + (long)hit_rows[r] * d;
           for (int j = 0; j < kMeanCols; ++j) {
             const int k = k0 + j * kThreads + COPA_TID;
             if (k < d) acc[j] += row[k];
           }
         }
+        cnt += T(total);
+        // no barrier here: the next chunk writes warp_hits only after every thread passed the barrier
+        // above (all reads of it done), and hit_rows only after its own first barrier
       }
       const T denom = cnt > T(0) ? cnt : T(1);
       for (int j = 0; j < kMeanCols; ++j) {
