@@ -113,11 +113,15 @@ else
   # Each failure's report goes to failures.log as it happens (tests/conftest.py), and 25 s before
   # the stage's limit the remaining tests are skipped so that pytest still prints its summary.
   XDIST=(); $PY -c "import xdist" 2>/dev/null && XDIST=(-n "${TEST_WORKERS:-12}")
+  # one CPU thread a worker unless there are cores to spare: 12 workers of 16 threads each on 16
+  # cores made the float64 CPU tests (gradgradcheck, the 10,000-call run) outlast their 150 s
+  NPROC=$(nproc 2>/dev/null || echo 1); NW="${TEST_WORKERS:-12}"; [ "${#XDIST[@]}" = 0 ] && NW=1
+  TEST_THREADS=$(( NPROC / NW )); [ "$TEST_THREADS" -lt 1 ] && TEST_THREADS=1
   PTO=(); $PY -c "import pytest_timeout" 2>/dev/null && PTO=("--timeout=${TEST_TIMEOUT_S:-150}")
   TB="${TESTS_BUDGET_S:-330}"
   export COPA_FAST_FAILURE_LOG="$OUT/failures.log"
   [ "$TB" -gt 60 ] && export COPA_FAST_TEST_DEADLINE=$(( $(date +%s) + TB - 25 ))
-  timed tests "$TB" "$OUT/tests-full.log" $PY -m pytest tests -v -rfE --durations=8 \
+  OMP_NUM_THREADS="$TEST_THREADS" timed tests "$TB" "$OUT/tests-full.log" $PY -m pytest tests -v -rfE --durations=8 \
     -p no:cacheprovider "${XDIST[@]}" "${PTO[@]}" --ignore=tests/test_build.py --ignore=tests/test_cuda_kernels_host.py \
     --ignore=tests/test_distributed.py
   unset COPA_FAST_FAILURE_LOG COPA_FAST_TEST_DEADLINE

@@ -222,7 +222,9 @@ def test_tf32_error_model_within_documented_bound(tau):
 @pytest.mark.parametrize("tau", [2.0, 5.0, 10.0])
 def test_tf32x3_error_model_meets_the_float32_tolerances(tau):
     """precision='tf32x3' is documented with the float32 tolerances (loss 1e-5, gradients 1e-4): its
-    model stays within them at every tau, and within 2x of plain float32 products' own error."""
+    model stays within them at every tau, and within 2x of plain float32 products' own error, give or
+    take a few float32 roundings (the loss at tau = 10 differs by ~2 ulps between CPUs whose GEMM
+    kernels round differently: 2.3e-7 against 2 x 4.1e-8 on a Xeon's MKL)."""
     x, y = make_episode(500, 50, 512, seed=30, dtype=torch.float64)
     p = ref.class_prototypes(x, y, 50)
     xr, pr = x.clone().requires_grad_(True), p.clone().requires_grad_(True)
@@ -233,7 +235,7 @@ def test_tf32x3_error_model_meets_the_float32_tolerances(tau):
     for k, (name, expect) in enumerate((("loss", want), ("dz", xr.grad), ("dq", pr.grad))):
         tol = TOL[torch.float32]["loss" if k == 0 else "grad"]
         assert_rel(got[k], expect, tol, f"tf32x3 {name}")
-        assert rel_err(got[k], expect) <= 2 * rel_err(fp32[k], expect) + 1e-7, name
+        assert rel_err(got[k], expect) <= 2 * rel_err(fp32[k], expect) + 4 * torch.finfo(torch.float32).eps, name
 
 
 @needs_triton
