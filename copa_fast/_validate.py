@@ -13,6 +13,8 @@ import numbers
 
 import torch
 
+from . import _extension
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LABEL_DTYPES = (torch.int64, torch.int32)   # what every kernel reads; uint8 would index as a mask
 REDUCTIONS = ("mean", "sum", "none")
@@ -158,24 +160,50 @@ def values(name: str, y: torch.Tensor, n: int, ref: torch.Tensor, num_classes: i
 
 
 def _values_pass(y: torch.Tensor, n: int, num_classes: int | None, tau_arg, tensors: list) -> int | None:
-    """C when every value check passes, else None: a handful of small ops and one device-to-host read."""
+    """C when every value check passes, else None: one call of the extension's value_summary op
+    where it runs (CPU, CUDA: a few launches and one copy back), else a handful of small ops and one
+    device-to-host read."""
     yd = y.detach()
     k = n if num_classes is None else int(num_classes)   # with every class present, max label < N
+    tau_here = isinstance(tau_arg, torch.Tensor) and tau_arg.device == yd.device
+    if isinstance(tau_arg, torch.Tensor) and not tau_here and not -math.inf < float(tau_arg.detach()) <= 80.0:
+        return None   # on another device (a CPU scalar beside CUDA labels): read there
+    if _summary_applies(yd, tensors):
+        lo_v, hi_v, present_v, bad, tau_v = torch.ops.copa_fast.value_summary(
+            yd, k, tensors, tau_arg.detach() if tau_here else None)
+        rest = [tau_v] if tau_here else []
+        ok_values = bad == 0
+    else:
+        lo_v, hi_v, present_v, rest = _values_by_ops(yd, k, tau_arg if tau_here else None, tensors)
+        ok_values = all(math.isfinite(v) for v in rest)
+    c = int(hi_v) + 1 if num_classes is None else k
+    ok = lo_v >= 0 and hi_v < k and present_v == c and ok_values and all(math.isfinite(v) for v in rest)
+    return c if ok and not (tau_here and rest[-1] > 80.0) else None
+
+
+def _summary_applies(yd: torch.Tensor, tensors: list) -> bool:
+    """The one-call form: plain tensors (no torch.func wrapper, no subclass) on a device with its kernel."""
+    return (_extension.value_summary_on(yd.device.type) and type(yd) is torch.Tensor
+            and not torch._C._are_functorch_transforms_active()
+            and all(type(t) in _PLAIN and t.dtype in FLOAT_DTYPES for t in tensors))
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _values_by_ops(yd: torch.Tensor, k: int, tau_t, tensors: list):
+    """[min label, max label, distinct labels in [0, k)] and the values that must be finite (each
+    tensor's min and max, then tau), from small ops and one read."""
     lo, hi = torch.aminmax(yd)
     # distinct labels among 0..k-1, in unit bins (a label k lands in the last one: hi >= k rejects it)
     present = torch.histc(yd.double(), bins=k, min=0, max=k).count_nonzero()
     parts = [lo.double(), hi, present]   # float64: labels exact to 2^53, NaN and +-Inf kept
     for t in tensors:
         parts.extend(torch.aminmax(t.detach()))
-    tau_here = isinstance(tau_arg, torch.Tensor) and tau_arg.device == yd.device
-    if tau_here:
-        parts.append(tau_arg.detach().reshape(()))
-    elif isinstance(tau_arg, torch.Tensor) and not -math.inf < float(tau_arg.detach()) <= 80.0:
-        return None   # on another device (a CPU scalar beside CUDA labels): read there
+    if tau_t is not None:
+        parts.append(tau_t.detach().reshape(()))
     lo_v, hi_v, present_v, *rest = torch.stack(parts).tolist()
-    c = int(hi_v) + 1 if num_classes is None else k
-    ok = lo_v >= 0 and hi_v < k and present_v == c and all(math.isfinite(v) for v in rest)
-    return c if ok and not (tau_here and rest[-1] > 80.0) else None
+    return lo_v, hi_v, present_v, rest
 
 
 def tau(t, *, check_values: bool) -> None:

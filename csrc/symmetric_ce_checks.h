@@ -121,6 +121,37 @@ inline void check_copa_loss_args(const at::Tensor& x, const at::Tensor& labels, 
   check_precision(precision);
 }
 
+// Checks of copa_fast::value_summary: labels (N,) int32/int64, k >= 1, each checked tensor of a
+// floating dtype with a bit layout the summary knows, all on the labels' device; tau one element.
+inline void check_value_summary_args(const at::Tensor& labels, int64_t k, at::TensorList tensors,
+                                     const c10::optional<at::Tensor>& tau) {
+  CHECK_RANK(labels, 1);
+  CHECK_TYPE(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
+             "labels: expected int64 or int32, got ", labels.scalar_type());
+  CHECK_ARG(k >= 1, "k: expected >= 1, got ", k);
+  for (const at::Tensor& t : tensors) {
+    const auto st = t.scalar_type();
+    CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+               "tensors: expected float16, bfloat16, float32 or float64, got ", st);
+    CHECK_ARG(t.device() == labels.device(), "tensors: expected device ", labels.device(), ", got ", t.device());
+  }
+  if (tau.has_value()) {
+    CHECK_ARG(tau->numel() == 1, "tau: expected one element, got ", tau->numel());
+    CHECK_TYPE(at::isFloatingType(tau->scalar_type()), "tau: expected a floating tensor, got ", tau->scalar_type());
+    CHECK_ARG(tau->device() == labels.device(), "tau: expected device ", labels.device(), ", got ", tau->device());
+  }
+}
+
+// The exponent bits of a floating dtype (all ones: NaN or +-Inf), as an unsigned integer of its width.
+inline uint64_t exponent_mask(at::ScalarType st) {
+  switch (st) {
+    case at::kHalf: return 0x7C00u;
+    case at::kBFloat16: return 0x7F80u;
+    case at::kFloat: return 0x7F800000u;
+    default: return 0x7FF0000000000000ull;   // float64
+  }
+}
+
 // Checks of copa_fast::episodes_sce that need no data read (offsets are trusted to lie inside the
 // stacked tensors: the Python wrapper builds them).
 inline void check_episodes_args(const at::Tensor& z, const at::Tensor& q, const at::Tensor& labels,

@@ -280,6 +280,57 @@ def _check_episodes(host_check, tmp_path, sizes, d, pad, taus):
         assert_rel(out["dtau"][k], dtau, 1e-9, f"episode {k} dtau")
 
 
+_EXP_MASK = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80, torch.float32: 0x7F800000,
+             torch.float64: 0x7FF0000000000000}
+_BITS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def _summary(exe, tmp_path, x, y, k, blocks, tau=None, transposed=False):
+    """copa_count_nonfinite + copa_label_summary on the host: [min label, max label, distinct labels
+    in [0, k), non-finite entries of x, tau] (x's bits as the CUDA binding hands them over; with
+    `transposed` the kernels read x through the strides of a transposed view)."""
+    r, d = x.shape
+    es = x.element_size()
+    header = [es, 5, r, k, d, _EXP_MASK[x.dtype], int(y.dtype == torch.int32), blocks, int(tau is not None), 0,
+              int(transposed), 0, 0]
+    src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
+    buf = (x.t() if transposed else x).contiguous()   # the d x R buffer of a transposed view
+    with open(src, "wb") as f:
+        f.write(struct.pack(f"{len(header)}q", *header))
+        f.write(buf.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[es]).numpy().astype(_BITS[es]).tobytes())
+        f.write(y.numpy().tobytes())
+        if tau is not None:
+            f.write(np.array([tau], dtype=np.float64).tobytes())
+    res = subprocess.run([exe, str(src), str(dst)], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, ASAN_OPTIONS="detect_leaks=0"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return np.frombuffer(open(dst, "rb").read(), dtype=np.float64).tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_value_summary_kernels(host_check, tmp_path, dtype):
+    """The value checks' kernels (copa_fast::value_summary on CUDA): NaN / +-Inf counted from the
+    bits of every floating dtype (contiguous and through a transposed view's strides), label min,
+    max and the distinct labels in [0, k) over several chunks of a block's width, int32 labels,
+    tau passed through; the same result from 1 and 3 counting blocks."""
+    g = torch.Generator().manual_seed(7)
+    n, d, k = 600, 9, 40
+    x = torch.randn(n, d, generator=g).to(dtype)
+    bad = torch.randperm(n * d, generator=g)[:17]
+    x.view(-1)[bad[:7]] = float("nan")
+    x.view(-1)[bad[7:12]] = float("inf")
+    x.view(-1)[bad[12:]] = -float("inf")
+    x.view(-1)[0] = torch.finfo(dtype).max   # finite, the largest exponent below all ones
+    y = torch.randint(0, k, (n,), generator=g)
+    y[5], y[300] = -3, k + 9
+    want = [-3.0, float(k + 9), float(y[(y >= 0) & (y < k)].unique().numel()), 17.0]
+    for blocks, transposed, labels, tau in ((1, False, y, None), (3, True, y.int(), 2.5), (3, False, y, -1.0)):
+        got = _summary(host_check, tmp_path, x, labels, k, blocks, tau, transposed)
+        assert got == want + [0.0 if tau is None else tau], (blocks, transposed)
+    clean = torch.randn(70, 3, generator=g).to(dtype)
+    assert _summary(host_check, tmp_path, clean, torch.arange(70) % 5, 5, 2)[:4] == [0.0, 4.0, 5.0, 0.0]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("n,c,d,blocks", [(53, 7, 300, 3), (40, 1, 17, 2), (12, 12, 256, 5), (9, 3, 1100, 2),
                                            (600, 7, 70, 3), (520, 1, 40, 2)],
@@ -362,13 +413,19 @@ def test_split_plan(host_check, tmp_path):
         assert 1 <= ks <= -(-d // 32) and 1 <= kq <= -(-n // 32)
 
 
-@pytest.mark.parametrize("case", ["one-launch", "split", "in-place", "phased", "episodes", "class-means"])
+@pytest.mark.parametrize("case", ["one-launch", "split", "in-place", "phased", "episodes", "class-means",
+                                  "value-summary"])
 def test_kernels_have_no_data_race(host_check_tsan, tmp_path, case):
     # every barrier the kernels rely on — __syncthreads, the grid barrier, __syncwarp and the
     # shuffles' exchanges — is checked by ThreadSanitizer on the host threads that run them (it
     # reports the race of a row's S[i, y_i] read against its overwrite when that __syncwarp is gone)
     x, y = make_episode(37, 5, 45, seed=3)
     p = torch.randn(5, 45, generator=torch.Generator().manual_seed(3))
+    if case == "value-summary":   # flags set by several threads, partial counts summed by another launch
+        y = torch.randint(0, 5, (300,), generator=torch.Generator().manual_seed(3))
+        got = _summary(host_check_tsan, tmp_path, torch.randn(300, 4), y, 5, 3, 1.0)
+        assert got == [0.0, 4.0, 5.0, 0.0, 1.0]
+        return
     if case == "class-means":   # the label chunks' shared row lists, rewritten chunk after chunk
         x, y = make_episode(300, 6, 20, seed=3)
         got = _class_means(host_check_tsan, tmp_path, x, y, 6, 2)

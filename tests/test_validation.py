@@ -95,12 +95,18 @@ def test_copa_loss_bad_input(arg, exc, override, backend):
         copa_fast.copa_loss(**kwargs)
 
 
-def test_value_checks_read_the_device_once(monkeypatch):
+@pytest.mark.parametrize("one_op", [True, False], ids=["value_summary-op", "torch-ops"])
+def test_value_checks_read_the_device_once(monkeypatch, one_op):
     """A valid call's value checks (labels in range, no empty class, finite features, a finite
     tensor tau) come back from the device in ONE transfer — one synchronisation on a GPU — with no
-    other host read (item, nonzero, bincount: each a synchronisation of its own there)."""
+    other host read (item, nonzero, bincount: each a synchronisation of its own there): through the
+    extension's value_summary op (one call) or, without it, torch ops and one tolist."""
     from torch.profiler import profile
 
+    if one_op and not copa_fast._extension.value_summary_on("cpu"):
+        pytest.skip("needs the C++ extension")
+    if not one_op:
+        monkeypatch.setattr(copa_fast._extension, "value_summary_on", lambda device_type: False)
     reads = []
     real = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self.numel()) or real(self))
@@ -116,15 +122,23 @@ def test_value_checks_read_the_device_once(monkeypatch):
             call()
         syncs = {e.name for e in prof.events()} & {"aten::item", "aten::_local_scalar_dense", "aten::nonzero",
                                                   "aten::is_nonzero", "aten::bincount"}
-        assert len(reads) == 1 and not syncs, (reads, syncs)
+        summaries = sum(e.name == "copa_fast::value_summary" for e in prof.events())
+        assert len(reads) + summaries == 1 and summaries == int(one_op) and not syncs, (reads, summaries, syncs)
 
 
-def test_one_read_checks_agree_with_the_detailed_ones():
+@pytest.mark.parametrize("one_op", [True, False], ids=["value_summary-op", "torch-ops"])
+def test_one_read_checks_agree_with_the_detailed_ones(monkeypatch, one_op):
     """The one-read form of the value checks passes exactly the labels, features and tau that the
     detailed checks pass, with the same C: random labels with gaps, negatives, values past N and
-    past C, given and read C; features with NaN / +-Inf; tau at and past its bounds."""
+    past C, given and read C, int32 labels; features with NaN / +-Inf in float32, float16 and
+    bfloat16, transposed; tau at and past its bounds. Through the extension's value_summary op and
+    through torch ops."""
     from copa_fast import _validate as V
 
+    if one_op and not copa_fast._extension.value_summary_on("cpu"):
+        pytest.skip("needs the C++ extension")
+    if not one_op:
+        monkeypatch.setattr(copa_fast._extension, "value_summary_on", lambda device_type: False)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(12, 5, generator=g)
     for trial in range(400):
@@ -137,6 +151,9 @@ def test_one_read_checks_agree_with_the_detailed_ones():
         feats = x[:n].clone()
         if trial % 11 == 0:
             feats[0, trial % 5] = [float("nan"), float("inf"), -float("inf")][trial % 3]
+        feats = [feats, feats.half(), feats.bfloat16(), feats.t().contiguous().t()][trial % 4]
+        if trial % 3 == 0:
+            y = y.int()
         tau = [2.0, torch.tensor(80.0), torch.tensor(80.5), torch.tensor(float("nan")), torch.tensor(-1e30)][trial % 5]
         try:
             want = V.labels("labels", y, n, feats, c, check_values=True)
@@ -282,3 +299,34 @@ def test_all_zero_rows_are_finite(backend, device):
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
     ref = copa_fast.reference.symmetric_ce(x.detach().double(), p.double(), y)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+_SUMMARY_DEVICES = [d for d in ("cpu", "cuda") if (d == "cpu" or torch.cuda.is_available())
+                    and copa_fast._extension.value_summary_on(d)]
+
+
+@pytest.mark.skipif(not _SUMMARY_DEVICES, reason="needs the C++ extension")
+@pytest.mark.parametrize("device", _SUMMARY_DEVICES)
+def test_value_summary_op(device):
+    """copa_fast::value_summary, the value checks in one call: label min / max, distinct labels in
+    [0, k), NaN / +-Inf entries over every checked tensor (float16 to float64, strided, requiring
+    grad), tau; errors naming the argument."""
+    op = torch.ops.copa_fast.value_summary
+    g = torch.Generator().manual_seed(11)
+    y = torch.tensor([3, 0, 3, 7, -2, 1]).to(device)
+    x = torch.randn(6, 5, generator=g).to(device).requires_grad_(True)
+    clean = [x, x.t(), x.detach().half(), x.detach().bfloat16(), x.detach().double()[:, ::2]]
+    assert op(y, 4, clean, None) == [-2.0, 7.0, 3.0, 0.0, 0.0]
+    assert op(y.int(), 8, clean, torch.tensor([1.5], device=device)) == [-2.0, 7.0, 4.0, 0.0, 1.5]
+    dirty = x.detach().clone()
+    dirty[1, 2], dirty[4, 0], dirty[5, 4] = float("nan"), float("inf"), -float("inf")
+    got = op(y, 4, [dirty, dirty.t(), dirty.half(), dirty.bfloat16(), torch.empty(0, 5, device=device)], None)
+    assert got[3] == 12.0
+    with pytest.raises(ValueError, match="k: expected >= 1, got 0"):
+        op(y, 0, clean, None)
+    with pytest.raises(TypeError, match="labels: expected int64 or int32"):
+        op(y.float(), 4, clean, None)
+    with pytest.raises(TypeError, match="tensors: expected float16, bfloat16, float32 or float64, got Int"):
+        op(y, 4, [y.int()], None)
+    with pytest.raises(ValueError, match="tau: expected one element, got 2"):
+        op(y, 4, clean, torch.zeros(2, device=device))

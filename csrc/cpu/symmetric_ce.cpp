@@ -437,6 +437,9 @@ TORCH_LIBRARY(copa_fast, m) {
       "copa_loss_triton(Tensor x, Tensor labels, Tensor w_img, Tensor w_proto, Tensor pf, SymInt num_classes,"
       " Tensor tau, Tensor? weights, bool fused_grad, str precision=\"ieee\")"
       " -> (Tensor loss, Tensor losses, Tensor pred, Tensor dz, Tensor dq, Tensor p0, Tensor dtau)");
+  // The public API's value checks in one call (csrc/cpu/value_checks.cpp): [min label, max label,
+  // distinct labels in [0, k), NaN / Inf entries over `tensors`, tau (0 when None)].
+  m.def("value_summary(Tensor labels, int k, Tensor[] tensors, Tensor? tau) -> float[]");
 }
 
 TORCH_LIBRARY_IMPL(copa_fast, CPU, m) {

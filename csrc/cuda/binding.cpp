@@ -1,6 +1,7 @@
 // The only file of csrc/cuda that touches ATen: argument checks, workspace allocation, the
 // current stream, and registration of the CUDA kernels for copa_fast::symmetric_ce,
-// copa_fast::episodes_sce and copa_fast::copa_loss (schemas in csrc/cpu/symmetric_ce.cpp).
+// copa_fast::episodes_sce, copa_fast::copa_loss and copa_fast::value_summary (schemas in
+// csrc/cpu/symmetric_ce.cpp).
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <c10/cuda/CUDAStream.h>
@@ -235,9 +236,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {std::get<0>(o), std::get<1>(o), std::get<2>(o), std::get<3>(o), std::get<4>(o), p0, std::get<5>(o)};
 }
 
+// copa_fast::value_summary on CUDA tensors (csrc/cpu/value_checks.cpp has the CPU kernel and the
+// meaning): a counting launch per checked tensor, one block over the labels, one copy back — the
+// call's only synchronisation.
+std::vector<double> value_summary_cuda(const at::Tensor& labels_in, int64_t k, at::TensorList tensors,
+                                       const c10::optional<at::Tensor>& tau) {
+  check_value_summary_args(labels_in, k, tensors, tau);
+  CHECK_ARG(labels_in.is_cuda(), "labels: expected a CUDA tensor, got ", labels_in.device());
+  const c10::cuda::CUDAGuard guard(labels_in.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor labels = labels_in.contiguous();
+  std::vector<at::Tensor> views;   // each checked tensor as rows x cols with element strides
+  int64_t parts = 0;
+  for (const at::Tensor& t : tensors) {
+    if (t.numel() == 0) continue;
+    views.push_back(t.dim() == 2 ? t : t.reshape({1, -1}));
+    parts += cuda::summary_parts(t.numel());
+  }
+  at::Tensor partial = at::empty({std::max<int64_t>(parts, 1)}, labels.options().dtype(at::kLong));
+  at::Tensor seen = at::empty({k}, labels.options().dtype(at::kInt));
+  at::Tensor out = at::empty({5}, labels.options().dtype(at::kDouble));
+  C10_CUDA_CHECK(cudaMemsetAsync(seen.data_ptr(), 0, k * sizeof(int), stream));
+  int64_t at_part = 0;
+  for (const at::Tensor& v : views) {
+    const long rows = v.size(0), cols = v.size(1), s0 = v.stride(0), s1 = v.stride(1);
+    const uint64_t mask = exponent_mask(v.scalar_type());
+    int64_t* slot = partial.data_ptr<int64_t>() + at_part;
+    switch (v.element_size()) {
+      case 2:
+        C10_CUDA_CHECK(cuda::launch_count_nonfinite<uint16_t>(static_cast<const uint16_t*>(v.data_ptr()), rows, cols,
+                                                              s0, s1, uint16_t(mask), slot, stream));
+        break;
+      case 4:
+        C10_CUDA_CHECK(cuda::launch_count_nonfinite<uint32_t>(static_cast<const uint32_t*>(v.data_ptr()), rows, cols,
+                                                              s0, s1, uint32_t(mask), slot, stream));
+        break;
+      default:
+        C10_CUDA_CHECK(cuda::launch_count_nonfinite<uint64_t>(static_cast<const uint64_t*>(v.data_ptr()), rows, cols,
+                                                              s0, s1, mask, slot, stream));
+    }
+    at_part += cuda::summary_parts(v.numel());
+  }
+  at::Tensor tau_d;
+  if (tau.has_value()) tau_d = tau->reshape({1}).to(at::kDouble).contiguous();
+  const double* tau_p = tau_d.defined() ? tau_d.data_ptr<double>() : nullptr;
+  const int np = static_cast<int>(parts);
+  if (labels.scalar_type() == at::kLong) {
+    C10_CUDA_CHECK(cuda::launch_label_summary<int64_t>(labels.data_ptr<int64_t>(), labels.numel(), k,
+                                                       seen.data_ptr<int>(), partial.data_ptr<int64_t>(), np, tau_p,
+                                                       out.data_ptr<double>(), stream));
+  } else {
+    C10_CUDA_CHECK(cuda::launch_label_summary<int32_t>(labels.data_ptr<int32_t>(), labels.numel(), k,
+                                                       seen.data_ptr<int>(), partial.data_ptr<int64_t>(), np, tau_p,
+                                                       out.data_ptr<double>(), stream));
+  }
+  const at::Tensor host = out.to(at::kCPU);
+  const double* h = host.data_ptr<double>();
+  return std::vector<double>(h, h + 5);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(copa_fast, CUDA, m) {
+  m.impl("value_summary", &value_summary_cuda);
   m.impl("symmetric_ce", &symmetric_ce_cuda);
   m.impl("episodes_sce", &episodes_sce_cuda);
   m.impl("copa_loss", &copa_loss_cuda);

@@ -10,7 +10,8 @@
 // dtype, then for episodes rows (2E), cls (2E), s_off (E) int64.
 // Output: loss (E), dtau (E), losses (R) in dtype, pred (R) int64, dz (R*d), dq (K*d) in dtype; for class
 // means p0 (K*d) in dtype. Mode 4 runs nothing: the split products plan_splits gives R x K x d on
-// `blocks` co-resident blocks, as two int64 (ksplit_s, ksplit_q).
+// `blocks` co-resident blocks, as two int64 (ksplit_s, ksplit_q). Mode 5: the value checks' summary
+// kernels (run_summary below).
 #define COPA_SIMT_HOST 1
 #include "sce_kernels.cuh"
 
@@ -131,6 +132,43 @@ int run(FILE* in, FILE* out, const int64_t* h) {
   return 0;
 }
 
+// Mode 5, the value checks' summary: header [elem_bytes (2, 4, 8), 5, R, k, d, exponent mask,
+// int32 labels, blocks of the counting launch, has_tau, 0, transposed, 0, 0], then the R x d
+// values as raw bits (transposed: the d x R buffer viewed as R x d), R labels (int64 or int32),
+// tau (one double, if has_tau). Output: the 5 doubles of copa_label_summary.
+template <typename U>
+int run_summary(FILE* in, FILE* out, const int64_t* h) {
+  const int64_t R = h[2], k = h[3], d = h[4], int32_labels = h[6], blocks = h[7], has_tau = h[8], transposed = h[10];
+  const U mask = static_cast<U>(h[5]);
+  auto x = read<U>(in, R * d);
+  std::vector<int64_t> y64;
+  std::vector<int32_t> y32;
+  if (int32_labels) {
+    y32 = read<int32_t>(in, R);
+  } else {
+    y64 = read<int64_t>(in, R);
+  }
+  auto tau = read<double>(in, has_tau ? 1 : 0);
+  const long s0 = transposed ? 1 : d, s1 = transposed ? R : 1;
+  std::vector<int64_t> partial(blocks, -1);   // every slot written by its block
+  simt::launch((int)blocks, copa_fast::cuda::kThreads,
+               [&] { copa_fast::cuda::copa_count_nonfinite<U>(x.data(), R, d, s0, s1, mask, partial.data()); });
+  std::vector<int> seen(k, 0);
+  std::vector<double> res(5);
+  const double* tau_p = has_tau ? tau.data() : nullptr;
+  simt::launch(1, copa_fast::cuda::kThreads, [&] {
+    if (int32_labels) {
+      copa_fast::cuda::copa_label_summary<int32_t>(y32.data(), R, k, seen.data(), partial.data(), (int)blocks, tau_p,
+                                                   res.data());
+    } else {
+      copa_fast::cuda::copa_label_summary<int64_t>(y64.data(), R, k, seen.data(), partial.data(), (int)blocks, tau_p,
+                                                   res.data());
+    }
+  });
+  write(out, res);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -145,7 +183,13 @@ int main(int argc, char** argv) {
     return 2;
   }
   auto h = read<int64_t>(in, 13);
-  const int rc = h[0] == 8 ? run<double>(in, out, h.data()) : run<float>(in, out, h.data());
+  int rc = 0;
+  if (h[1] == 5) {
+    rc = h[0] == 2 ? run_summary<uint16_t>(in, out, h.data())
+                   : (h[0] == 4 ? run_summary<uint32_t>(in, out, h.data()) : run_summary<uint64_t>(in, out, h.data()));
+  } else {
+    rc = h[0] == 8 ? run<double>(in, out, h.data()) : run<float>(in, out, h.data());
+  }
   fclose(in);
   fclose(out);
   return rc;

@@ -70,6 +70,36 @@ cudaError_t launch_class_means(const T* pf, const int64_t* y, int n, int c, int 
   return cudaGetLastError();
 }
 
+int summary_parts(long numel) {
+  const long blocks = (numel + kThreads * 8L - 1) / (kThreads * 8L);   // ~8 values a thread
+  return (int)(blocks < 1 ? 1 : (blocks > 256 ? 256 : blocks));
+}
+
+template <typename U>
+cudaError_t launch_count_nonfinite(const U* x, long rows, long cols, long s0, long s1, U exp_mask, int64_t* partial,
+                                   cudaStream_t stream) {
+  copa_count_nonfinite<U><<<summary_parts(rows * cols), kThreads, 0, stream>>>(x, rows, cols, s0, s1, exp_mask,
+                                                                               partial);
+  return cudaGetLastError();
+}
+
+template <typename L>
+cudaError_t launch_label_summary(const L* y, long n, long k, int* seen, const int64_t* partial, int parts,
+                                 const double* tau, double* out, cudaStream_t stream) {
+  copa_label_summary<L><<<1, kThreads, 0, stream>>>(y, n, k, seen, partial, parts, tau, out);
+  return cudaGetLastError();
+}
+
+template cudaError_t launch_count_nonfinite<uint16_t>(const uint16_t*, long, long, long, long, uint16_t, int64_t*,
+                                                      cudaStream_t);
+template cudaError_t launch_count_nonfinite<uint32_t>(const uint32_t*, long, long, long, long, uint32_t, int64_t*,
+                                                      cudaStream_t);
+template cudaError_t launch_count_nonfinite<uint64_t>(const uint64_t*, long, long, long, long, uint64_t, int64_t*,
+                                                      cudaStream_t);
+template cudaError_t launch_label_summary<int32_t>(const int32_t*, long, long, int*, const int64_t*, int,
+                                                   const double*, double*, cudaStream_t);
+template cudaError_t launch_label_summary<int64_t>(const int64_t*, long, long, int*, const int64_t*, int,
+                                                   const double*, double*, cudaStream_t);
 template SingleSplits plan_single<float>(int, int, int);
 template SingleSplits plan_single<double>(int, int, int);
 template cudaError_t launch_single<float>(const SceProblem<float>&, cudaStream_t);

@@ -56,6 +56,7 @@ __device__ __forceinline__ int64_t copa_shfl<int64_t>(int64_t v, int lane) {
 #define COPA_SHFL_XOR(v, mask) copa_shfl_xor((v), (mask))
 #define COPA_SHFL(v, lane) copa_shfl((v), (lane))
 #define COPA_MIN_BLOCKS(k) __launch_bounds__(kThreads, k)
+#define COPA_SET_FLAG(p) atomicExch((p), 1)
 #endif
 
 namespace copa_fast {
@@ -638,6 +639,88 @@ COPA_GLOBAL void copa_class_means(const T* pf, const int64_t* y, int n, int c, i
         if (k < d) p0[(long)cls * d + k] = acc[j] / denom;
       }
     }
+  }
+}
+
+// ---- value checks: one summary of a call's data, read back in one copy --------------------------
+// The public API's value checks (labels in 0..C-1 with every class present, finite features, tau)
+// as two kernels: copa_count_nonfinite counts a checked tensor's NaN and +-Inf entries (one partial
+// count a block), then copa_label_summary, one block, writes [min label, max label, distinct labels
+// in [0, k), non-finite entries, tau] as doubles. A value is non-finite when its exponent bits are
+// all ones, so the counting kernel reads bits (U: the float's width) and serves every floating dtype.
+// Integer counts: the same result whatever the block count or the schedule.
+template <typename U>
+COPA_GLOBAL void copa_count_nonfinite(const U* x, long rows, long cols, long s0, long s1, U exp_mask,
+                                      int64_t* partial) {
+  COPA_SHARED_ARRAY(int64_t, warp_part, kWarps);
+  int64_t cnt = 0;
+  const long total = rows * cols;
+  const long step = (long)COPA_NBLOCKS * kThreads;
+  if (s1 == 1 && s0 == cols) {   // contiguous
+    for (long i = (long)COPA_BID * kThreads + COPA_TID; i < total; i += step) cnt += (x[i] & exp_mask) == exp_mask;
+  } else {
+    for (long i = (long)COPA_BID * kThreads + COPA_TID; i < total; i += step) {
+      const long r = i / cols, c = i - r * cols;
+      cnt += (x[r * s0 + c * s1] & exp_mask) == exp_mask;
+    }
+  }
+  cnt = warp_sum(cnt);
+  if (lane_id() == 0) warp_part[warp_id()] = cnt;
+  COPA_SYNC_BLOCK();
+  if (COPA_TID == 0) {
+    int64_t sum = 0;
+    for (int w = 0; w < kWarps; ++w) sum += warp_part[w];
+    partial[COPA_BID] = sum;
+  }
+}
+
+// seen: k zeroed flags (this launch's alone); partial: `parts` counts of copa_count_nonfinite; tau:
+// one double or null; out: 5 doubles. One block.
+template <typename L>
+COPA_GLOBAL void copa_label_summary(const L* y, long n, long k, int* seen, const int64_t* partial, int parts,
+                                    const double* tau, double* out) {
+  COPA_SHARED_ARRAY(int64_t, warp_vals, 4 * kWarps);
+  int64_t lo = INT64_MAX, hi = INT64_MIN;
+  for (long i = COPA_TID; i < n; i += kThreads) {
+    const int64_t v = (int64_t)y[i];
+    lo = v < lo ? v : lo;
+    hi = v > hi ? v : hi;
+    if (v >= 0 && v < k) COPA_SET_FLAG(seen + v);   // several threads may set the same flag
+  }
+  for (int m = kWarpSize / 2; m > 0; m >>= 1) {
+    const int64_t olo = COPA_SHFL_XOR(lo, m), ohi = COPA_SHFL_XOR(hi, m);
+    lo = olo < lo ? olo : lo;
+    hi = ohi > hi ? ohi : hi;
+  }
+  COPA_SYNC_BLOCK();   // every flag set (a block barrier orders this block's global writes too)
+  int64_t present = 0, bad = 0;
+  for (long j = COPA_TID; j < k; j += kThreads) present += seen[j];
+  for (int j = COPA_TID; j < parts; j += kThreads) bad += partial[j];
+  present = warp_sum(present);
+  bad = warp_sum(bad);
+  if (lane_id() == 0) {
+    warp_vals[warp_id()] = lo;
+    warp_vals[kWarps + warp_id()] = hi;
+    warp_vals[2 * kWarps + warp_id()] = present;
+    warp_vals[3 * kWarps + warp_id()] = bad;
+  }
+  COPA_SYNC_BLOCK();
+  if (COPA_TID == 0) {
+    for (int w = 1; w < kWarps; ++w) {
+      lo = warp_vals[w] < lo ? warp_vals[w] : lo;
+      hi = warp_vals[kWarps + w] > hi ? warp_vals[kWarps + w] : hi;
+    }
+    present = 0;
+    bad = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      present += warp_vals[2 * kWarps + w];
+      bad += warp_vals[3 * kWarps + w];
+    }
+    out[0] = (double)lo;
+    out[1] = (double)hi;
+    out[2] = (double)present;
+    out[3] = (double)bad;
+    out[4] = tau ? tau[0] : 0.0;
   }
 }
 

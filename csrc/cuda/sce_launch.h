@@ -40,5 +40,17 @@ cudaError_t launch_episodes(const SceProblem<T>& stacked, const int64_t* rows, c
 template <typename T>
 cudaError_t launch_class_means(const T* pf, const int64_t* y, int n, int c, int d, T* p0, cudaStream_t stream);
 
+// The value checks' summary (see copa_label_summary): counts of non-finite entries of each checked
+// tensor (2-D, strides in elements; U the float's width as an unsigned integer, exp_mask its exponent
+// bits) into `partial` (summary_parts() slots per tensor, written in full), then one block over the
+// labels writing out[5]; `seen` must hold k zeros.
+int summary_parts(long numel);
+template <typename U>
+cudaError_t launch_count_nonfinite(const U* x, long rows, long cols, long s0, long s1, U exp_mask, int64_t* partial,
+                                   cudaStream_t stream);
+template <typename L>
+cudaError_t launch_label_summary(const L* y, long n, long k, int* seen, const int64_t* partial, int parts,
+                                 const double* tau, double* out, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace copa_fast

@@ -7,6 +7,7 @@
 // barriers are reached by every thread (block, warp) — a violation deadlocks here too.
 #pragma once
 
+#include <atomic>
 #include <barrier>
 #include <cassert>
 #include <cmath>
@@ -111,3 +112,4 @@ void launch(int grid, int block, Kernel kernel) {
 #define COPA_SHFL_XOR(v, mask) simt::shuffle_xor((v), (mask))
 #define COPA_SHFL(v, lane) simt::shuffle((v), (lane))
 #define COPA_MIN_BLOCKS(k)
+#define COPA_SET_FLAG(p) std::atomic_ref<int>(*(p)).store(1, std::memory_order_relaxed)
