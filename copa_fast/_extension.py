@@ -37,6 +37,6 @@ def value_summary_on(device_type: str) -> bool:
     """Whether copa_fast::value_summary (the value checks in one call) has a kernel for the device."""
     if device_type not in _SUMMARY:
         key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-        _SUMMARY[device_type] = bool(key) and loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        _SUMMARY[device_type] = key is not None and loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
             "copa_fast::value_summary", key)
     return _SUMMARY[device_type]
