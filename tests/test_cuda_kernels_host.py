@@ -137,8 +137,9 @@ PATHS = pytest.mark.parametrize("phased", [False, True], ids=["one-launch", "pha
 
 @PATHS
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("shape,blocks", [((37, 5, 45), 3), ((40, 40, 33), 2), ((50, 1, 16), 1), ((70, 9, 64), 4)],
-                         ids=["ragged-3blocks", "C=N-2blocks", "C=1", "tails-4blocks"])
+@pytest.mark.parametrize("shape,blocks", [((37, 5, 45), 3), ((40, 40, 33), 2), ((50, 1, 16), 1), ((70, 9, 64), 4),
+                                          ((100, 70, 24), 2)],
+                         ids=["ragged-3blocks", "C=N-2blocks", "C=1", "tails-4blocks", "three-column-strips"])
 def test_single_problem_kernel_matches_reference(host_check, tmp_path, dtype, shape, blocks, phased):
     n, c, d = shape
     x, y = make_episode(n, c, d, seed=n + c, dtype=dtype, one_shot=1 if 1 < c < n else 0)
@@ -146,6 +147,20 @@ def test_single_problem_kernel_matches_reference(host_check, tmp_path, dtype, sh
     out = _run(host_check, tmp_path, x, p, y, 2.0, blocks=blocks, phased=phased)
     pred_right = _check_against_reference(out, x, p, y, 2.0, TOL[dtype])
     assert pred_right.float().mean() >= 0.95
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_phased_column_tiles_over_several_row_ranges(host_check, tmp_path, dtype):
+    """The phased path's column statistics by tiles of 32 columns x 512 rows (phase 7) combined over
+    the row ranges in order (phase 8): 1100 rows = three ranges, the last ragged, 40 classes = two
+    strips; against float64 at tau 5, the same bits from 1 and 3 row blocks."""
+    x, y = make_episode(1100, 40, 16, seed=21, dtype=dtype)
+    p = torch.randn(40, 16, generator=torch.Generator().manual_seed(4), dtype=dtype)
+    a = _run(host_check, tmp_path, x, p, y, 5.0, blocks=3, phased=True)
+    _check_against_reference(a, x, p, y, 5.0, TOL[dtype])
+    b = _run(host_check, tmp_path, x, p, y, 5.0, blocks=1, phased=True)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 @PATHS

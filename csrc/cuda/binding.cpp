@@ -119,16 +119,21 @@ struct CublasTF32 {
 // vendor GEMM, which runs them several times faster than the kernel's tiles, in stream order. Same
 // buffers, same fixed-order reductions (the GEMM is deterministic for a given device and shape).
 template <typename T>
-void run_phased(const cuda::SceProblem<T>& p, Buffers& b, const at::Tensor& tau, bool fused, bool tf32,
+void run_phased(const cuda::SceProblem<T>& problem, Buffers& b, const at::Tensor& tau, bool fused, bool tf32,
                 cudaStream_t stream) {
   const CublasTF32 products(tf32);
-  const int64_t n = p.n, c = p.c;
+  const int64_t n = problem.n, c = problem.c;
+  cuda::SceProblem<T> p = problem;   // with the column tiles' pairs (phases 7 and 8)
+  p.col_ranges = cuda::range_count(problem.n);
+  const at::Tensor lpart = at::empty({2 * p.col_ranges * c}, b.S.options());
+  p.Lpart = lpart.data_ptr<T>();
   C10_CUDA_CHECK(cuda::launch_phase<T>(p, 1, stream));
   const at::Tensor scale = tau.exp();        // (1,), on the device: no sync
   const at::Tensor qs = b.qn.mul(scale);     // exp(tau) qn: the scale rides on the small operand
   at::Tensor S = b.S.narrow(0, 0, n * c).view({n, c});
   at::mm_out(S, b.zn, qs.t());
-  C10_CUDA_CHECK(cuda::launch_phase<T>(p, 3, stream));
+  C10_CUDA_CHECK(cuda::launch_phase<T>(p, 7, stream));   // P3: rows by warps, columns by tiles
+  C10_CUDA_CHECK(cuda::launch_phase<T>(p, 8, stream));   // ... the tiles' pairs combined
   C10_CUDA_CHECK(cuda::launch_phase<T>(p, 4, stream));
   if (fused) {
     at::mm_out(b.dz, S, qs);

@@ -22,13 +22,21 @@
 
 namespace {
 
-// The phased path of csrc/cuda/binding.cpp (large problems): the one-phase kernel for phases 1, 3,
-// 4 and 6 over `blocks` blocks, and its three products — there the vendor GEMM's — computed here on
+// The phased path of csrc/cuda/binding.cpp (large problems): the one-phase kernel for phases 1, 7 and 8
+// (P3), 4 and 6 over `blocks` blocks, and its three products — there the vendor GEMM's — computed here on
 // the host, in the same arrangement: S = zn (e^tau qn)^T, dz = G (e^tau qn), dq = e^tau G^T zn.
 template <typename T>
-void run_phased(const copa_fast::cuda::SceProblem<T>& p, int blocks) {
+void run_phased(const copa_fast::cuda::SceProblem<T>& problem, int blocks) {
   using copa_fast::cuda::copa_sce_phase;
-  auto phase = [&](int ph) { simt::launch(blocks, copa_fast::cuda::kThreads, [&] { copa_sce_phase<T>(p, ph); }); };
+  copa_fast::cuda::SceProblem<T> p = problem;   // with the column tiles' pairs, exactly sized
+  p.col_ranges = copa_fast::cuda::range_count(p.n);
+  std::vector<T> lpart(2L * p.col_ranges * p.c);
+  p.Lpart = lpart.data();
+  auto phase = [&](int ph) {
+    // phase 7 (P3 of the phased path): `blocks` for the rows, then one block a column tile
+    const int grid = ph == 7 ? blocks + copa_fast::cuda::tile_blocks(p.n, p.c) : blocks;
+    simt::launch(grid, copa_fast::cuda::kThreads, [&] { copa_sce_phase<T>(p, ph); });
+  };
   const long n = p.n, c = p.c, d = p.d;
   phase(1);
   const T scale = std::exp(p.tau[0]);
@@ -40,7 +48,8 @@ void run_phased(const copa_fast::cuda::SceProblem<T>& p, int blocks) {
       for (long k = 0; k < d; ++k) acc += p.zn[i * d + k] * qs[j * d + k];
       p.S[i * c + j] = acc;
     }
-  phase(3);
+  phase(7);
+  phase(8);
   phase(4);
   if (p.fused) {
     for (long i = 0; i < n; ++i)

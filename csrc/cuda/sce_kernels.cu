@@ -57,7 +57,9 @@ cudaError_t launch_episodes(const SceProblem<T>& stacked, const int64_t* rows, c
 template <typename T>
 cudaError_t launch_phase(const SceProblem<T>& problem, int phase, cudaStream_t stream) {
   const long need = (phase_items(phase, problem.n, problem.c, problem.fused) + kWarps - 1) / kWarps;
-  const int blocks = (int)(need < kMaxPhaseBlocks ? need : kMaxPhaseBlocks);   // the rest round-robin
+  int blocks = (int)(need < kMaxPhaseBlocks ? need : kMaxPhaseBlocks);   // the rest round-robin
+  if (phase == 7) blocks += tile_blocks(problem.n, problem.c);   // the column tiles' blocks follow the rows'
+  if (blocks < 1) blocks = 1;
   copa_sce_phase<T><<<blocks, kThreads, 0, stream>>>(problem, phase);
   return cudaGetLastError();
 }

@@ -19,7 +19,9 @@
 // Three entry points share the phases: copa_sce_single (all blocks of a cooperative grid on one
 // problem, grid-wide barriers, kT = 32), copa_sce_episodes (one block per episode, block barriers,
 // kT = 64: one block does all of an episode's tiles, 4 x 4 outputs a thread) and
-// copa_sce_phase (one phase per launch, for large problems whose P2 and P5 a vendor GEMM computes).
+// copa_sce_phase (one phase per launch, for large problems whose P2 and P5 a vendor GEMM computes;
+// there P3 is "phase 7", its columns by tiles of 32 columns x 512 rows, a block each, reading whole
+// lines of S, and "phase 8" combines each column's tiles).
 // Every reduction has a fixed order: results are bitwise reproducible. Labels outside 0..C-1 are
 // never used as an index: their rows get NaN.
 #pragma once
@@ -307,6 +309,66 @@ COPA_DEVICE void col_stats(const SceProblem<T>& p, int c, T scale) {
   }
 }
 
+// Column statistics of the phased path (large N), phase 7: one block a tile of kWarpSize columns x
+// kStripRows rows, lane = column, the block's warps taking rows w, w + kWarps, ... of the tile — each
+// load a row's 32 consecutive scores (one 128-byte line), where a warp walking a column at a stride
+// of C read 32 lines for 32 scores, ~N / 32 steps in sequence (most of the phased step's ~0.9 ms of
+// phases at N = 16384 on an H200). The warps' maxima, then sums, are combined in warp order in shared
+// memory (sh: kThreads values); the tile's (shift, shifted sum) pair goes to Lpart, and phase 8
+// combines a column's pairs in range order: a fixed order whatever the grid.
+static_assert(kStripCols == kWarpSize, "a column tile's strip is one warp's lanes");
+
+template <typename T>
+COPA_DEVICE void col_tile_stats(const SceProblem<T>& p, int strip, int range, T* sh) {
+  const int l = lane_id(), w = warp_id();
+  const int c = strip * kWarpSize + l;
+  const bool live = c < p.c;
+  const int i0 = range * kStripRows, i1 = i0 + kStripRows < p.n ? i0 + kStripRows : p.n;
+  T m = neg_inf<T>();
+  if (live)
+    for (int i = i0 + w; i < i1; i += kWarps) m = dev_max(m, p.S[(long)i * p.c + c]);
+  sh[w * kWarpSize + l] = m;
+  COPA_SYNC_BLOCK();
+  m = neg_inf<T>();
+  for (int v = 0; v < kWarps; ++v) m = dev_max(m, sh[v * kWarpSize + l]);
+  const T shift = m == neg_inf<T>() ? T(0) : m;
+  T sum = T(0);
+  if (live)
+    for (int i = i0 + w; i < i1; i += kWarps) sum += dev_exp(p.S[(long)i * p.c + c] - shift);
+  COPA_SYNC_BLOCK();   // every warp has read the maxima
+  sh[w * kWarpSize + l] = sum;
+  COPA_SYNC_BLOCK();
+  if (w == 0 && live) {
+    sum = T(0);
+    for (int v = 0; v < kWarps; ++v) sum += sh[v * kWarpSize + l];
+    T* pair = p.Lpart + 2 * ((long)range * p.c + c);
+    pair[0] = shift;
+    pair[1] = sum;
+  }
+  COPA_SYNC_BLOCK();   // sh is rewritten by the block's next tile
+}
+
+// Phase 8: column c's pairs of phase 7, combined in range order (lane r takes ranges r, r + 32, ...,
+// then a fixed butterfly): L = (M, log sum_r s_r exp(m_r - M)), M the largest shift.
+template <typename T>
+COPA_DEVICE void col_combine(const SceProblem<T>& p, int c) {
+  const int l = lane_id();
+  T m = neg_inf<T>();
+  for (int r = l; r < p.col_ranges; r += kWarpSize) m = dev_max(m, p.Lpart[2 * ((long)r * p.c + c)]);
+  m = warp_max(m);
+  const T shift = m == neg_inf<T>() ? T(0) : m;
+  T sum = T(0);
+  for (int r = l; r < p.col_ranges; r += kWarpSize) {
+    const T* pair = p.Lpart + 2 * ((long)r * p.c + c);
+    sum += pair[1] * dev_exp(pair[0] - shift);
+  }
+  sum = warp_sum(sum);
+  if (l == 0) {
+    p.L[2 * c] = shift;
+    p.L[2 * c + 1] = dev_log(sum);
+  }
+}
+
 // ---- phase 4: losses and G -----------------------------------------------------------------------
 
 template <typename T>
@@ -476,6 +538,8 @@ inline long phase_items(int phase, int n, int c, bool fused) {
   switch (phase) {
     case 1: return (long)n + 2L * c;
     case 3: return (long)n + c;
+    case 7: return n;   // the row items; the column tiles get blocks of their own (launch_phase)
+    case 8: return c;
     case 4: return n;
     default: return 1 + (fused ? (long)n + c : 0L);
   }
@@ -523,10 +587,23 @@ COPA_GLOBAL void COPA_MIN_BLOCKS(sizeof(T) == 4 ? 3 : 2) copa_sce_single(SceProb
 // products P2 and P5 go to a vendor GEMM between launches (csrc/cuda/binding.cpp) and the launch
 // boundaries stand in for the grid barriers.
 template <typename T>
-COPA_GLOBAL void copa_sce_phase(SceProblem<T> p, int phase) {   // no product here: no shared memory
+COPA_GLOBAL void copa_sce_phase(SceProblem<T> p, int phase) {   // no product here
+  COPA_SHARED_ARRAY(T, sh, kThreads);   // phase 7's column tiles
   const T scale = dev_exp(p.tau[0]);   // (used by split products only; the phased path has none)
   if (phase == 1) phase_norms(p, COPA_BID, COPA_NBLOCKS);
   else if (phase == 3) phase_stats(p, scale, COPA_BID, COPA_NBLOCKS);
+  else if (phase == 7) {   // P3 of the phased path: the last tile_blocks(n, c) blocks take column tiles
+    const int tiles = tile_blocks(p.n, p.c), row_blocks = COPA_NBLOCKS - tiles, strips = strip_count(p.c);
+    if (COPA_BID < row_blocks) {
+      for (int item = COPA_BID * kWarps + warp_id(); item < p.n; item += row_blocks * kWarps)
+        row_stats(p, item, scale);
+    } else {
+      const int t = COPA_BID - row_blocks;
+      col_tile_stats(p, t % strips, t / strips, sh);
+    }
+  } else if (phase == 8) {
+    for (int item = COPA_BID * kWarps + warp_id(); item < p.c; item += COPA_NBLOCKS * kWarps) col_combine(p, item);
+  }
   else if (phase == 4) phase_losses(p, COPA_BID, COPA_NBLOCKS);
   else if (phase == 6) phase_finish(p, scale, COPA_BID, COPA_NBLOCKS);
 }

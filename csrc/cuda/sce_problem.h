@@ -52,7 +52,24 @@ struct SceProblem {
   int ksplit_q;        // dq = G^T zn over ksplit_q ranges of rows: partials in dqpart (ksplit_q, c, d)
   T* Spart;
   T* dqpart;
+  // Column statistics of the phased path by strips of 32 columns x ranges of kStripRows rows (phase
+  // 7: one block each, its (shift, shifted sum) pairs in Lpart (col_ranges, c, 2); phase 8 combines
+  // them in range order into L). 0 / nullptr elsewhere.
+  int col_ranges;
+  T* Lpart;
 };
+
+// Phase 7's column tiles: strips of kStripCols columns x ranges of kStripRows rows, a block each.
+constexpr int kStripCols = 32;    // one warp's lanes
+constexpr int kStripRows = 512;
+#if defined(__CUDACC__)
+#define COPA_HOST_DEVICE __host__ __device__ inline
+#else
+#define COPA_HOST_DEVICE inline
+#endif
+COPA_HOST_DEVICE int strip_count(int c) { return (c + kStripCols - 1) / kStripCols; }
+COPA_HOST_DEVICE int range_count(int n) { return (n + kStripRows - 1) / kStripRows; }
+COPA_HOST_DEVICE int tile_blocks(int n, int c) { return strip_count(c) * range_count(n); }
 
 struct SingleSplits {
   int scores;   // ksplit_s
