@@ -10,9 +10,9 @@
 # (timeout_s 480), then AT ONCE, while the machine is warm, `bash benchmarks/gpu_check.sh bench`
 # (timeout_s 300), then give the machine back. Every stage runs under its own limit (*_BUDGET_S
 # below; 0 skips one) and a stage that fails or runs out of time is recorded in the closing status
-# line while the next one still runs. Measured on an H200 (2026-11-27): machine start + transfer
-# ~30 s, build 37 s, bench 28 s, extras 46 s; the tests (without the distributed ones, 8 workers)
-# ~5 min. The bench call runs its stages in order of importance for the targets: pytest-benchmark
+# line while the next one still runs. Measured on an H200 (2026-11-27, second lease): machine start
+# + transfer ~40 s, build 38 s, tests 235 s (12 workers, without the distributed ones), memcheck
+# 13 + 11 s, bench 27 s, extras 68 s, sweep 22 s: the two calls took 336 + 121 s. The bench call runs its stages in order of importance for the targets: pytest-benchmark
 # shapes, then the extras (graph replay, batched episodes, adapt_many, Triton tiles), then the
 # sweep. Logs travel back as logs.tgz (a lent machine returns at most 8 files); the failures with
 # their tracebacks are in failures.log as they happen. Before spending device time, on the CPU
