@@ -3,7 +3,8 @@
 1. CUDA-graph replay of one copa_loss training step (forward + backward), N=500 C=50 D=512, for the
    published formulation and each copa_fast backend (issue targets: >= 4x the published replay),
    each backend's plain call with the value checks on too (what a user's default call pays),
-   and where a plain step's time goes (torch.profiler: device time, launches, host-heavy operators);
+   and where a plain step's time goes (torch.profiler: device time, launches, host-heavy operators),
+   and a large step's (N=16384, C=1000) device time kernel by kernel;
 2. 132 ragged episodes (N 25-500) in ONE batched launch of the episodes op: time per episode-step
    against a single-episode call of the same backend (target: >= 10x lower);
 3. adapt_many over 600 sampled episodes x 50 steps, against the published per-episode loop timed on
@@ -212,15 +213,45 @@ def adapt_many_split(device, count, steps, d):
         copa_fast.adapt_many(eps, steps=steps, backend=backend)
         _sync(device)
         wall = time.perf_counter() - t0
-    events = prof.key_averages()
-    on_device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    print(f"wall {wall * 1e3:.1f} ms under the profiler; ", end="")
+    _kernel_table(prof, 1, 10)
+
+
+def _kernel_table(prof, per: int, top: int) -> None:
+    """The device total and the ``top`` kernels (and copies) by device time, per 1 / ``per`` of the
+    profiled run (a step, when ``per`` steps ran)."""
+    on_device = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.self_device_time_total for e in on_device)
-    print(f"wall {wall * 1e3:.1f} ms under the profiler; device {total / 1e3:.1f} ms in "
-          f"{sum(e.count for e in on_device)} kernels and copies\n")
+    print(f"device {total / per / 1e3:.2f} ms in {sum(e.count for e in on_device) / per:.0f} kernels and copies\n")
     print("| kernel (most device time) | device ms | share | calls |\n|---|---|---|---|")
-    for e in sorted(on_device, key=lambda e: e.self_device_time_total, reverse=True)[:10]:
+    for e in sorted(on_device, key=lambda e: e.self_device_time_total, reverse=True)[:top]:
         share = e.self_device_time_total / total if total else 0.0
-        print(f"| {e.key[:70]} | {e.self_device_time_total / 1e3:.1f} | {100 * share:.0f} % | {e.count} |")
+        print(f"| {e.key[:70]} | {e.self_device_time_total / per / 1e3:.3f} | {100 * share:.0f} % | {e.count / per:.0f} |")
+
+
+def kernel_split(device, n, c, d, steps):
+    """Where one large step's device time goes, kernel by kernel (torch.profiler, ``steps`` steps):
+    each copa_fast backend and the N x C form in eager PyTorch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    print(f"\n### Where a large step's device time goes, N={n} C={c} D={d} fp32 (torch.profiler, {steps} steps)\n")
+    impls = bench.implementations(device, compile_published=False)
+    for name, fn in impls.items():
+        if name != "nxc-eager" and not name.startswith("copa_fast"):
+            continue
+        x, y, wi, wp = bench.problem(n, c, d, device)
+        step = bench.step_fn(fn, x, y, wi, wp, c)
+        for _ in range(2):
+            step()
+        _sync(device)
+        with profile(activities=acts) as prof:
+            for _ in range(steps):
+                step()
+            _sync(device)
+        print(f"**{name}**: ", end="")
+        _kernel_table(prof, steps, 8)
+        print()
 
 
 # (BN, BC, BD, num_warps) candidates for float32 launches, and the single problem's gradient
@@ -302,6 +333,7 @@ def main():
     if args.small:
         graph_replay(device, 100, 10, 64, 3)
         host_split(device, 100, 10, 64, 3)
+        kernel_split(device, 120, 12, 32, 2)
         batched_episodes(device, 6, 32, 25, 60, 2)
         adapt_many_run(device, 4, 3, 32, 2)
         adapt_many_split(device, 4, 2, 32)
@@ -310,6 +342,7 @@ def main():
     else:
         graph_replay(device, 500, 50, 512, 50)
         host_split(device, 500, 50, 512, 20)
+        kernel_split(device, 16384, 1000, 512, 5)
         batched_episodes(device, 132, 512, 25, 500, 20)
         adapt_many_run(device, 600, 50, 512, 5)
         adapt_many_split(device, 600, 10, 512)
