@@ -84,17 +84,15 @@ def graph_replay(device, n, c, d, reps):
         print(f"| {name} | {_fmt(plain)} | {replay} |")
 
 
-def host_split(device, n, c, d, steps):
-    """Where a plain step's time goes: under torch.profiler, per step, the device time of all
-    kernels, the launches, and the operators with the most host time of their own."""
+def _profiled_steps(device, n, c, d, steps, baseline):
+    """For ``baseline`` and each copa_fast backend: (name, profile of ``steps`` plain steps, wall
+    seconds a step under the profiler), after three warm-up steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    print(f"\n### Where a plain step's time goes, N={n} C={c} D={d} fp32 (torch.profiler, {steps} steps; "
-          f"the profiler adds host time of its own)\n")
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     impls = bench.implementations(device, compile_published=False)
     for name, fn in impls.items():
-        if name != "published-eager" and not name.startswith("copa_fast"):
+        if name != baseline and not name.startswith("copa_fast"):
             continue
         x, y, wi, wp = bench.problem(n, c, d, device)
         step = bench.step_fn(fn, x, y, wi, wp, c)
@@ -107,6 +105,15 @@ def host_split(device, n, c, d, steps):
                 step()
             _sync(device)
             wall = (time.perf_counter() - t0) / steps
+        yield name, prof, wall
+
+
+def host_split(device, n, c, d, steps):
+    """Where a plain step's time goes: under torch.profiler, per step, the device time of all
+    kernels, the launches, and the operators with the most host time of their own."""
+    print(f"\n### Where a plain step's time goes, N={n} C={c} D={d} fp32 (torch.profiler, {steps} steps; "
+          f"the profiler adds host time of its own)\n")
+    for name, prof, wall in _profiled_steps(device, n, c, d, steps, "published-eager"):
         events = prof.key_averages()
         on_device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]   # kernels, copies
         dev_us = sum(e.self_device_time_total for e in on_device) / steps
@@ -232,23 +239,8 @@ def _kernel_table(prof, per: int, top: int) -> None:
 def kernel_split(device, n, c, d, steps):
     """Where one large step's device time goes, kernel by kernel (torch.profiler, ``steps`` steps):
     each copa_fast backend and the N x C form in eager PyTorch."""
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     print(f"\n### Where a large step's device time goes, N={n} C={c} D={d} fp32 (torch.profiler, {steps} steps)\n")
-    impls = bench.implementations(device, compile_published=False)
-    for name, fn in impls.items():
-        if name != "nxc-eager" and not name.startswith("copa_fast"):
-            continue
-        x, y, wi, wp = bench.problem(n, c, d, device)
-        step = bench.step_fn(fn, x, y, wi, wp, c)
-        for _ in range(2):
-            step()
-        _sync(device)
-        with profile(activities=acts) as prof:
-            for _ in range(steps):
-                step()
-            _sync(device)
+    for name, prof, _ in _profiled_steps(device, n, c, d, steps, "nxc-eager"):
         print(f"**{name}**: ", end="")
         _kernel_table(prof, steps, 8)
         print()

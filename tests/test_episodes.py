@@ -149,6 +149,26 @@ def test_adapt_many_batched_equals_adapt_per_episode():
 
 
 @needs_triton
+def test_adapt_many_batched_query_sets_of_every_kind():
+    """One batched group holding an episode without a query set (accuracy None) and ragged ones with
+    query sets of different lengths: each accuracy as adapt gives it (the group's predictions are
+    formed in batched ops, classes past an episode's own masked off)."""
+    x0, y0 = make_episode(30, 5, 12, seed=40)
+    x1, y1 = make_episode(18, 3, 12, seed=41)
+    x2, y2 = make_episode(24, 6, 12, seed=42)
+    g = torch.Generator().manual_seed(43)
+    q2 = x2[:7] + 0.3 * torch.randn(7, 12, generator=g)
+    q0 = x0 + 0.3 * torch.randn(30, 12, generator=g)
+    eps = [(x0, y0, q0, y0), (x1, y1, None, None), (x2, y2, q2, y2[:7])]
+    eps = [tuple(None if t is None else t.to(DEVICE) for t in e) for e in eps]
+    got = copa_fast.adapt_many(eps, steps=3, backend="triton")
+    assert got[1].query_accuracy is None
+    for k in (0, 2):
+        want = copa_fast.adapt(*eps[k], steps=3, backend="triton")
+        assert got[k].query_accuracy == want.query_accuracy and 0 < want.query_accuracy <= 1
+
+
+@needs_triton
 def test_adapt_many_batched_float64_follows_reference():
     eps = []
     for k, (n, c) in enumerate([(30, 5), (12, 3), (25, 25)]):
