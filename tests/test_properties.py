@@ -1,5 +1,6 @@
-"""Property-based checks (hypothesis) of the cpu and triton backends against the float64 reference
-(symmetric_ce, copa_loss, the batched-episodes op), Triton on CUDA tensors where there is a GPU:
+"""Property-based checks (hypothesis) of the kernel backends against the float64 reference
+(symmetric_ce, copa_loss, the batched-episodes op): cpu; triton (on CUDA tensors where there is a
+GPU, else under the interpreter); cuda where there is a GPU:
 random shapes and class-count patterns, tau in [0, 10] (float or tensor), feature magnitudes from
 1e-20 to 1e20, zero and duplicated rows, non-contiguous and transposed inputs."""
 
@@ -14,7 +15,7 @@ import copa_fast
 from copa_fast import reference as ref
 from conftest import TOL, device_for, tied_one_class_problem
 
-BACKENDS = [b for b in copa_fast.available_backends() if b in ("cpu", "triton")]
+BACKENDS = [b for b in copa_fast.available_backends() if b in ("cpu", "triton", "cuda")]
 
 
 @st.composite
@@ -87,7 +88,7 @@ def test_matches_reference(backend, dtype, prob):
         assert abs(got[1].item() - want[1].item()) <= TOL[dtype]["grad"] * 10 * t_ref, "dtau"
 
 
-EPISODE_BACKENDS = [b for b in copa_fast.available_backends() if b in ("cpu", "triton")]
+EPISODE_BACKENDS = [b for b in copa_fast.available_backends() if b in ("cpu", "triton", "cuda")]
 
 
 @st.composite
