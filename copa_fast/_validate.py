@@ -172,13 +172,16 @@ def _values_pass(y: torch.Tensor, n: int, num_classes: int | None, tau_arg, tens
         lo_v, hi_v, present_v, bad, tau_v = torch.ops.copa_fast.value_summary(
             yd, k, tensors, tau_arg.detach() if tau_here else None)
         rest = [tau_v] if tau_here else []
-        ok_values = bad == 0
+        counted_ok = bad == 0   # NaN / Inf entries of the tensors, counted there
     else:
         lo_v, hi_v, present_v, rest = _values_by_ops(yd, k, tau_arg if tau_here else None, tensors)
-        ok_values = all(math.isfinite(v) for v in rest)
+        counted_ok = True       # the tensors' min and max are in `rest`
     c = int(hi_v) + 1 if num_classes is None else k
-    ok = lo_v >= 0 and hi_v < k and present_v == c and ok_values and all(math.isfinite(v) for v in rest)
+    ok = lo_v >= 0 and hi_v < k and present_v == c and counted_ok and all(math.isfinite(v) for v in rest)
     return c if ok and not (tau_here and rest[-1] > 80.0) else None
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _summary_applies(yd: torch.Tensor, tensors: list) -> bool:
@@ -186,9 +189,6 @@ def _summary_applies(yd: torch.Tensor, tensors: list) -> bool:
     return (_extension.value_summary_on(yd.device.type) and type(yd) is torch.Tensor
             and not torch._C._are_functorch_transforms_active()
             and all(type(t) in _PLAIN and t.dtype in FLOAT_DTYPES for t in tensors))
-
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _values_by_ops(yd: torch.Tensor, k: int, tau_t, tensors: list):

@@ -235,10 +235,15 @@ def copa_loss(features: torch.Tensor, labels: torch.Tensor, w_img: torch.Tensor,
     return _sce_core(x @ wi.t(), p0 @ wp.t(), labels, tau, reduction, b, precision)[0].to(features.dtype)
 
 
-def _cosine_predict(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+def _cosine_scores(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Cosines of the rows of z against the rows of q ((M, D) x (C, D), or batched (E, M, D) x (E, C, D))."""
     zn = torch.nn.functional.normalize(z, dim=-1, eps=reference.NORM_EPS)
     qn = torch.nn.functional.normalize(q, dim=-1, eps=reference.NORM_EPS)
-    return (zn @ qn.t()).argmax(dim=1)
+    return zn @ qn.transpose(-1, -2)
+
+
+def _cosine_predict(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return _cosine_scores(z, q).argmax(dim=-1)
 
 
 class CoPAHead(nn.Module):
@@ -439,9 +444,7 @@ def _group_query_hits(items, classes, protos, w_img, w_proto, work) -> dict:
     with torch.no_grad():
         zq = torch.bmm(pad([items[k][2].to(work) for k in with_query], batch_first=True), w_img[sel].transpose(1, 2))
         pq = torch.bmm(protos[sel], w_proto[sel].transpose(1, 2))
-        zn = torch.nn.functional.normalize(zq, dim=-1, eps=reference.NORM_EPS)
-        qn = torch.nn.functional.normalize(pq, dim=-1, eps=reference.NORM_EPS)
-        scores = torch.bmm(zn, qn.transpose(1, 2))   # (E', M, C): classes past an episode's own masked off
+        scores = _cosine_scores(zq, pq)   # (E', M, C): classes past an episode's own masked off
         absent = torch.arange(protos.shape[1], device=dev)[None, :] >= torch.tensor(
             [classes[k] for k in with_query], device=dev)[:, None]
         pred = scores.masked_fill(absent[:, None, :], -math.inf).argmax(2)

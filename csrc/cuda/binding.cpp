@@ -251,19 +251,19 @@ std::vector<double> value_summary_cuda(const at::Tensor& labels_in, int64_t k, a
   const c10::cuda::CUDAGuard guard(labels_in.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor labels = labels_in.contiguous();
-  std::vector<at::Tensor> views;   // each checked tensor as rows x cols with element strides
+  std::vector<std::pair<at::Tensor, int>> views;   // each checked tensor as rows x cols, its partial counts
   int64_t parts = 0;
   for (const at::Tensor& t : tensors) {
     if (t.numel() == 0) continue;
-    views.push_back(t.dim() == 2 ? t : t.reshape({1, -1}));
-    parts += cuda::summary_parts(t.numel());
+    views.emplace_back(t.dim() == 2 ? t : t.reshape({1, -1}), cuda::summary_parts(t.numel()));
+    parts += views.back().second;
   }
   at::Tensor partial = at::empty({std::max<int64_t>(parts, 1)}, labels.options().dtype(at::kLong));
   at::Tensor seen = at::empty({k}, labels.options().dtype(at::kInt));
   at::Tensor out = at::empty({5}, labels.options().dtype(at::kDouble));
   C10_CUDA_CHECK(cudaMemsetAsync(seen.data_ptr(), 0, k * sizeof(int), stream));
   int64_t at_part = 0;
-  for (const at::Tensor& v : views) {
+  for (const auto& [v, v_parts] : views) {
     const long rows = v.size(0), cols = v.size(1), s0 = v.stride(0), s1 = v.stride(1);
     const uint64_t mask = exponent_mask(v.scalar_type());
     int64_t* slot = partial.data_ptr<int64_t>() + at_part;
@@ -280,7 +280,7 @@ std::vector<double> value_summary_cuda(const at::Tensor& labels_in, int64_t k, a
         C10_CUDA_CHECK(cuda::launch_count_nonfinite<uint64_t>(static_cast<const uint64_t*>(v.data_ptr()), rows, cols,
                                                               s0, s1, mask, slot, stream));
     }
-    at_part += cuda::summary_parts(v.numel());
+    at_part += v_parts;
   }
   at::Tensor tau_d;
   if (tau.has_value()) tau_d = tau->reshape({1}).to(at::kDouble).contiguous();
