@@ -27,7 +27,9 @@ def _extensions():
     sources = [os.path.relpath(p, ROOT) for p in
                sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) +
                       glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
-    cxx = ["-O3", "-fopenmp"]   # the C++ standard is torch's choice (C++17 or C++20, by version)
+    # -ffp-contract=off: no multiply-add contraction, so the CPU row kernels' per-ISA copies
+    # (csrc/cpu/row_kernels.inc) give the same bits. The C++ standard is torch's choice.
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
     want = os.environ.get("COPA_FAST_CUDA", "auto")
     have_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if want == "1" and not have_cuda:

@@ -1,5 +1,7 @@
 """symmetric_ce and copa_loss on every backend against the float64 reference (DESIGN §4)."""
 
+import os
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -89,6 +91,34 @@ def test_large_tau_stays_accurate(backend, device, tau):
     (gx,) = torch.autograd.grad(out, x)
     (ex,) = torch.autograd.grad(expect, x64)
     assert_rel(gx, ex, TOL[torch.float32]["grad"], "dembeddings")
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_row_norms_across_magnitudes(backend, device, dtype):
+    """Each row scaled by its own 2^k, from denormal rows to rows whose squares overflow: the norm's
+    plain sum of squares where it is exact, the rescaled one where it would underflow or overflow
+    (the cpu kernel switches at a sum of 2^-60 in float32, 2^-400 in float64), and rows whose norm
+    falls under eps = 1e-12, which F.normalize does not bring to unit length. The top stays where
+    the gradient (~ 1/|x|) is still a normal number; in float64 the range stays where the float64
+    reference's own squares neither underflow nor overflow."""
+    x, p, y = _inputs((48, 6, 40, 0), torch.float64, "cpu", seed=9)
+    bottom, top = (-140, 90) if dtype == torch.float32 else (-500, 500)
+    ks = torch.linspace(bottom, top, x.shape[0], dtype=torch.float64).round()
+    x = x * torch.pow(2.0, ks).unsqueeze(1)
+    x, p = x.to(dtype), p.to(dtype)
+    assert torch.isfinite(x).all()
+    xd = x.detach().to(device).requires_grad_(True)
+    out = copa_fast.symmetric_ce(xd, p.to(device), y.to(device), reduction="none", backend=backend)
+    x64 = x.double().requires_grad_(True)
+    expect = ref.symmetric_ce(x64, p.double(), y, reduction="none")
+    assert_rel(out, expect, TOL[dtype]["loss"], "per-sample losses")
+    (gx,) = torch.autograd.grad(out.sum(), xd)
+    (ex,) = torch.autograd.grad(expect.sum(), x64)
+    # row by row: the gradient of a row scales as 1/|x_i|, so one relative error over all would
+    # see only the smallest rows
+    for i in range(x.shape[0]):
+        assert_rel(gx[i], ex[i], TOL[dtype]["grad"], f"dembeddings row {i} (2^{int(ks[i])})")
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
@@ -202,6 +232,49 @@ def test_deterministic(backend, device):
         outs.append((loss.detach(), a.grad, b.grad))
     for u, v in zip(*outs):
         assert torch.equal(u, v)
+
+
+_ISA_SCRIPT = """
+import sys, torch
+import copa_fast  # noqa: F401  (registers the ops)
+out = []
+for n, c, d, tau, dtype in [(203, 17, 511, 2.0, torch.float32), (60, 60, 33, 6.0, torch.float32),
+                            (75, 9, 130, 2.0, torch.float64)]:
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    x[1] *= 2.0 ** -140
+    x[2] *= 2.0 ** 70
+    y = torch.cat([torch.arange(c), torch.randint(0, c, (n - c,), generator=g)])
+    wi = torch.eye(d, dtype=torch.float64) + 0.05 * torch.randn(d, d, generator=g, dtype=torch.float64)
+    x, wi = x.to(dtype), wi.to(dtype)
+    out.append(torch.ops.copa_fast.copa_loss(x, y, wi, wi.t().contiguous(), x.flip(0), c,
+                                             torch.tensor(tau, dtype=dtype), None, True))
+torch.save(out, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif("cpu" not in copa_fast.available_backends(), reason="needs the C++ extension")
+def test_cpu_row_kernel_copies_give_the_same_bits(tmp_path):
+    """The cpu kernels' row loops are compiled once per instruction set (baseline, AVX2, AVX-512;
+    csrc/cpu/row_kernels.inc) and the widest the CPU runs is picked at load: every copy must give
+    the same bits (fixed lane order, no contracted multiply-adds), so the machine moves only time.
+    COPA_FAST_CPU_ISA lowers the choice; each copy runs in a fresh process."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(_ISA_SCRIPT)
+    outs = {}
+    for isa in ("baseline", "avx2", "native"):
+        env = dict(os.environ, COPA_FAST_CPU_ISA=isa)
+        r = subprocess.run([sys.executable, str(script), str(tmp_path / f"{isa}.pt")], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs[isa] = torch.load(tmp_path / f"{isa}.pt")
+    for isa in ("avx2", "native"):
+        for k, (a, b) in enumerate(zip(outs["baseline"], outs[isa])):
+            for name, u, v in zip(("loss", "losses", "pred", "dz", "dq", "p0", "dtau"), a, b):
+                assert torch.equal(u, v), f"problem {k}, {name}: {isa} copy differs from the baseline copy"
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)

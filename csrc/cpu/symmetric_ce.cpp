@@ -18,6 +18,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -26,39 +29,72 @@
 namespace copa_fast {
 namespace {
 
-constexpr double kNormEps = 1e-12;
+// The row kernels (row_kernels.inc), one copy per instruction set; row_kernels<T>() picks the
+// widest this CPU runs. All copies give the same bits (see the .inc), so the choice moves only time.
+namespace rows_baseline {
+#include "row_kernels.inc"
+}  // namespace rows_baseline
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define COPA_FAST_ROW_ISA_COPIES 1
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace rows_avx2 {
+#include "row_kernels.inc"
+}  // namespace rows_avx2
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,prefer-vector-width=512")
+namespace rows_avx512 {
+#include "row_kernels.inc"
+}  // namespace rows_avx512
+#pragma GCC pop_options
+#endif
+using rows_baseline::kNormEps;
+using rows_baseline::lane_sum;
 
-// Sum / max of f(0..D-1) over 16 independent lanes (fixed order, so deterministic), a loop shape
-// the compiler vectorises without reassociating floating-point additions itself.
-template <typename T, typename F>
-inline T lane_sum(int64_t D, F f) {
-  constexpr int kLanes = 16;
-  T acc[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= D; d += kLanes)
-    for (int k = 0; k < kLanes; ++k) acc[k] += f(d + k);
-  T total = 0;
-  for (; d < D; ++d) total += f(d);
-  for (int k = 0; k < kLanes; ++k) total += acc[k];
-  return total;
+template <typename T>
+struct RowKernels {
+  void (*normalize)(const T*, T*, T*, int64_t, int64_t, int64_t);
+  void (*normalize_backward)(T*, const T*, const T*, const T*, int64_t, int64_t, int64_t);
+  void (*class_mean)(T*, T*, const T*, int64_t, const int64_t*, int64_t, T);
+};
+#define COPA_FAST_ROW_KERNELS(ns, T) \
+  RowKernels<T> { &ns::normalize_rows<T>, &ns::normalize_backward_rows<T>, &ns::class_mean<T> }
+
+// 0 baseline, 1 AVX2, 2 AVX-512 (F, BW, DQ, VL): the widest copy this CPU and its OS run, lowered by
+// the environment variable COPA_FAST_CPU_ISA=baseline|avx2 when the process first asks (for
+// comparing the copies).
+int row_isa() {
+  static const int isa = [] {
+    int best = 0;
+#ifdef COPA_FAST_ROW_ISA_COPIES
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2")) best = 1;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+      best = 2;
+#endif
+    const char* env = std::getenv("COPA_FAST_CPU_ISA");
+    if (env != nullptr && std::strcmp(env, "baseline") == 0) return 0;
+    if (env != nullptr && std::strcmp(env, "avx2") == 0) return std::min(best, 1);
+    return best;
+  }();
+  return isa;
 }
 
 template <typename T>
-inline T abs_max(const T* x, int64_t D) {
-  constexpr int kLanes = 16;
-  T acc[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= D; d += kLanes)
-    for (int k = 0; k < kLanes; ++k) acc[k] = std::max(acc[k], std::abs(x[d + k]));
-  T m = 0;
-  for (; d < D; ++d) m = std::max(m, std::abs(x[d]));
-  for (int k = 0; k < kLanes; ++k) m = std::max(m, acc[k]);
-  return m;
+const RowKernels<T>& row_kernels() {
+  static const RowKernels<T> kernels = [] {
+#ifdef COPA_FAST_ROW_ISA_COPIES
+    if (row_isa() == 2) return COPA_FAST_ROW_KERNELS(rows_avx512, T);
+    if (row_isa() == 1) return COPA_FAST_ROW_KERNELS(rows_avx2, T);
+#endif
+    return COPA_FAST_ROW_KERNELS(rows_baseline, T);
+  }();
+  return kernels;
 }
 
-// Row normalisation as F.normalize: out = x / max(||x||, eps), one fused pass per row (out may be
-// x itself); returns the norms. The norm is taken of x / max|x| and scaled back, so float32 rows
-// of magnitude 1e20 do not overflow and rows of 1e-20 do not underflow.
+// Row normalisation as F.normalize: out = x / max(||x||, eps) (out may be x itself); returns the norms.
 template <typename T>
 at::Tensor normalize_rows_into(const at::Tensor& x, at::Tensor& out) {
   const int64_t R = x.size(0), D = x.size(1);
@@ -66,40 +102,21 @@ at::Tensor normalize_rows_into(const at::Tensor& x, at::Tensor& out) {
   const T* xp = x.data_ptr<T>();
   T* op = out.data_ptr<T>();
   T* np = norms.data_ptr<T>();
-  at::parallel_for(0, R, 8, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const T* r = xp + i * D;
-      T* o = op + i * D;
-      const T m = abs_max(r, D);
-      const T inv_m = m > 0 ? T(1) / m : T(1);
-      const T ss = lane_sum<T>(D, [&](int64_t d) { const T v = r[d] * inv_m; return v * v; });
-      const T nrm = (m > 0 ? m : T(1)) * std::sqrt(ss);
-      np[i] = nrm;
-      const T inv = T(1) / std::max(nrm, T(kNormEps));
-      for (int64_t d = 0; d < D; ++d) o[d] = r[d] * inv;
-    }
-  });
+  const auto normalize = row_kernels<T>().normalize;
+  at::parallel_for(0, R, 8, [&](int64_t b, int64_t e) { normalize(xp, op, np, b, e, D); });
   return norms;
 }
 
-// In place: g <- d(normalised)/d(raw)^T g, matching F.normalize: (g - xn <xn, g>) / ||x|| where
-// ||x|| > eps, and g / eps where the norm was clamped (the clamp passes no gradient to the norm).
+// In place: g <- d(normalised)/d(raw)^T g (row_kernels.inc); `dots` (R values, or null) gives
+// <xn_i, g_i> when the caller already has it.
 template <typename T>
-void normalize_backward_(at::Tensor& g, const at::Tensor& xn, const at::Tensor& norms) {
-  const int64_t R = g.size(0), D = g.size(1);
+void normalize_backward_(at::Tensor& g, const at::Tensor& xn, const at::Tensor& norms, const T* dots = nullptr) {
   T* gp = g.data_ptr<T>();
   const T* xp = xn.data_ptr<T>();
   const T* np = norms.data_ptr<T>();
-  at::parallel_for(0, R, 8, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      T* gi = gp + i * D;
-      const T* xi = xp + i * D;
-      const bool live = np[i] > T(kNormEps);
-      const T dot = live ? lane_sum<T>(D, [&](int64_t d) { return gi[d] * xi[d]; }) : T(0);
-      const T inv = T(1) / std::max(np[i], T(kNormEps));
-      for (int64_t d = 0; d < D; ++d) gi[d] = (gi[d] - xi[d] * dot) * inv;
-    }
-  });
+  const int64_t D = g.size(1);
+  const auto backward = row_kernels<T>().normalize_backward;
+  at::parallel_for(0, g.size(0), 8, [&](int64_t b, int64_t e) { backward(gp, xp, np, dots, b, e, D); });
 }
 
 // The N x C part once the rows are normalised (DESIGN §2). zn (N, D) and qn (C, D) unit rows with
@@ -109,22 +126,27 @@ void normalize_backward_(at::Tensor& g, const at::Tensor& xn, const at::Tensor& 
 // Every exponential is taken once, by ATen's vectorised exp over whole N x C buffers: the row
 // terms exp(S_ic - m_i) (m_i the row maximum over present classes) and the column terms
 // exp(S_ic - M_c) (M_c the column maximum), so no shift can overflow whatever tau is. The loops
-// around them are plain arithmetic the compiler vectorises; sums over rows accumulate in double
-// in row order (deterministic).
+// around them are plain arithmetic the compiler vectorises, run over blocks of kRowBlock rows; a
+// reduction over rows (column maxima, column sums in double) is formed per block in row order and
+// the blocks combined in order, so the result does not depend on the thread count (deterministic).
+constexpr int64_t kRowBlock = 32;
+
 template <typename T>
 std::vector<at::Tensor> sce_normalised(const at::Tensor& zn, const at::Tensor& znorm, const at::Tensor& qn,
                                        const at::Tensor& qnorm, const at::Tensor& labels_in, double tau,
                                        const c10::optional<at::Tensor>& weights_in, bool fused_grad) {
   const at::Tensor labels = labels_in.to(at::kLong).contiguous();
   const int64_t N = zn.size(0), C = qn.size(0);
+  const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
+  const auto block_rows = [&](int64_t b) { return std::pair<int64_t, int64_t>{b * kRowBlock, std::min(N, (b + 1) * kRowBlock)}; };
   const T nan = std::numeric_limits<T>::quiet_NaN();
   const T ninf = -std::numeric_limits<T>::infinity();
   const T s = T(std::exp(T(tau)));
   const int64_t* y = labels.data_ptr<int64_t>();
 
+  // S = s zn qn^T; the scale is applied by the first pass over its rows below
   at::Tensor S = at::mm(zn, qn.t());
-  S.mul_(s);
-  const T* Sp = S.data_ptr<T>();
+  T* Sp = S.data_ptr<T>();
 
   // Per-sample weights and their per-class sums; invalid labels are left out of every count.
   std::vector<double> w(N, 1.0 / double(N));
@@ -145,64 +167,79 @@ std::vector<at::Tensor> sce_normalised(const at::Tensor& zn, const at::Tensor& z
   for (int64_t c = 0; c < C; ++c) count_t[c] = T(counts[c]);
   const T* nc = count_t.data();
 
-  // Column maxima (every row), then both shifted copies of S in one (2, N, C) buffer.
-  std::vector<T> colmax(C, ninf);
-  for (int64_t i = 0; i < N; ++i) {
-    const T* Si = Sp + i * C;
-    for (int64_t c = 0; c < C; ++c) colmax[c] = std::max(colmax[c], Si[c]);
-  }
-  const T* M = colmax.data();
-  at::Tensor X = at::empty({2, N, C}, S.options());
+  // S scaled by s; row maxima (over present classes), predictions and the row-shifted copy of S;
+  // each block's column maxima (std::max keeps the running value over a NaN, as a serial scan would).
+  at::Tensor X = at::empty({2, N, C}, S.options());   // the row- and column-shifted copies of S
   T* Er = X.data_ptr<T>();
   T* Ec = Er + N * C;
-  std::vector<T> rowmax(N);
+  std::vector<T> rowmax(N), block_max(blocks * C, ninf);
   at::Tensor pred = at::empty({N}, labels.options());
   int64_t* predp = pred.data_ptr<int64_t>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      T* bm = block_max.data() + b * C;
+      const auto [i0, i1] = block_rows(b);
+      for (int64_t i = i0; i < i1; ++i) {
+        T* Si = Sp + i * C;
+        for (int64_t c = 0; c < C; ++c) Si[c] *= s;
+        T m = ninf, best = ninf;
+        int64_t arg = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          if (nc[c] > 0 && Si[c] > m) m = Si[c];
+          if (Si[c] > best) { best = Si[c]; arg = c; }
+          bm[c] = std::max(bm[c], Si[c]);
+        }
+        rowmax[i] = m;
+        predp[i] = arg;
+        T* ri = Er + i * C;
+        for (int64_t c = 0; c < C; ++c) ri[c] = Si[c] - m;
+      }
+    }
+  });
+  std::vector<T> colmax(C, ninf);
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t c = 0; c < C; ++c) colmax[c] = std::max(colmax[c], block_max[b * C + c]);
+  const T* M = colmax.data();
   at::parallel_for(0, N, 32, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const T* Si = Sp + i * C;
-      T m = ninf, best = ninf;
-      int64_t arg = 0;
-      for (int64_t c = 0; c < C; ++c) {
-        if (nc[c] > 0 && Si[c] > m) m = Si[c];
-        if (Si[c] > best) { best = Si[c]; arg = c; }
-      }
-      rowmax[i] = m;
-      predp[i] = arg;
-      T* ri = Er + i * C;
       T* ci = Ec + i * C;
-      for (int64_t c = 0; c < C; ++c) {
-        ri[c] = Si[c] - m;
-        ci[c] = Si[c] - M[c];
-      }
+      for (int64_t c = 0; c < C; ++c) ci[c] = Si[c] - M[c];
     }
   });
   X.exp_();
 
   // Row sums over the N expanded columns (class c counted n_c times) and column sums over rows.
-  std::vector<double> rowsum(N), colsum(C, 0.0);
-  at::parallel_for(0, N, 32, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const T* ri = Er + i * C;
-      rowsum[i] = double(lane_sum<T>(C, [&](int64_t c) { return nc[c] > 0 ? nc[c] * ri[c] : T(0); }));
+  std::vector<double> rowsum(N), block_sum(blocks * C, 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      double* bs = block_sum.data() + b * C;
+      const auto [i0, i1] = block_rows(b);
+      for (int64_t i = i0; i < i1; ++i) {
+        const T* ri = Er + i * C;
+        const T* ci = Ec + i * C;
+        rowsum[i] = double(lane_sum<T>(C, [&](int64_t c) { return nc[c] > 0 ? nc[c] * ri[c] : T(0); }));
+        for (int64_t c = 0; c < C; ++c) bs[c] += double(ci[c]);
+      }
     }
   });
-  for (int64_t i = 0; i < N; ++i) {
-    const T* ci = Ec + i * C;
-    for (int64_t c = 0; c < C; ++c) colsum[c] += double(ci[c]);
-  }
+  std::vector<double> colsum(C, 0.0);
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t c = 0; c < C; ++c) colsum[c] += block_sum[b * C + c];
 
   at::Tensor losses = at::empty({N}, zn.options());
   T* lp = losses.data_ptr<T>();
   std::vector<double> L(C);   // column log-sum-exp; the row one, R_i, is formed where it is used
   for (int64_t c = 0; c < C; ++c) L[c] = double(M[c]) + std::log(colsum[c]);
+  at::parallel_for(0, N, 64, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const double R = double(rowmax[i]) + std::log(rowsum[i]);
+      const int64_t c = y[i];
+      lp[i] = (c >= 0 && c < C) ? T(0.5 * (R + L[c] - 2.0 * double(Sp[i * C + c]))) : nan;
+    }
+  });
   double total = 0;
-  for (int64_t i = 0; i < N; ++i) {
-    const double R = double(rowmax[i]) + std::log(rowsum[i]);
-    const int64_t c = y[i];
-    lp[i] = (c >= 0 && c < C) ? T(0.5 * (R + L[c] - 2.0 * double(Sp[i * C + c]))) : nan;
-    total += w[i] * double(lp[i]);
-  }
+  for (int64_t i = 0; i < N; ++i) total += w[i] * double(lp[i]);
   at::Tensor loss = at::full({}, total, zn.options());
 
   if (!fused_grad) {   // outputs must not alias one another: one empty tensor each
@@ -210,11 +247,13 @@ std::vector<at::Tensor> sce_normalised(const at::Tensor& zn, const at::Tensor& z
     return {loss, losses, pred, none(), none(), none()};
   }
   // G_ic = dloss/dS_ic = 1/2 (w_i n_c e^{S_ic - R_i} + wsum_c e^{S_ic - L_c}) - w_i [c == y_i],
-  // written over the row terms; dtau = sum G_ic S_ic; then G is scaled by s for dz = s G qn.
+  // written over the row terms; dtau = sum G_ic S_ic; then G is scaled by s for dz = s G qn. The
+  // row sum sum_c G_ic S_ic is also <zn_i, dz_i> (S_ic = s <zn_i, qn_c>): the normalisation
+  // backward of dz takes it from here instead of a pass over the D columns.
   std::vector<T> col_coef(C);
   for (int64_t c = 0; c < C; ++c) col_coef[c] = nc[c] > 0 ? T(0.5 * wsum[c] / colsum[c]) : T(0);
   const T* cc = col_coef.data();
-  std::vector<double> dtau_rows(N);
+  std::vector<T> zdot(N);
   at::parallel_for(0, N, 32, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const int64_t yi = y[i];
@@ -223,22 +262,31 @@ std::vector<at::Tensor> sce_normalised(const at::Tensor& zn, const at::Tensor& z
       const T* Si = Sp + i * C;
       if (yi < 0 || yi >= C) {
         for (int64_t c = 0; c < C; ++c) gi[c] = nan;
-        dtau_rows[i] = double(nan);
+        zdot[i] = nan;
         continue;
       }
       const T row_coef = T(0.5 * w[i] / rowsum[i]);
       for (int64_t c = 0; c < C; ++c) gi[c] = (nc[c] > 0 ? row_coef * nc[c] * gi[c] : T(0)) + cc[c] * ci[c];
       gi[yi] -= T(w[i]);
-      dtau_rows[i] = double(lane_sum<T>(C, [&](int64_t c) { return gi[c] * Si[c]; }));
+      zdot[i] = lane_sum<T>(C, [&](int64_t c) { return gi[c] * Si[c]; });
       for (int64_t c = 0; c < C; ++c) gi[c] *= s;
     }
   });
   double dt = 0;
-  for (int64_t i = 0; i < N; ++i) dt += dtau_rows[i];
+  for (int64_t i = 0; i < N; ++i) dt += double(zdot[i]);
   const at::Tensor G = X[0];
-  at::Tensor dz = at::mm(G, qn);
-  at::Tensor dq = at::mm(G.t(), zn);
-  normalize_backward_<T>(dz, zn, znorm);
+  at::Tensor dz, dq;
+  if (at::get_num_threads() >= 2 && !at::in_parallel_region()) {
+    at::parallel_for(0, 2, 1, [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k) {
+        if (k == 0) dz = at::mm(G, qn); else dq = at::mm(G.t(), zn);
+      }
+    });
+  } else {
+    dz = at::mm(G, qn);
+    dq = at::mm(G.t(), zn);
+  }
+  normalize_backward_<T>(dz, zn, znorm, zdot.data());
   normalize_backward_<T>(dq, qn, qnorm);
   return {loss, losses, pred, dz, dq, at::full({}, dt, zn.options())};
 }
@@ -277,26 +325,9 @@ std::vector<at::Tensor> sce_rows(const at::Tensor& z, const at::Tensor& q, const
   return o;
 }
 
-constexpr int64_t kMeanBlock = 32;
-
-// o[0..B) = inv * sum over the listed rows of x[row, 0..B): B is a compile-time width, so the
-// accumulator lives in vector registers.
-template <typename T, int64_t B>
-inline void mean_block(T* __restrict__ o, const T* __restrict__ x, int64_t stride, const int64_t* rows,
-                       int64_t count, T inv) {
-  T acc[B] = {};
-  for (int64_t k = 0; k < count; ++k) {
-    const T* __restrict__ r = x + rows[k] * stride;
-    for (int64_t d = 0; d < B; ++d) acc[d] += r[d];
-  }
-  for (int64_t d = 0; d < B; ++d) o[d] = acc[d] * inv;
-}
-
 // Class means of pf (N, D) under labels, as (C, D); rows with a label outside 0..C-1 are left out
 // (their loss is NaN). Rows are grouped by class first (stable), then each class sums its rows in
-// row order — deterministic whatever the thread count — kMeanBlock columns at a time through an
-// accumulator that stays in registers: no read-modify-write of the output per row (which stalled
-// on store-to-load aliasing of rows 4 KiB apart).
+// row order — deterministic whatever the thread count.
 template <typename T>
 at::Tensor class_means_cpu(const at::Tensor& pf, const int64_t* y, int64_t C) {
   const int64_t N = pf.size(0), D = pf.size(1);
@@ -311,15 +342,12 @@ at::Tensor class_means_cpu(const at::Tensor& pf, const int64_t* y, int64_t C) {
   at::Tensor p0 = at::empty({C, D}, pf.options());
   const T* xp = pf.data_ptr<T>();
   T* pp = p0.data_ptr<T>();
+  const auto class_mean = row_kernels<T>().class_mean;
   at::parallel_for(0, C, 4, [&](int64_t cb, int64_t ce) {
+    std::vector<T> acc(std::min(D, rows_baseline::kMeanChunk));
     for (int64_t c = cb; c < ce; ++c) {
-      const int64_t* rows = order.data() + start[c];
       const int64_t count = start[c + 1] - start[c];
-      const T inv = T(1) / T(std::max<int64_t>(count, 1));
-      T* o = pp + c * D;
-      int64_t d0 = 0;
-      for (; d0 + kMeanBlock <= D; d0 += kMeanBlock) mean_block<T, kMeanBlock>(o + d0, xp + d0, D, rows, count, inv);
-      for (; d0 < D; ++d0) mean_block<T, 1>(o + d0, xp + d0, D, rows, count, inv);
+      class_mean(pp + c * D, acc.data(), xp, D, order.data() + start[c], count, T(1) / T(std::max<int64_t>(count, 1)));
     }
   });
   return p0;
