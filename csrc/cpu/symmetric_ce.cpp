@@ -138,7 +138,9 @@ std::vector<at::Tensor> sce_normalised(const at::Tensor& zn, const at::Tensor& z
   const at::Tensor labels = labels_in.to(at::kLong).contiguous();
   const int64_t N = zn.size(0), C = qn.size(0);
   const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
-  const auto block_rows = [&](int64_t b) { return std::pair<int64_t, int64_t>{b * kRowBlock, std::min(N, (b + 1) * kRowBlock)}; };
+  const auto block_rows = [&](int64_t b) {
+    return std::pair<int64_t, int64_t>{b * kRowBlock, std::min(N, (b + 1) * kRowBlock)};
+  };
   const T nan = std::numeric_limits<T>::quiet_NaN();
   const T ninf = -std::numeric_limits<T>::infinity();
   const T s = T(std::exp(T(tau)));
