@@ -50,6 +50,7 @@ namespace rows_avx512 {
 #pragma GCC pop_options
 #endif
 using rows_baseline::kNormEps;
+using rows_baseline::lane_max;
 using rows_baseline::lane_sum;
 
 template <typename T>
@@ -184,13 +185,13 @@ std::vector<at::Tensor> sce_normalised(const at::Tensor& zn, const at::Tensor& z
       for (int64_t i = i0; i < i1; ++i) {
         T* Si = Sp + i * C;
         for (int64_t c = 0; c < C; ++c) Si[c] *= s;
-        T m = ninf, best = ninf;
+        const T m = lane_max<T>(C, [&](int64_t c) { return nc[c] > 0 ? Si[c] : ninf; });
+        // the prediction: the first class reaching the row's maximum (0 on a row of NaN)
+        const T best = lane_max<T>(C, [&](int64_t c) { return Si[c]; });
         int64_t arg = 0;
-        for (int64_t c = 0; c < C; ++c) {
-          if (nc[c] > 0 && Si[c] > m) m = Si[c];
-          if (Si[c] > best) { best = Si[c]; arg = c; }
-          bm[c] = std::max(bm[c], Si[c]);
-        }
+        if (best > ninf)
+          while (!(Si[arg] == best)) ++arg;
+        for (int64_t c = 0; c < C; ++c) bm[c] = std::max(bm[c], Si[c]);
         rowmax[i] = m;
         predp[i] = arg;
         T* ri = Er + i * C;
