@@ -49,7 +49,6 @@ namespace rows_avx512 {
 }  // namespace rows_avx512
 #pragma GCC pop_options
 #endif
-using rows_baseline::kNormEps;
 using rows_baseline::lane_max;
 using rows_baseline::lane_sum;
 
