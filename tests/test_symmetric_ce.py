@@ -94,6 +94,36 @@ def test_large_tau_stays_accurate(backend, device, tau):
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("dtype,taus", [(torch.float32, (3.6, 3.75, 4.0)), (torch.float64, (5.8, 5.9, 7.0))],
+                         ids=["float32", "float64"])
+def test_scores_at_minus_scale_around_the_shift_switch(backend, device, dtype, taus):
+    """Rows pointing away from every prototype (cosine ~ -1, so each of their scores sits at -s) beside
+    aligned rows, at scales on both sides of where a kernel may switch from one fixed shift (exp(S - s),
+    which reaches e^-2s) to exact maxima, and above it where e^-2s is no longer a normal number
+    (float32 e^-109 at tau = 4, float64 e^-2194 at tau = 7): every loss and gradient finite and exact."""
+    g = torch.Generator().manual_seed(11)
+    n, c, d = 48, 6, 24
+    u = torch.nn.functional.normalize(torch.randn(d, dtype=torch.float64, generator=g), dim=0)
+    p = u + 0.05 * torch.randn(c, d, dtype=torch.float64, generator=g)
+    y = torch.cat([torch.arange(c), torch.randint(0, c, (n - c,), generator=g)])
+    x = p[y] + 0.02 * torch.randn(n, d, dtype=torch.float64, generator=g)
+    x[::2] = -u + 0.01 * torch.randn(n // 2, d, dtype=torch.float64, generator=g)
+    x, p, y = x.to(dtype=dtype, device=device), p.to(dtype=dtype, device=device), y.to(device)
+    for tau in taus:
+        xs, ps = x.clone().requires_grad_(True), p.clone().requires_grad_(True)
+        losses = copa_fast.symmetric_ce(xs, ps, y, tau, reduction="none", backend=backend)
+        x64, p64 = (t.detach().double().requires_grad_(True) for t in (x, p))
+        expect = ref.symmetric_ce(x64, p64, y, tau, reduction="none")
+        assert torch.isfinite(losses).all(), f"tau={tau}: non-finite losses"
+        assert_rel(losses, expect, TOL[dtype]["loss"], f"losses at tau={tau}")
+        got = torch.autograd.grad(losses.mean(), (xs, ps))
+        want = torch.autograd.grad(expect.mean(), (x64, p64))
+        for name, a, b in zip(("dembeddings", "dprototypes"), got, want):
+            assert torch.isfinite(a).all(), f"tau={tau}: non-finite {name}"
+            assert_rel(a, b, TOL[dtype]["grad"], f"{name} at tau={tau}")
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_row_norms_across_magnitudes(backend, device, dtype):
     """Each row scaled by its own 2^k, from denormal rows to rows whose squares overflow: the norm's

@@ -123,13 +123,30 @@ void normalize_backward_(at::Tensor& g, const at::Tensor& xn, const at::Tensor& 
 // their norms; returns {loss, losses, pred, dZ, dQ, dtau}, dZ / dQ the gradients w.r.t. the RAW
 // rows (normalisation backward applied; empty without fused_grad). zn and qn are only read.
 //
-// Every exponential is taken once, by ATen's vectorised exp over whole N x C buffers: the row
-// terms exp(S_ic - m_i) (m_i the row maximum over present classes) and the column terms
-// exp(S_ic - M_c) (M_c the column maximum), so no shift can overflow whatever tau is. The loops
-// around them are plain arithmetic the compiler vectorises, run over blocks of kRowBlock rows; a
-// reduction over rows (column maxima, column sums in double) is formed per block in row order and
-// the blocks combined in order, so the result does not depend on the thread count (deterministic).
+// Every exponential is taken by ATen's vectorised exp over a whole N x C buffer. Two shifts keep
+// them in range:
+// - fixed (s <= FixedShift<T>::max_scale): |S_ic| <= s, so exp(S_ic - s) lies in [e^-2s, 1], a
+//   normal number of T: one exponential a score serves the row sums and the column sums alike;
+// - exact maxima (larger s, up to tau = 10 and beyond): the row terms exp(S_ic - m_i), m_i the row
+//   maximum over present classes, and the column terms exp(S_ic - M_c), M_c the column maximum, so
+//   no shift can overflow or underflow whatever tau is.
+// The loops around them are plain arithmetic the compiler vectorises, run over blocks of kRowBlock
+// rows; a reduction over rows (column maxima, column sums in double) is formed per block in row
+// order and the blocks combined in order, so the result does not depend on the thread count.
 constexpr int64_t kRowBlock = 32;
+
+// The largest scale s for the fixed shift: e^-2s must stay a normal number (float: e^-80 = 1.8e-35
+// against FLT_MIN 1.2e-38, i.e. tau <= 3.68; double: e^-700 against DBL_MIN 2.2e-308, tau <= 5.85).
+template <typename T>
+struct FixedShift;
+template <>
+struct FixedShift<float> {
+  static constexpr double max_scale = 40.0;
+};
+template <>
+struct FixedShift<double> {
+  static constexpr double max_scale = 350.0;
+};
 
 template <typename T>
 std::vector<at::Tensor> sce_normalised(const at::Tensor& zn, const at::Tensor& znorm, const at::Tensor& qn,
@@ -144,6 +161,7 @@ std::vector<at::Tensor> sce_normalised(const at::Tensor& zn, const at::Tensor& z
   const T nan = std::numeric_limits<T>::quiet_NaN();
   const T ninf = -std::numeric_limits<T>::infinity();
   const T s = T(std::exp(T(tau)));
+  const bool fixed = double(s) <= FixedShift<T>::max_scale;
   const int64_t* y = labels.data_ptr<int64_t>();
 
   // S = s zn qn^T; the scale is applied by the first pass over its rows below
@@ -169,46 +187,52 @@ std::vector<at::Tensor> sce_normalised(const at::Tensor& zn, const at::Tensor& z
   for (int64_t c = 0; c < C; ++c) count_t[c] = T(counts[c]);
   const T* nc = count_t.data();
 
-  // S scaled by s; row maxima (over present classes), predictions and the row-shifted copy of S;
-  // each block's column maxima (std::max keeps the running value over a NaN, as a serial scan would).
-  at::Tensor X = at::empty({2, N, C}, S.options());   // the row- and column-shifted copies of S
-  T* Er = X.data_ptr<T>();
-  T* Ec = Er + N * C;
-  std::vector<T> rowmax(N), block_max(blocks * C, ninf);
+  // S scaled by s; the predictions; the shifted copies of S: one (S - s) with the fixed shift, else
+  // the row-shifted one here (row maxima over present classes) and each block's column maxima
+  // (std::max keeps the running value over a NaN, as a serial scan would).
+  at::Tensor X = at::empty({fixed ? 1 : 2, N, C}, S.options());
+  T* Er = X.data_ptr<T>();                  // exp(S - row shift)
+  T* Ec = fixed ? Er : Er + N * C;          // exp(S - column shift)
+  std::vector<T> rowshift(N, s), block_max(fixed ? 0 : blocks * C, ninf);
   at::Tensor pred = at::empty({N}, labels.options());
   int64_t* predp = pred.data_ptr<int64_t>();
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      T* bm = block_max.data() + b * C;
       const auto [i0, i1] = block_rows(b);
       for (int64_t i = i0; i < i1; ++i) {
         T* Si = Sp + i * C;
         for (int64_t c = 0; c < C; ++c) Si[c] *= s;
-        const T m = lane_max<T>(C, [&](int64_t c) { return nc[c] > 0 ? Si[c] : ninf; });
         // the prediction: the first class reaching the row's maximum (0 on a row of NaN)
         const T best = lane_max<T>(C, [&](int64_t c) { return Si[c]; });
         int64_t arg = 0;
         if (best > ninf)
           while (!(Si[arg] == best)) ++arg;
-        for (int64_t c = 0; c < C; ++c) bm[c] = std::max(bm[c], Si[c]);
-        rowmax[i] = m;
         predp[i] = arg;
         T* ri = Er + i * C;
+        if (!fixed) {
+          T* bm = block_max.data() + b * C;
+          for (int64_t c = 0; c < C; ++c) bm[c] = std::max(bm[c], Si[c]);
+          rowshift[i] = lane_max<T>(C, [&](int64_t c) { return nc[c] > 0 ? Si[c] : ninf; });
+        }
+        const T m = rowshift[i];
         for (int64_t c = 0; c < C; ++c) ri[c] = Si[c] - m;
       }
     }
   });
-  std::vector<T> colmax(C, ninf);
-  for (int64_t b = 0; b < blocks; ++b)
-    for (int64_t c = 0; c < C; ++c) colmax[c] = std::max(colmax[c], block_max[b * C + c]);
-  const T* M = colmax.data();
-  at::parallel_for(0, N, 32, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const T* Si = Sp + i * C;
-      T* ci = Ec + i * C;
-      for (int64_t c = 0; c < C; ++c) ci[c] = Si[c] - M[c];
-    }
-  });
+  std::vector<T> colshift(C, s);
+  if (!fixed) {
+    std::fill(colshift.begin(), colshift.end(), ninf);
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int64_t c = 0; c < C; ++c) colshift[c] = std::max(colshift[c], block_max[b * C + c]);
+    const T* M = colshift.data();
+    at::parallel_for(0, N, 32, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const T* Si = Sp + i * C;
+        T* ci = Ec + i * C;
+        for (int64_t c = 0; c < C; ++c) ci[c] = Si[c] - M[c];
+      }
+    });
+  }
   X.exp_();
 
   // Row sums over the N expanded columns (class c counted n_c times) and column sums over rows.
@@ -228,16 +252,38 @@ std::vector<at::Tensor> sce_normalised(const at::Tensor& zn, const at::Tensor& z
   std::vector<double> colsum(C, 0.0);
   for (int64_t b = 0; b < blocks; ++b)
     for (int64_t c = 0; c < C; ++c) colsum[c] += block_sum[b * C + c];
+  std::vector<double> L(C);   // column log-sum-exp; the row one, R_i, is formed where it is used
+  for (int64_t c = 0; c < C; ++c) L[c] = double(colshift[c]) + std::log(colsum[c]);
 
+  // One pass over the rows: the per-sample losses and, with fused_grad, G in place of the row terms.
+  // G_ic = dloss/dS_ic = 1/2 (w_i n_c e^{S_ic - R_i} + wsum_c e^{S_ic - L_c}) - w_i [c == y_i],
+  // written over the row terms; dtau = sum G_ic S_ic; then G is scaled by s for dz = s G qn. The
+  // row sum sum_c G_ic S_ic is also <zn_i, dz_i> (S_ic = s <zn_i, qn_c>): the normalisation
+  // backward of dz takes it from here instead of a pass over the D columns.
   at::Tensor losses = at::empty({N}, zn.options());
   T* lp = losses.data_ptr<T>();
-  std::vector<double> L(C);   // column log-sum-exp; the row one, R_i, is formed where it is used
-  for (int64_t c = 0; c < C; ++c) L[c] = double(M[c]) + std::log(colsum[c]);
-  at::parallel_for(0, N, 64, [&](int64_t b, int64_t e) {
+  std::vector<T> col_coef(C), zdot(fused_grad ? N : 0);
+  for (int64_t c = 0; c < C; ++c) col_coef[c] = nc[c] > 0 ? T(0.5 * wsum[c] / colsum[c]) : T(0);
+  const T* cc = col_coef.data();
+  at::parallel_for(0, N, 32, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      const double R = double(rowmax[i]) + std::log(rowsum[i]);
-      const int64_t c = y[i];
-      lp[i] = (c >= 0 && c < C) ? T(0.5 * (R + L[c] - 2.0 * double(Sp[i * C + c]))) : nan;
+      const int64_t yi = y[i];
+      const bool valid = yi >= 0 && yi < C;
+      const T* Si = Sp + i * C;
+      lp[i] = valid ? T(0.5 * (double(rowshift[i]) + std::log(rowsum[i]) + L[yi] - 2.0 * double(Si[yi]))) : nan;
+      if (!fused_grad) continue;
+      T* gi = Er + i * C;
+      if (!valid) {
+        for (int64_t c = 0; c < C; ++c) gi[c] = nan;
+        zdot[i] = nan;
+        continue;
+      }
+      const T* ci = Ec + i * C;
+      const T row_coef = T(0.5 * w[i] / rowsum[i]);
+      for (int64_t c = 0; c < C; ++c) gi[c] = (nc[c] > 0 ? row_coef * nc[c] * gi[c] : T(0)) + cc[c] * ci[c];
+      gi[yi] -= T(w[i]);
+      zdot[i] = lane_sum<T>(C, [&](int64_t c) { return gi[c] * Si[c]; });
+      for (int64_t c = 0; c < C; ++c) gi[c] *= s;
     }
   });
   double total = 0;
@@ -248,32 +294,6 @@ std::vector<at::Tensor> sce_normalised(const at::Tensor& zn, const at::Tensor& z
     const auto none = [&] { return at::empty({0}, zn.options()); };
     return {loss, losses, pred, none(), none(), none()};
   }
-  // G_ic = dloss/dS_ic = 1/2 (w_i n_c e^{S_ic - R_i} + wsum_c e^{S_ic - L_c}) - w_i [c == y_i],
-  // written over the row terms; dtau = sum G_ic S_ic; then G is scaled by s for dz = s G qn. The
-  // row sum sum_c G_ic S_ic is also <zn_i, dz_i> (S_ic = s <zn_i, qn_c>): the normalisation
-  // backward of dz takes it from here instead of a pass over the D columns.
-  std::vector<T> col_coef(C);
-  for (int64_t c = 0; c < C; ++c) col_coef[c] = nc[c] > 0 ? T(0.5 * wsum[c] / colsum[c]) : T(0);
-  const T* cc = col_coef.data();
-  std::vector<T> zdot(N);
-  at::parallel_for(0, N, 32, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const int64_t yi = y[i];
-      T* gi = Er + i * C;
-      const T* ci = Ec + i * C;
-      const T* Si = Sp + i * C;
-      if (yi < 0 || yi >= C) {
-        for (int64_t c = 0; c < C; ++c) gi[c] = nan;
-        zdot[i] = nan;
-        continue;
-      }
-      const T row_coef = T(0.5 * w[i] / rowsum[i]);
-      for (int64_t c = 0; c < C; ++c) gi[c] = (nc[c] > 0 ? row_coef * nc[c] * gi[c] : T(0)) + cc[c] * ci[c];
-      gi[yi] -= T(w[i]);
-      zdot[i] = lane_sum<T>(C, [&](int64_t c) { return gi[c] * Si[c]; });
-      for (int64_t c = 0; c < C; ++c) gi[c] *= s;
-    }
-  });
   double dt = 0;
   for (int64_t i = 0; i < N; ++i) dt += double(zdot[i]);
   const at::Tensor G = X[0];
