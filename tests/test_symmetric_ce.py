@@ -307,6 +307,34 @@ def test_cpu_row_kernel_copies_give_the_same_bits(tmp_path):
                 assert torch.equal(u, v), f"problem {k}, {name}: {isa} copy differs from the baseline copy"
 
 
+@pytest.mark.skipif("cpu" not in copa_fast.available_backends(), reason="needs the C++ extension")
+def test_cpu_kernel_passes_do_not_depend_on_the_thread_count():
+    """The cpu kernel's own reductions (class means by rows in order, the N x C sums per 32-row block
+    combined in block order, dtau) give the same bits on one thread and on two: a float reduction
+    with per-thread partial sums (at::parallel_reduce) fails here. dq is left out: its product
+    G^T zn reduces over N inside MKL, which splits that sum by thread from N ~ 1000."""
+    outs = {}
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs = []
+            for n, c, d, tau in [(1000, 100, 96, 2.0), (700, 37, 130, 5.0)]:
+                g = torch.Generator().manual_seed(n)
+                x = torch.randn(n, d, generator=g)
+                y = torch.cat([torch.arange(c), torch.randint(0, c, (n - c,), generator=g)])
+                wi = torch.eye(d) + 0.05 * torch.randn(d, d, generator=g)
+                runs.append(torch.ops.copa_fast.copa_loss(x, y, wi, wi.t().contiguous(), x.flip(0), c,
+                                                          torch.tensor(tau), None, True))
+            outs[threads] = runs
+    finally:
+        torch.set_num_threads(before)
+    for k, (a, b) in enumerate(zip(outs[1], outs[2])):
+        for name, u, v in zip(("loss", "losses", "pred", "dz", "dq", "p0", "dtau"), a, b):
+            if name != "dq":
+                assert torch.equal(u, v), f"problem {k}, {name}: one thread and two differ"
+
+
 @pytest.mark.parametrize("backend,device", PAIRS)
 def test_copa_loss_deterministic(backend, device):
     x, y = make_episode(150, 12, 70, seed=13, device=device)
