@@ -129,7 +129,7 @@ void normalize_backward_(at::Tensor& g, const at::Tensor& xn, const at::Tensor& 
 //   normal number of T: one exponential a score serves the row sums and the column sums alike;
 // - exact maxima (larger s, up to tau = 10 and beyond): the row terms exp(S_ic - m_i), m_i the row
 //   maximum over present classes, and the column terms exp(S_ic - M_c), M_c the column maximum, so
-//   no shift can overflow or underflow whatever tau is.
+//   that whatever tau is no exponential overflows and each sum keeps its largest term at 1.
 // The loops around them are plain arithmetic the compiler vectorises, run over blocks of kRowBlock
 // rows; a reduction over rows (column maxima, column sums in double) is formed per block in row
 // order and the blocks combined in order, so the result does not depend on the thread count.
