@@ -264,6 +264,9 @@ def test_deterministic(backend, device):
         assert torch.equal(u, v)
 
 
+# the outputs of copa_fast::copa_loss, in order
+_STEP_OUTPUTS = ("loss", "losses", "pred", "dz", "dq", "p0", "dtau")
+
 _ISA_SCRIPT = """
 import sys, torch
 import copa_fast  # noqa: F401  (registers the ops)
@@ -303,7 +306,7 @@ def test_cpu_row_kernel_copies_give_the_same_bits(tmp_path):
         outs[isa] = torch.load(tmp_path / f"{isa}.pt")
     for isa in ("avx2", "native"):
         for k, (a, b) in enumerate(zip(outs["baseline"], outs[isa])):
-            for name, u, v in zip(("loss", "losses", "pred", "dz", "dq", "p0", "dtau"), a, b):
+            for name, u, v in zip(_STEP_OUTPUTS, a, b):
                 assert torch.equal(u, v), f"problem {k}, {name}: {isa} copy differs from the baseline copy"
 
 
@@ -330,7 +333,7 @@ def test_cpu_kernel_passes_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(before)
     for k, (a, b) in enumerate(zip(outs[1], outs[2])):
-        for name, u, v in zip(("loss", "losses", "pred", "dz", "dq", "p0", "dtau"), a, b):
+        for name, u, v in zip(_STEP_OUTPUTS, a, b):
             if name != "dq":
                 assert torch.equal(u, v), f"problem {k}, {name}: one thread and two differ"
 
