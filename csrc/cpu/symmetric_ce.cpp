@@ -297,16 +297,18 @@ std::vector<at::Tensor> sce_normalised(const at::Tensor& zn, const at::Tensor& z
   double dt = 0;
   for (int64_t i = 0; i < N; ++i) dt += double(zdot[i]);
   const at::Tensor G = X[0];
+  // dz = G qn and dq = G^T zn side by side, one a thread, where there are two threads to run them
   at::Tensor dz, dq;
+  const auto product = [&](int64_t k) {
+    if (k == 0) dz = at::mm(G, qn); else dq = at::mm(G.t(), zn);
+  };
   if (at::get_num_threads() >= 2 && !at::in_parallel_region()) {
     at::parallel_for(0, 2, 1, [&](int64_t b, int64_t e) {
-      for (int64_t k = b; k < e; ++k) {
-        if (k == 0) dz = at::mm(G, qn); else dq = at::mm(G.t(), zn);
-      }
+      for (int64_t k = b; k < e; ++k) product(k);
     });
   } else {
-    dz = at::mm(G, qn);
-    dq = at::mm(G.t(), zn);
+    product(0);
+    product(1);
   }
   normalize_backward_<T>(dz, zn, znorm, zdot.data());
   normalize_backward_<T>(dq, qn, qnorm);
