@@ -28,8 +28,10 @@ def _extensions():
                sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) +
                       glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
     # -ffp-contract=off: no multiply-add contraction, so the CPU row kernels' per-ISA copies
-    # (csrc/cpu/row_kernels.inc) give the same bits. The C++ standard is torch's choice.
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    # (csrc/cpu/row_kernels.inc) give the same bits; -fno-trapping-math: selects such as the exp
+    # kernel's clamps may become vector blends (no value changes, only FP exception flags are not
+    # kept). The C++ standard is torch's choice.
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
     want = os.environ.get("COPA_FAST_CUDA", "auto")
     have_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if want == "1" and not have_cuda:

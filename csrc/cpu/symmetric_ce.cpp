@@ -29,26 +29,10 @@
 namespace copa_fast {
 namespace {
 
-// The row kernels (row_kernels.inc), one copy per instruction set; row_kernels<T>() picks the
-// widest this CPU runs. All copies give the same bits (see the .inc), so the choice moves only time.
-namespace rows_baseline {
-#include "row_kernels.inc"
-}  // namespace rows_baseline
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define COPA_FAST_ROW_ISA_COPIES 1
-#pragma GCC push_options
-#pragma GCC target("avx2")
-namespace rows_avx2 {
-#include "row_kernels.inc"
-}  // namespace rows_avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,prefer-vector-width=512")
-namespace rows_avx512 {
-#include "row_kernels.inc"
-}  // namespace rows_avx512
-#pragma GCC pop_options
-#endif
+// The row kernels, one copy per instruction set (row_kernel_copies.h); row_kernels<T>() picks the
+// widest this CPU runs. All copies give the same bits (see row_kernels.inc), so the choice moves
+// only time.
+#include "row_kernel_copies.h"
 using rows_baseline::lane_max;
 using rows_baseline::lane_sum;
 
@@ -57,9 +41,10 @@ struct RowKernels {
   void (*normalize)(const T*, T*, T*, int64_t, int64_t, int64_t);
   void (*normalize_backward)(T*, const T*, const T*, const T*, int64_t, int64_t, int64_t);
   void (*class_mean)(T*, T*, const T*, int64_t, const int64_t*, int64_t, T);
+  void (*exp)(T*, int64_t);
 };
 #define COPA_FAST_ROW_KERNELS(ns, T) \
-  RowKernels<T> { &ns::normalize_rows<T>, &ns::normalize_backward_rows<T>, &ns::class_mean<T> }
+  RowKernels<T> { &ns::normalize_rows<T>, &ns::normalize_backward_rows<T>, &ns::class_mean<T>, &ns::exp_inplace<T> }
 
 // 0 baseline, 1 AVX2, 2 AVX-512 (F, BW, DQ, VL): the widest copy this CPU and its OS run, lowered by
 // the environment variable COPA_FAST_CPU_ISA=baseline|avx2 when the process first asks (for
@@ -123,8 +108,11 @@ void normalize_backward_(at::Tensor& g, const at::Tensor& xn, const at::Tensor& 
 // their norms; returns {loss, losses, pred, dZ, dQ, dtau}, dZ / dQ the gradients w.r.t. the RAW
 // rows (normalisation backward applied; empty without fused_grad). zn and qn are only read.
 //
-// Every exponential is taken by ATen's vectorised exp over a whole N x C buffer. Two shifts keep
-// them in range:
+// Every exponential is taken by the row kernels' own exp (row_kernels.inc), on each block of rows
+// as it is written — not by ATen's exp, whose float path calls MKL's vector math: the first call
+// of a process, split over two threads, now and then ran one thread's half with a low-accuracy
+// kernel (~1e-4 relative error; pytorch/pytorch#188792, copa_fast/_mkl_vml.py), so a step's bits
+// changed from process to process. Two shifts keep the exponentials in range:
 // - fixed (s <= FixedShift<T>::max_scale): |S_ic| <= s, so exp(S_ic - s) lies in [e^-2s, 1], a
 //   normal number of T: one exponential a score serves the row sums and the column sums alike;
 // - exact maxima (larger s, up to tau = 10 and beyond): the row terms exp(S_ic - m_i), m_i the row
@@ -196,6 +184,7 @@ std::vector<at::Tensor> sce_normalised(const at::Tensor& zn, const at::Tensor& z
   std::vector<T> rowshift(N, s), block_max(fixed ? 0 : blocks * C, ninf);
   at::Tensor pred = at::empty({N}, labels.options());
   int64_t* predp = pred.data_ptr<int64_t>();
+  const auto exp_rows = row_kernels<T>().exp;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const auto [i0, i1] = block_rows(b);
@@ -217,6 +206,7 @@ std::vector<at::Tensor> sce_normalised(const at::Tensor& zn, const at::Tensor& z
         const T m = rowshift[i];
         for (int64_t c = 0; c < C; ++c) ri[c] = Si[c] - m;
       }
+      exp_rows(Er + i0 * C, (i1 - i0) * C);
     }
   });
   std::vector<T> colshift(C, s);
@@ -231,9 +221,9 @@ std::vector<at::Tensor> sce_normalised(const at::Tensor& zn, const at::Tensor& z
         T* ci = Ec + i * C;
         for (int64_t c = 0; c < C; ++c) ci[c] = Si[c] - M[c];
       }
+      exp_rows(Ec + b * C, (e - b) * C);
     });
   }
-  X.exp_();
 
   // Row sums over the N expanded columns (class c counted n_c times) and column sums over rows.
   std::vector<double> rowsum(N), block_sum(blocks * C, 0.0);
