@@ -4,7 +4,7 @@ Public API: symmetric_ce, symmetric_ce_with_stats, copa_loss, CoPAHead, adapt, a
 available_backends, class_means; the readable oracle lives in copa_fast.reference.
 """
 
-from . import reference
+from . import _mkl_vml, reference
 from .api import (AdaptResult, CoPAHead, adapt, adapt_many, class_means, copa_loss, symmetric_ce,
                   symmetric_ce_with_stats)
 from .backends import available_backends
@@ -12,3 +12,5 @@ from .backends import available_backends
 __all__ = ["AdaptResult", "CoPAHead", "adapt", "adapt_many", "available_backends", "class_means", "copa_loss",
            "reference", "symmetric_ce", "symmetric_ce_with_stats"]
 __version__ = "0.1.0"
+
+_mkl_vml.resolve_vml_dispatch()
