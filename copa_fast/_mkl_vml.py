@@ -4,9 +4,10 @@ On x86 CPUs, PyTorch's float32 / float64 unary ops (exp, log, sqrt, ...) call MK
 (VML) from every intra-op thread on its share of the tensor. The oneMKL 2024.2 that torch's wheels
 bundle picks each function's kernel at its first call; when that first call runs on several
 threads at once, one thread can run its whole share with a low-accuracy kernel, for that one call
-(pytorch/pytorch#188792). Seen on this project's CI host: the first ``torch.exp`` of a process on
-3451 floats, split over two threads, came back in ~1 process in 50 with the second half at up to
-1.5e-4 relative error (about 1770 float32 ulp), and the next call was exact.
+(pytorch/pytorch#188792). Seen on this project's 2-core development machine (CI's kind): the
+first ``torch.exp`` of a process on 3451 floats, split over two threads, came back in ~1 process in
+50 with the second half at up to 1.5e-4 relative error (about 1770 float32 ulp), and the next call
+was exact.
 
 The ``cpu`` kernel no longer calls ATen's exp (csrc/cpu/row_kernels.inc has its own), but the
 package's PyTorch paths do (``reference``'s and the composite op's log-sum-exps, ``distributed``,
