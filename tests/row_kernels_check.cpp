@@ -27,11 +27,9 @@ template <typename T>
 std::vector<Copy<T>> copies() {
   std::vector<Copy<T>> out{{"baseline", &rows_baseline::exp_inplace<T>}};
 #ifdef COPA_FAST_ROW_ISA_COPIES
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2")) out.push_back({"avx2", &rows_avx2::exp_inplace<T>});
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
-    out.push_back({"avx512", &rows_avx512::exp_inplace<T>});
+  const int widest = widest_row_copy();
+  if (widest >= 1) out.push_back({"avx2", &rows_avx2::exp_inplace<T>});
+  if (widest >= 2) out.push_back({"avx512", &rows_avx512::exp_inplace<T>});
 #endif
   return out;
 }

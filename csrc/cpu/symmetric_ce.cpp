@@ -51,14 +51,7 @@ struct RowKernels {
 // comparing the copies).
 int row_isa() {
   static const int isa = [] {
-    int best = 0;
-#ifdef COPA_FAST_ROW_ISA_COPIES
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2")) best = 1;
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
-      best = 2;
-#endif
+    const int best = widest_row_copy();
     const char* env = std::getenv("COPA_FAST_CPU_ISA");
     if (env != nullptr && std::strcmp(env, "baseline") == 0) return 0;
     if (env != nullptr && std::strcmp(env, "avx2") == 0) return std::min(best, 1);
