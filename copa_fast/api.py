@@ -180,6 +180,55 @@ def symmetric_ce_with_stats(embeddings: torch.Tensor, prototypes: torch.Tensor, 
     return loss, {"loss": loss.item(), "acc": reference.fraction_correct(pred, labels)}
 
 
+_STEP_DTYPES = (torch.float32, torch.float64)
+
+
+def _plain_step(features, labels, w_img, w_proto, tau: float, num_classes, backend, check_inputs):
+    """copa_loss's training-step call in one frame: the loss when the call is the plain form —
+    float32/float64 tensors that pass every check of copa_loss's full path, a float tau, the mean,
+    IEEE products, a backend with the one-op step (cpu, cuda, triton) — else None, and the full
+    path runs (it checks in its order and raises what it finds; a call taken here could not fail
+    there). Why: in a training step the API runs after the step's GEMMs have evicted the
+    interpreter's state, where every Python frame costs several times its tight-loop time; the full
+    path's dozen helper calls took ~75 us of a ~2.8 ms CPU step at N = 500 (benchmarks/NOTES.md)."""
+    tensor = torch.Tensor
+    if not (isinstance(features, tensor) and isinstance(labels, tensor) and isinstance(w_img, tensor)
+            and isinstance(w_proto, tensor)):
+        return None
+    dtype, device, shape = features.dtype, features.device, w_img.shape
+    if not (dtype in _STEP_DTYPES and w_img.dtype == dtype and w_proto.dtype == dtype
+            and labels.dtype in V.LABEL_DTYPES and features.dim() == 2 and labels.dim() == 1
+            and len(shape) == 2 and w_proto.shape == shape and shape[0] > 0 and features.shape[0] > 0
+            and 0 < features.shape[1] == shape[1] and labels.shape[0] == features.shape[0]
+            and w_img.device == device and w_proto.device == device and labels.device == device
+            and -math.inf < tau <= 80.0):
+        return None
+    if num_classes is None:
+        if not check_inputs:
+            return None   # the full path says that it is required
+    elif type(num_classes) is not int or num_classes < 1:
+        return None
+    try:
+        b = _backends.resolve(backend, device)
+    except ValueError:
+        return None       # raised by the full path, after the value checks (its order)
+    step = _ops.copa_op() if b in ("cpu", "cuda") else _ops.triton_step_op() if b == "triton" else None
+    # _composite_only, inline: under torch.func transforms or forward-mode AD the full path runs
+    if step is None or _functorch_active() or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
+        return None
+    if check_inputs:
+        with _readable_values():
+            num_classes = V.values("labels", labels, features.shape[0], features, num_classes, tau,
+                                   [("features", features)])
+    # _tau_tensor's cache, read inline where it applies (no dispatch mode; not compiling, above)
+    tau_t = None if torch._C._len_torch_dispatch_stack() else _TAU_TENSORS.get((tau, dtype, device))
+    if tau_t is None:
+        tau_t = _tau_tensor(tau, features)
+    needs_grad = torch.is_grad_enabled() and (features.requires_grad or w_img.requires_grad
+                                              or w_proto.requires_grad)
+    return step(features, labels, w_img, w_proto, features, num_classes, tau_t, None, needs_grad, "ieee")[0]
+
+
 def copa_loss(features: torch.Tensor, labels: torch.Tensor, w_img: torch.Tensor, w_proto: torch.Tensor,
               tau: Tau = 2.0, *, prototype_features: Optional[torch.Tensor] = None, reduction: str = "mean",
               num_classes: Optional[int] = None, backend: Optional[str] = None,
@@ -195,6 +244,11 @@ def copa_loss(features: torch.Tensor, labels: torch.Tensor, w_img: torch.Tensor,
     ``check_inputs=False`` and under torch.compile. ``precision="tf32"`` as in ``symmetric_ce``
     (the adapter GEMMs follow torch's own TF32 setting).
     """
+    if (prototype_features is None and reduction == "mean" and precision == "ieee" and type(tau) is float
+            and not torch.compiler.is_compiling()):
+        loss = _plain_step(features, labels, w_img, w_proto, tau, num_classes, backend, check_inputs)
+        if loss is not None:
+            return loss
     pf = V.copa_inputs(features, prototype_features, w_img, w_proto)
     n = features.shape[0]
     check = _check_values(check_inputs)

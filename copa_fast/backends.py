@@ -103,6 +103,8 @@ def default_backend(device: torch.device, *, batched: bool = False) -> str:
 def resolve(backend: str | None, device: torch.device, *, batched: bool = False) -> str:
     """Returns the backend to run on tensors of ``device`` (``batched``: for a batch of episodes);
     raises ValueError naming the problem."""
+    if backend == "cpu" and device.type == "cpu" and _extension.loaded():
+        return "cpu"   # the C++ kernel named for CPU tensors (in available_backends() iff it loaded)
     source = "backend"
     if backend is None:
         env = os.environ.get(ENV_VAR)

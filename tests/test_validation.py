@@ -4,6 +4,7 @@ kernel runs; with validation off, a bad label yields NaN, never an out-of-bounds
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,6 +94,98 @@ def test_copa_loss_bad_input(arg, exc, override, backend):
     kwargs.update(override)
     with pytest.raises(exc, match=arg):
         copa_fast.copa_loss(**kwargs)
+
+
+def _plain_call_cases():
+    x, _, y = _good()
+    eye = torch.eye(8)
+    bad_label = torch.where(torch.arange(20) == 7, 25, torch.arange(20) % 4)
+    plain = [   # (id, overrides, whether the one-frame path takes the call)
+        ("float32", dict(), True),
+        ("float64", dict(features=x.double(), w_img=eye.double(), w_proto=eye.double()), True),
+        ("unchecked", dict(check_inputs=False, num_classes=4), True),
+        ("int32-labels", dict(labels=y.int()), True),
+        ("parameters", dict(w_img=torch.nn.Parameter(eye.clone()), w_proto=torch.nn.Parameter(eye.clone())), True),
+        ("strided-features", dict(features=torch.randn(8, 20).t()), True),
+        ("backend-cpu", dict(backend="cpu"), True),
+        ("negative-tau", dict(tau=-1.5), True),
+        ("tau-80", dict(tau=80.0), True),
+        ("wide-maps", dict(w_img=torch.randn(11, 8), w_proto=torch.randn(11, 8)), True),
+        # what the full path alone takes: each answered as it answers it
+        ("int-tau", dict(tau=2), False),
+        ("tensor-tau", dict(tau=torch.tensor(2.0)), False),
+        ("float64-maps", dict(w_img=eye.double(), w_proto=eye.double()), False),
+        ("float16", dict(features=x.half()), False),
+        ("sum", dict(reduction="sum"), False),
+        ("prototype-features", dict(prototype_features=torch.randn(20, 8)), False),
+        ("reference", dict(backend="reference"), False),
+        ("numpy-int-classes", dict(num_classes=np.int64(4)), False),
+        # bad input: the same error from either path
+        ("tau-81", dict(tau=81.0), False),
+        ("tau-nan", dict(tau=float("nan")), False),
+        ("tau-inf", dict(tau=-float("inf")), False),
+        ("classes-bool", dict(num_classes=True), False),
+        ("classes-0", dict(num_classes=0), False),
+        ("classes-unchecked", dict(check_inputs=False), False),
+        ("labels-short", dict(labels=y[:-1]), False),
+        ("labels-float", dict(labels=y.float()), False),
+        ("labels-2d", dict(labels=y[:, None]), False),
+        ("labels-value", dict(labels=bad_label), True),   # the value checks, inside the one-frame path
+        ("labels-unchecked", dict(labels=bad_label, check_inputs=False, num_classes=4), True),   # NaN
+        ("empty-class", dict(num_classes=5), True),
+        ("features-empty", dict(features=x[:0], labels=y[:0]), False),
+        ("features-3d", dict(features=x[:, :, None]), False),
+        ("features-nan", dict(features=x.clone().index_fill_(0, torch.tensor([5]), float("nan"))), True),
+        ("maps-columns", dict(w_img=torch.eye(7)), False),
+        ("maps-differ", dict(w_proto=torch.eye(8)[:4]), False),
+        ("maps-no-rows", dict(w_img=eye[:0], w_proto=eye[:0]), False),
+        ("maps-int", dict(w_img=eye.long()), False),
+        ("backend-unknown", dict(backend="tpu"), False),
+    ]
+    if "triton" in copa_fast.available_backends():   # the interpreter's kernels on CPU tensors
+        plain.append(("backend-triton", dict(backend="triton"), True))
+    return [pytest.param(o, taken, id=name) for name, o, taken in plain]
+
+
+@pytest.mark.parametrize("override,taken", _plain_call_cases())
+def test_copa_loss_plain_call_path_matches_the_full_path(monkeypatch, override, taken):
+    """copa_loss answers a plain training-step call in one frame (api._plain_step) and every other
+    call by its full path; whichever takes a call, the loss and gradients are the same bits and a
+    bad input raises the same error."""
+    api = copa_fast.api
+
+    def run():
+        x, _, y = _good()
+        kwargs = dict(features=x, labels=y, w_img=torch.eye(8), w_proto=torch.eye(8))
+        kwargs.update({k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in override.items()})
+        if isinstance(override.get("w_img"), torch.nn.Parameter):
+            kwargs["w_img"], kwargs["w_proto"] = (torch.nn.Parameter(override[k].detach().clone())
+                                                  for k in ("w_img", "w_proto"))
+        leaves = [kwargs[k] for k in ("features", "w_img", "w_proto") if kwargs[k].is_floating_point()]
+        for t in leaves:
+            t.requires_grad_(True)
+        try:
+            loss = copa_fast.copa_loss(**kwargs)
+        except (TypeError, ValueError) as e:
+            return type(e), str(e)
+        if not torch.isnan(loss):
+            loss.backward()
+        return loss.detach(), [t.grad for t in leaves]
+
+    full_calls = []
+    real_check = copa_fast._validate.copa_inputs
+    monkeypatch.setattr(copa_fast._validate, "copa_inputs", lambda *a, **k: full_calls.append(1) or real_check(*a, **k))
+    fast = run()
+    assert (not full_calls) == taken, "the one-frame path took a call it should not, or missed a plain one"
+    monkeypatch.setattr(api, "_plain_step", lambda *a, **k: None)
+    full = run()
+    if isinstance(full[0], type):
+        assert fast == full
+        return
+    assert not isinstance(fast[0], type), fast
+    assert fast[0].dtype == full[0].dtype and torch.equal(fast[0], full[0]) or (fast[0].isnan() and full[0].isnan())
+    for a, b in zip(fast[1], full[1]):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
 
 
 @pytest.mark.parametrize("one_op", [True, False], ids=["value_summary-op", "torch-ops"])
