@@ -103,8 +103,12 @@ def default_backend(device: torch.device, *, batched: bool = False) -> str:
 def resolve(backend: str | None, device: torch.device, *, batched: bool = False) -> str:
     """Returns the backend to run on tensors of ``device`` (``batched``: for a batch of episodes);
     raises ValueError naming the problem."""
+    # A C++ kernel named for tensors it runs on needs no probe: it is in available_backends() iff the
+    # extension loaded (cpu) or has CUDA kernels (cuda; CUDA tensors mean a working CUDA).
     if backend == "cpu" and device.type == "cpu" and _extension.loaded():
-        return "cpu"   # the C++ kernel named for CPU tensors (in available_backends() iff it loaded)
+        return "cpu"
+    if backend == "cuda" and device.type == "cuda" and _extension.has_cuda_kernels():
+        return "cuda"
     source = "backend"
     if backend is None:
         env = os.environ.get(ENV_VAR)
