@@ -142,6 +142,42 @@ def _check_sce(embeddings, prototypes, labels, tau, reduction, check_inputs):
                      [("embeddings", embeddings), ("prototypes", prototypes)])
 
 
+_STEP_DTYPES = (torch.float32, torch.float64)
+
+
+def _plain_sce(embeddings, prototypes, labels, tau: float, backend, check_inputs):
+    """symmetric_ce's plain call in one frame, as ``_plain_step`` for copa_loss: the loss when
+    float32/float64 tensors pass every check of the full path, tau is a float, the reduction the
+    mean and the products IEEE, on a kernel backend; else None, and the full path runs."""
+    tensor = torch.Tensor
+    if not (isinstance(embeddings, tensor) and isinstance(prototypes, tensor) and isinstance(labels, tensor)):
+        return None
+    dtype, device = embeddings.dtype, embeddings.device
+    if not (dtype in _STEP_DTYPES and prototypes.dtype == dtype and labels.dtype in V.LABEL_DTYPES
+            and embeddings.dim() == 2 and prototypes.dim() == 2 and labels.dim() == 1
+            and embeddings.shape[0] > 0 and prototypes.shape[0] > 0
+            and 0 < embeddings.shape[1] == prototypes.shape[1] and labels.shape[0] == embeddings.shape[0]
+            and prototypes.device == device and labels.device == device and -math.inf < tau <= 80.0):
+        return None
+    try:
+        b = _backends.resolve(backend, device)
+    except ValueError:
+        return None       # raised by the full path, after the value checks (its order)
+    # _composite_only, inline: under torch.func transforms or forward-mode AD the full path runs
+    if b == "reference" or _functorch_active() or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
+        return None
+    if check_inputs:
+        with _readable_values():
+            V.values("labels", labels, embeddings.shape[0], embeddings, prototypes.shape[0], tau,
+                     [("embeddings", embeddings), ("prototypes", prototypes)])
+    tau_t = None if torch._C._len_torch_dispatch_stack() else _TAU_TENSORS.get((tau, dtype, device))
+    if tau_t is None:
+        tau_t = _tau_tensor(tau, embeddings)
+    needs_grad = torch.is_grad_enabled() and (embeddings.requires_grad or prototypes.requires_grad)
+    op = _ops.triton_call() if b == "triton" else _ops.cpp_op()
+    return op(embeddings, prototypes, labels, tau_t, None, needs_grad, "ieee")[0]
+
+
 def symmetric_ce(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, tau: Tau = 2.0,
                  *, reduction: str = "mean", backend: Optional[str] = None,
                  check_inputs: bool = True, precision: str = "ieee") -> torch.Tensor:
@@ -157,6 +193,10 @@ def symmetric_ce(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: tor
     IEEE products at either precision). ``precision="tf32x3"`` (triton) runs each dot product as
     three TF32 products, float32-grade. See the README for the error bounds.
     """
+    if reduction == "mean" and precision == "ieee" and type(tau) is float and not torch.compiler.is_compiling():
+        loss = _plain_sce(embeddings, prototypes, labels, tau, backend, check_inputs)
+        if loss is not None:
+            return loss
     _check_sce(embeddings, prototypes, labels, tau, reduction, check_inputs)
     b = _backends.resolve(backend, embeddings.device)
     _check_precision(precision, b)
@@ -178,9 +218,6 @@ def symmetric_ce_with_stats(embeddings: torch.Tensor, prototypes: torch.Tensor, 
         return reference.symmetric_ce_with_stats(embeddings, prototypes, labels, tau)
     loss, pred = _sce_core(embeddings, prototypes, labels, tau, "mean", b)
     return loss, {"loss": loss.item(), "acc": reference.fraction_correct(pred, labels)}
-
-
-_STEP_DTYPES = (torch.float32, torch.float64)
 
 
 def _plain_step(features, labels, w_img, w_proto, tau: float, num_classes, backend, check_inputs):

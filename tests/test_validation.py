@@ -147,45 +147,104 @@ def _plain_call_cases():
     return [pytest.param(o, taken, id=name) for name, o, taken in plain]
 
 
+def _both_paths(monkeypatch, plain, full_check, call):
+    """call() -> (loss, gradients) or (exception type, message), run with the API's one-frame path
+    ``plain`` and again with it patched out; also whether the first run took it (the full path's
+    first check, ``full_check`` of copa_fast._validate, not called)."""
+    full_calls = []
+    real = getattr(copa_fast._validate, full_check)
+    monkeypatch.setattr(copa_fast._validate, full_check, lambda *a, **k: full_calls.append(1) or real(*a, **k))
+    fast = call()
+    took = not full_calls
+    monkeypatch.setattr(copa_fast.api, plain, lambda *a, **k: None)
+    full = call()
+    if isinstance(full[0], type):
+        assert fast == full
+    else:
+        assert not isinstance(fast[0], type), fast
+        torch.testing.assert_close(fast, full, rtol=0, atol=0, equal_nan=True)   # bits, dtypes, None grads
+    return took
+
+
+def _loss_and_grads(fn, kwargs, leaf_names):
+    leaves = [kwargs[k] for k in leaf_names if kwargs[k].is_floating_point()]
+    for t in leaves:
+        t.requires_grad_(True)
+    try:
+        loss = fn(**kwargs)
+    except (TypeError, ValueError) as e:
+        return type(e), str(e)
+    if not loss.isnan().any():
+        loss.sum().backward()
+    return loss.detach(), [t.grad for t in leaves]
+
+
+def _fresh(override):
+    return {k: (torch.nn.Parameter(v.detach().clone()) if isinstance(v, torch.nn.Parameter)
+                else v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in override.items()}
+
+
 @pytest.mark.parametrize("override,taken", _plain_call_cases())
 def test_copa_loss_plain_call_path_matches_the_full_path(monkeypatch, override, taken):
     """copa_loss answers a plain training-step call in one frame (api._plain_step) and every other
     call by its full path; whichever takes a call, the loss and gradients are the same bits and a
     bad input raises the same error."""
-    api = copa_fast.api
-
-    def run():
+    def call():
         x, _, y = _good()
         kwargs = dict(features=x, labels=y, w_img=torch.eye(8), w_proto=torch.eye(8))
-        kwargs.update({k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in override.items()})
-        if isinstance(override.get("w_img"), torch.nn.Parameter):
-            kwargs["w_img"], kwargs["w_proto"] = (torch.nn.Parameter(override[k].detach().clone())
-                                                  for k in ("w_img", "w_proto"))
-        leaves = [kwargs[k] for k in ("features", "w_img", "w_proto") if kwargs[k].is_floating_point()]
-        for t in leaves:
-            t.requires_grad_(True)
-        try:
-            loss = copa_fast.copa_loss(**kwargs)
-        except (TypeError, ValueError) as e:
-            return type(e), str(e)
-        if not torch.isnan(loss):
-            loss.backward()
-        return loss.detach(), [t.grad for t in leaves]
+        kwargs.update(_fresh(override))
+        return _loss_and_grads(copa_fast.copa_loss, kwargs, ("features", "w_img", "w_proto"))
 
-    full_calls = []
-    real_check = copa_fast._validate.copa_inputs
-    monkeypatch.setattr(copa_fast._validate, "copa_inputs", lambda *a, **k: full_calls.append(1) or real_check(*a, **k))
-    fast = run()
-    assert (not full_calls) == taken, "the one-frame path took a call it should not, or missed a plain one"
-    monkeypatch.setattr(api, "_plain_step", lambda *a, **k: None)
-    full = run()
-    if isinstance(full[0], type):
-        assert fast == full
-        return
-    assert not isinstance(fast[0], type), fast
-    assert fast[0].dtype == full[0].dtype and torch.equal(fast[0], full[0]) or (fast[0].isnan() and full[0].isnan())
-    for a, b in zip(fast[1], full[1]):
-        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+    took = _both_paths(monkeypatch, "_plain_step", "copa_inputs", call)
+    assert took == taken, "the one-frame path took a call it should not, or missed a plain one"
+
+
+def _plain_sce_cases():
+    x, p, y = _good()
+    cases = [   # (id, overrides, whether the one-frame path takes the call)
+        ("float32", dict(), True),
+        ("float64", dict(embeddings=x.double(), prototypes=p.double()), True),
+        ("unchecked", dict(check_inputs=False), True),
+        ("int32-labels", dict(labels=y.int()), True),
+        ("strided", dict(embeddings=torch.randn(8, 20).t(), prototypes=torch.randn(8, 4).t()), True),
+        ("backend-cpu", dict(backend="cpu"), True),
+        ("tau-80", dict(tau=80.0), True),
+        ("int-tau", dict(tau=2), False),
+        ("tensor-tau", dict(tau=torch.tensor(2.0)), False),
+        ("bfloat16", dict(embeddings=x.bfloat16(), prototypes=p.bfloat16()), False),
+        ("none", dict(reduction="none"), False),
+        ("reference", dict(backend="reference"), False),
+        ("tf32", dict(precision="tf32"), False),
+        ("tau-81", dict(tau=81.0), False),
+        ("tau-nan", dict(tau=float("nan")), False),
+        ("mixed-dtypes", dict(prototypes=p.double()), False),
+        ("columns", dict(prototypes=p[:, :5]), False),
+        ("no-prototypes", dict(prototypes=p[:0]), False),
+        ("labels-short", dict(labels=y[:-1]), False),
+        ("labels-float", dict(labels=y.float()), False),
+        ("labels-value", dict(labels=torch.where(y == 3, 7, y)), True),
+        ("labels-unchecked", dict(labels=torch.where(y == 3, 7, y), check_inputs=False), True),   # NaN
+        ("empty-class", dict(labels=torch.where(y == 2, 1, y)), True),
+        ("embeddings-nan", dict(embeddings=x.clone().index_fill_(0, torch.tensor([3]), float("nan"))), True),
+        ("embeddings-1d", dict(embeddings=x[0]), False),
+        ("backend-unknown", dict(backend="tpu"), False),
+    ]
+    if "triton" in copa_fast.available_backends():   # the interpreter's kernels on CPU tensors
+        cases.append(("backend-triton", dict(backend="triton"), True))
+    return [pytest.param(o, taken, id=name) for name, o, taken in cases]
+
+
+@pytest.mark.parametrize("override,taken", _plain_sce_cases())
+def test_symmetric_ce_plain_call_path_matches_the_full_path(monkeypatch, override, taken):
+    """symmetric_ce's one-frame path (api._plain_sce) against its full path, as for copa_loss."""
+    x, p, y = _good()
+
+    def call():
+        kwargs = _fresh({**dict(embeddings=x, prototypes=p, labels=y), **override})
+        return _loss_and_grads(copa_fast.symmetric_ce, kwargs, ("embeddings", "prototypes"))
+
+    took = _both_paths(monkeypatch, "_plain_sce", "sce_inputs", call)
+    assert took == taken, "the one-frame path took a call it should not, or missed a plain one"
 
 
 @pytest.mark.parametrize("one_op", [True, False], ids=["value_summary-op", "torch-ops"])
