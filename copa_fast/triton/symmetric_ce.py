@@ -622,6 +622,13 @@ def _norm_backward(g_ptr, xn_ptr, norm_ptr, rows, rmask, dot, D, BD: tl.constexp
 INTERPRETED = type(_prep).__name__ == "InterpretedFunction"
 
 
+def _cdiv(a, b):
+    """Ceiling division of positive ints, for the launchers' host code. Not ``triton.cdiv``: that is
+    a constexpr_function (triton 3.6 and 3.9), whose every host call unwraps its arguments and runs an
+    import statement, ~4.5 us on the project's CPU machine; a launch plan makes ~17 such calls."""
+    return -(-a // b)
+
+
 def _launch_config(interpreted, dtype, batched=False, precision="ieee"):
     """(BN, BC, BD, num_warps) of a launch (``batched``: the episodes kernel). Under the interpreter
     every tile op is a numpy call: larger tiles mean fewer Python steps. On a GPU: the largest
@@ -649,10 +656,10 @@ def _dq_splits(n, c, bn, bc, dtype, most=4):
     float64 (an accuracy mode) stays unsplit: its split kernel spilled 48 B a thread (triton 3.9, sm_90)."""
     if dtype == torch.float64:
         return 1, n
-    blocks = triton.cdiv(n, bn)
+    blocks = _cdiv(n, bn)
     want = max(1, min(most, (n * bc) // (bn * c), blocks))
-    per = triton.cdiv(blocks, want)
-    return triton.cdiv(blocks, per), per * bn
+    per = _cdiv(blocks, want)
+    return _cdiv(blocks, per), per * bn
 
 
 def _grads_plan(n, c, d, bn, bc, bd, dtype, slots):
@@ -665,14 +672,14 @@ def _grads_plan(n, c, d, bn, bc, bd, dtype, slots):
     shares of each row's <zn, dz> are summed in group order by the last of them (deterministic);
     the class groups share the split's partial slot. float64 and ``slots`` 0 keep one group."""
     splits, rows_per = _dq_splits(n, c, bn, bc, dtype)
-    chunks = triton.cdiv(d, bd)
+    chunks = _cdiv(d, bd)
     if dtype == torch.float64 or slots <= 0:
         return splits, rows_per, 1, 1
-    whole = lambda g: triton.cdiv(chunks, triton.cdiv(chunks, g))   # noqa: E731  (no empty group)
-    rg = whole(min(chunks, max(1, triton.cdiv(slots, triton.cdiv(n, bn)))))
-    row_steps = triton.cdiv(c, bc) * triton.cdiv(chunks, rg)            # BN x BC x BD products
+    whole = lambda g: _cdiv(chunks, _cdiv(chunks, g))   # noqa: E731  (no empty group)
+    rg = whole(min(chunks, max(1, _cdiv(slots, _cdiv(n, bn)))))
+    row_steps = _cdiv(c, bc) * _cdiv(chunks, rg)            # BN x BC x BD products
     bnc = max(bn // 2, 16)
-    cls_steps = triton.cdiv(min(rows_per, n), bnc) * chunks * bnc / bn   # the same unit
+    cls_steps = _cdiv(min(rows_per, n), bnc) * chunks * bnc / bn   # the same unit
     cg = whole(min(chunks, max(1, math.ceil(cls_steps / row_steps))))
     return splits, rows_per, rg, cg
 
@@ -685,9 +692,9 @@ def _scores_groups(n, c, d, bn, bd, dtype, slots, budget=1 << 22):
     kernel, where two would not fit: N = 16384, C = 1000). float64 keeps one group."""
     if dtype == torch.float64 or slots <= 0:
         return 1
-    chunks = triton.cdiv(d, bd)
-    g = max(1, min(chunks, triton.cdiv(slots, triton.cdiv(n, bn)), budget // max(n * c, 1)))
-    return triton.cdiv(chunks, triton.cdiv(chunks, g))
+    chunks = _cdiv(d, bd)
+    g = max(1, min(chunks, _cdiv(slots, _cdiv(n, bn)), budget // max(n * c, 1)))
+    return _cdiv(chunks, _cdiv(chunks, g))
 
 
 def _colstats_splits(n, c, bn, bc, slots):
@@ -695,10 +702,10 @@ def _colstats_splits(n, c, bn, bc, slots):
     every row tile (N = 16384, C = 1000: 32 programs of 256 steps), are split into row ranges of
     whole tiles, class blocks x ranges near ``slots`` programs; a block's ranges are merged in order
     by the last to finish (2 x ranges x C extra values)."""
-    tiles = triton.cdiv(n, bn)
-    k = min(tiles, max(1, triton.cdiv(slots, triton.cdiv(c, bc)))) if slots > 0 else 1
-    per = triton.cdiv(tiles, k)
-    return triton.cdiv(tiles, per), per * bn
+    tiles = _cdiv(n, bn)
+    k = min(tiles, max(1, _cdiv(slots, _cdiv(c, bc)))) if slots > 0 else 1
+    per = _cdiv(tiles, k)
+    return _cdiv(tiles, per), per * bn
 
 
 _SLOTS: dict[int, int] = {}
@@ -775,7 +782,7 @@ def symmetric_ce(z, q, labels, tau, weights, fused_grad, precision="ieee", scrat
     bn, bc, bd = st.bn, st.bc, st.bd
     tau_t = tau.reshape(1).to(device=dev, dtype=dt)
     w = None if weights is None else weights.to(device=dev, dtype=dt).contiguous()
-    nbz, nbq, nbc = triton.cdiv(n, bn), triton.cdiv(c, bn), triton.cdiv(c, bc)
+    nbz, nbq, nbc = _cdiv(n, bn), _cdiv(c, bn), _cdiv(c, bc)
     zn, qn, znorm, qnorm, cnt, wsum, R, L = st.zn, st.qn, st.znorm, st.qnorm, st.cnt, st.wsum, st.R, st.L
     S = torch.empty(n, c, device=dev, dtype=dt)
     pred, losses, dz, dq = st.pred, st.losses, st.dz, st.dq
@@ -800,12 +807,12 @@ def symmetric_ce(z, q, labels, tau, weights, fused_grad, precision="ieee", scrat
     ticket = torch.empty(col_t0 + (nbc if cs > 1 else 0), device=dev, dtype=torch.int32)
     c_part = torch.empty(cs * 2 * c, device=dev, dtype=dt) if cs > 1 else L
     s_part = torch.empty(sg * n * c, device=dev, dtype=dt) if sg > 1 else S
-    chunk_cols = lambda g: triton.cdiv(triton.cdiv(d, bd), g) * bd   # noqa: E731
+    chunk_cols = lambda g: _cdiv(_cdiv(d, bd), g) * bd   # noqa: E731
     w_arg = w if w is not None else z  # never read when HAS_W is False
 
     _prep[(nbz + nbq + nbc,)](z, q, zn, qn, znorm, qnorm, labels, w_arg, cnt, wsum, ticket, n, c, d, w is not None,
                               nbz, nbq, ticket.numel(), BR=bn, BD=bd, BI=max(bn, 16), BC=bc, ACC=acc)
-    _scores[(triton.cdiv(n, bng) * sg,)](zn, qn, cnt, tau_t, S, R, pred, s_part, n, c, d, sg, chunk_cols(sg),
+    _scores[(_cdiv(n, bng) * sg,)](zn, qn, cnt, tau_t, S, R, pred, s_part, n, c, d, sg, chunk_cols(sg),
                                          GROUPED=sg > 1, BN=bng, BC=bc, BD=bd, ACC=acc, PREC=prec, num_warps=st.warps)
     nbr = nbz if sg > 1 else 0   # row programs that sum the score groups first
     _colstats[(nbr + nbc * cs,)](S, L, c_part, ticket, col_t0, n, c, cs, crows, tau_t, cnt, R, pred, s_part, sg, nbr,
