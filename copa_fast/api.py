@@ -406,6 +406,7 @@ def _check_hparams(steps, lr, weight_decay, tau):
     V.tau(tau, check_values=True)
 
 
+@reference.with_autograd
 def adapt(support: torch.Tensor, support_labels: torch.Tensor, query: Optional[torch.Tensor] = None,
           query_labels: Optional[torch.Tensor] = None, *, steps: int = 50, lr: float = 1e-3,
           weight_decay: float = 0.1, tau: float = 2.0, backend: Optional[str] = None) -> AdaptResult:
@@ -500,6 +501,7 @@ def _adam(params, lr: float, weight_decay: float):
 _FUSED_ADAM_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+@reference.with_autograd
 def adapt_many(episodes, *, steps: int = 50, lr: float = 1e-3, weight_decay: float = 0.1, tau: float = 2.0,
                backend: Optional[str] = None, group_size: int = 128) -> list:
     """CoPA adaptation of a list of ragged episodes: ``(support, support_labels, query, query_labels)``

@@ -9,9 +9,10 @@ Shapes: ``N`` support samples, ``C`` classes, ``D`` feature dimension.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Callable, Optional, TypeVar, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +128,32 @@ def copa_loss(features, labels, w_img, w_proto, tau=2.0, *, prototype_features=N
     return symmetric_ce(z, q, labels, tau, reduction=reduction)
 
 
+_Loop = TypeVar("_Loop", bound=Callable[..., Any])
+
+
+def _plain_tensor(v):
+    """An inference tensor (made under torch.inference_mode) copied into a plain one, which autograd
+    can save; anything else as it is."""
+    return v.clone() if isinstance(v, torch.Tensor) and v.is_inference() else v
+
+
+def with_autograd(loop: _Loop) -> _Loop:
+    """For the episode loops (``adapt`` and the baselines here, ``copa_fast.adapt`` and
+    ``adapt_many``): their optimisation runs with autograd on whatever mode the caller is in.
+    Evaluation code often runs its episodes under ``torch.no_grad()`` or
+    ``torch.inference_mode()`` (the backbone frozen); a loop that only returns detached adapters
+    and numbers cannot leak gradients out, so it enables grad for itself, and copies inference
+    tensors among its arguments into plain ones (autograd cannot save those). The caller's mode is
+    back on return. (adapt_many's batched path copies its episodes into stacked tensors of its
+    own, and its other path calls ``adapt``.)"""
+    @functools.wraps(loop)
+    def run(*args, **kwargs):
+        with torch.inference_mode(False), torch.enable_grad():
+            return loop(*(_plain_tensor(a) for a in args), **{k: _plain_tensor(v) for k, v in kwargs.items()})
+
+    return cast(_Loop, run)
+
+
 @dataclass
 class AdaptResult:
     """Outcome of one episode's adaptation.
@@ -141,6 +168,7 @@ class AdaptResult:
     query_accuracy: Optional[float] = None
 
 
+@with_autograd
 def adapt(support, support_labels, query=None, query_labels=None, *, steps=50, lr=1e-3,
           weight_decay=0.1, tau=2.0) -> AdaptResult:
     """The published CoPA episode loop.
@@ -168,6 +196,7 @@ def adapt(support, support_labels, query=None, query_labels=None, *, steps=50, l
     return AdaptResult(w_img.detach(), w_proto.detach(), losses, acc)
 
 
+@with_autograd
 def adapt_pa(support, support_labels, query=None, query_labels=None, *, steps=40, lr=0.1,
              scale=10.0) -> AdaptResult:
     """URL's pre-classifier alignment baseline: ONE shared map, cosine x 10 logits against the

@@ -111,6 +111,33 @@ def test_adam_falls_back_to_torch_optim_where_no_fused_kernel():
                       torch.optim.Adam)
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_episode_loops_run_inside_no_grad_and_inference_mode(mode):
+    """Evaluation code often runs its episodes under torch.no_grad() or torch.inference_mode()
+    (features from a frozen backbone made there are inference tensors): every episode loop —
+    adapt on each backend, adapt_many (batched on triton), the reference loop and the PA baseline —
+    gives the same bits there as outside, and the caller's mode is back on return."""
+    xs, ys, xq, yq = (t.float() if t.is_floating_point() else t for t in _split(24, 16, 4, 12, seed=5))
+    kw = dict(steps=4)
+    loops = {f"adapt[{b}]": (lambda *e, b=b: copa_fast.adapt(*e, backend=b, **kw)) for b in ["reference", *CPU_KERNELS]}
+    loops.update({f"adapt_many[{b}]": (lambda *e, b=b: copa_fast.adapt_many([e, e], backend=b, **kw)[1])
+                  for b in CPU_KERNELS})
+    loops["reference.adapt"] = lambda *e: ref.adapt(*e, **kw)
+    loops["reference.adapt_pa"] = lambda *e: ref.adapt_pa(*e, **kw)
+    want = {name: loop(xs, ys, xq, yq) for name, loop in loops.items()}
+    ctx = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    for name, loop in loops.items():
+        with ctx():
+            episode = [t.clone() for t in (xs, ys, xq, yq)]   # made in the mode: inference tensors there
+            assert episode[0].is_inference() == (mode == "inference_mode")
+            got = loop(*episode)
+            assert not torch.is_grad_enabled(), name
+            assert torch.is_inference_mode_enabled() == (mode == "inference_mode"), name
+        assert torch.equal(got.w_img, want[name].w_img) and torch.equal(got.w_proto, want[name].w_proto), name
+        assert got.losses == want[name].losses and got.query_accuracy == want[name].query_accuracy, name
+        assert not torch.equal(got.w_img, torch.eye(12)), name   # the loop did adapt
+
+
 def test_adapt_float32_stays_close_to_float64_reference():
     xs, ys, xq, yq = _split(120, 60, 8, 64, seed=2)
     got = copa_fast.adapt(xs.float(), ys, xq.float(), yq, steps=50, backend="cpu")
