@@ -138,7 +138,8 @@ def labels(name: str, y, n: int, ref: torch.Tensor, num_classes: int | None, *, 
     empty = (counts == 0).nonzero().flatten()
     if empty.numel():
         raise ValueError(f"{name}: every class in 0..{c - 1} needs at least one sample; "
-                         f"class {int(empty[0])} has none ({empty.numel()} empty in all)")
+                         f"class {int(empty[0])} has none ({empty.numel()} empty in all); labels are class "
+                         f"indices 0..C-1: remap others with torch.unique(labels, return_inverse=True)[1]")
     return c
 
 

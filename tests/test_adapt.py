@@ -276,3 +276,13 @@ def test_episode_sampler_arguments_validated(kwargs, name):
         sample_episodes(feats, labels, **kwargs)
     one_way = sample_episodes(feats, labels, 2, min_ways=1, max_ways=1, query_per_class=1, max_support=1)
     assert all(e.ways == 1 and len(e.support_labels) == 1 and len(e.query_labels) == 1 for e in one_way)
+
+
+def test_labels_that_are_not_class_indices_get_an_error_that_says_how_to_remap():
+    """Dataset class ids (3, 7, 9) are not 0..C-1 class indices: the error names the argument and
+    the remapping, which then works."""
+    x, y = torch.randn(12, 8), torch.tensor([3, 7, 9] * 4)
+    with pytest.raises(ValueError, match=r"support_labels: every class in 0\.\.9 needs at least one sample.*"
+                                         r"torch\.unique\(labels, return_inverse=True\)\[1\]"):
+        copa_fast.adapt(x, y, steps=1)
+    assert len(copa_fast.adapt(x, torch.unique(y, return_inverse=True)[1], steps=1).losses) == 1
