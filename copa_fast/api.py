@@ -594,7 +594,7 @@ def _adapt_group(items, classes, steps, lr, weight_decay, tau, op):
     # episode: ~25 ms of host work a 128-episode group on a GPU host): rows padded with zeros, labels
     # with -1 (no class), class means as a one-hot batched GEMM (deterministic on every device)
     pad = torch.nn.utils.rnn.pad_sequence
-    x = pad([p[0].to(work) for p in items], batch_first=True)
+    x = pad([p[0].detach().to(work) for p in items], batch_first=True)   # constants of the loop (with_autograd)
     y_pad = pad([p[1].long() for p in items], batch_first=True, padding_value=-1)
     onehot = (y_pad[:, None, :] == torch.arange(c_max, device=dev)[None, :, None]).to(work)   # (E, C, N)
     protos = torch.bmm(onehot, x) / onehot.sum(2).clamp_min(1)[:, :, None]   # a class with no row: 0

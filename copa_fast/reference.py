@@ -131,25 +131,32 @@ def copa_loss(features, labels, w_img, w_proto, tau=2.0, *, prototype_features=N
 _Loop = TypeVar("_Loop", bound=Callable[..., Any])
 
 
-def _plain_tensor(v):
-    """An inference tensor (made under torch.inference_mode) copied into a plain one, which autograd
-    can save; anything else as it is."""
-    return v.clone() if isinstance(v, torch.Tensor) and v.is_inference() else v
+def _constant(v):
+    """A tensor argument of an episode loop as the loop's constant: detached from the caller's
+    graph, and an inference tensor (made under torch.inference_mode) copied into a plain one, which
+    autograd can save; anything else as it is."""
+    if not isinstance(v, torch.Tensor):
+        return v
+    v = v.detach()
+    return v.clone() if v.is_inference() else v
 
 
 def with_autograd(loop: _Loop) -> _Loop:
     """For the episode loops (``adapt`` and the baselines here, ``copa_fast.adapt`` and
-    ``adapt_many``): their optimisation runs with autograd on whatever mode the caller is in.
-    Evaluation code often runs its episodes under ``torch.no_grad()`` or
-    ``torch.inference_mode()`` (the backbone frozen); a loop that only returns detached adapters
-    and numbers cannot leak gradients out, so it enables grad for itself, and copies inference
-    tensors among its arguments into plain ones (autograd cannot save those). The caller's mode is
-    back on return. (adapt_many's batched path copies its episodes into stacked tensors of its
-    own, and its other path calls ``adapt``.)"""
+    ``adapt_many``): each is a self-contained optimisation that hands back detached adapters and
+    numbers, so it runs the same whatever the caller's autograd state.
+    - It enables grad for itself: evaluation code often runs its episodes under
+      ``torch.no_grad()`` or ``torch.inference_mode()`` (the backbone frozen); the caller's mode is
+      back on return.
+    - Its tensor arguments are constants: detached (features still attached to a backbone's graph
+      would take the first step's gradient into the backbone and fail the second backward), and
+      inference tensors copied into plain ones (autograd cannot save those).
+    (adapt_many's batched path stacks its episodes into detached tensors of its own; its other
+    path calls ``adapt``.)"""
     @functools.wraps(loop)
     def run(*args, **kwargs):
         with torch.inference_mode(False), torch.enable_grad():
-            return loop(*(_plain_tensor(a) for a in args), **{k: _plain_tensor(v) for k, v in kwargs.items()})
+            return loop(*(_constant(a) for a in args), **{k: _constant(v) for k, v in kwargs.items()})
 
     return cast(_Loop, run)
 

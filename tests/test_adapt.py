@@ -1,5 +1,6 @@
 """The adaptation loop and the head module against the reference loop (trajectory checks)."""
 
+import contextlib
 import math
 
 import pytest
@@ -111,12 +112,14 @@ def test_adam_falls_back_to_torch_optim_where_no_fused_kernel():
                       torch.optim.Adam)
 
 
-@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
-def test_episode_loops_run_inside_no_grad_and_inference_mode(mode):
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "attached"])
+def test_episode_loops_run_whatever_the_callers_autograd_state(mode):
     """Evaluation code often runs its episodes under torch.no_grad() or torch.inference_mode()
-    (features from a frozen backbone made there are inference tensors): every episode loop —
-    adapt on each backend, adapt_many (batched on triton), the reference loop and the PA baseline —
-    gives the same bits there as outside, and the caller's mode is back on return."""
+    (features of a frozen backbone made there are inference tensors), or passes features still
+    attached to the backbone's graph: every episode loop — adapt on each backend, adapt_many
+    (batched on triton), the reference loop and the PA baseline — gives the same bits as with
+    plain tensors outside any mode, takes no gradient into the caller's graph, and leaves the
+    caller's mode as it was."""
     xs, ys, xq, yq = (t.float() if t.is_floating_point() else t for t in _split(24, 16, 4, 12, seed=5))
     kw = dict(steps=4)
     loops = {f"adapt[{b}]": (lambda *e, b=b: copa_fast.adapt(*e, backend=b, **kw)) for b in ["reference", *CPU_KERNELS]}
@@ -125,14 +128,18 @@ def test_episode_loops_run_inside_no_grad_and_inference_mode(mode):
     loops["reference.adapt"] = lambda *e: ref.adapt(*e, **kw)
     loops["reference.adapt_pa"] = lambda *e: ref.adapt_pa(*e, **kw)
     want = {name: loop(xs, ys, xq, yq) for name, loop in loops.items()}
-    ctx = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "attached": contextlib.nullcontext}[mode]
     for name, loop in loops.items():
+        backbone = torch.ones((), requires_grad=True)   # stands for the backbone's parameters
         with ctx():
-            episode = [t.clone() for t in (xs, ys, xq, yq)]   # made in the mode: inference tensors there
+            support, query = (xs * backbone, xq * backbone) if mode == "attached" else (xs.clone(), xq.clone())
+            episode = [support, ys.clone(), query, yq.clone()]
             assert episode[0].is_inference() == (mode == "inference_mode")
+            assert episode[0].requires_grad == (mode == "attached")
             got = loop(*episode)
-            assert not torch.is_grad_enabled(), name
+            assert torch.is_grad_enabled() == (mode == "attached"), name
             assert torch.is_inference_mode_enabled() == (mode == "inference_mode"), name
+        assert backbone.grad is None, name
         assert torch.equal(got.w_img, want[name].w_img) and torch.equal(got.w_proto, want[name].w_proto), name
         assert got.losses == want[name].losses and got.query_accuracy == want[name].query_accuracy, name
         assert not torch.equal(got.w_img, torch.eye(12)), name   # the loop did adapt
