@@ -56,8 +56,17 @@ def available_backends() -> list[str]:
 _AVAILABLE: dict = {}   # interpreter switch -> the answer (asked on every call: keep it cheap)
 
 
+def _constant_result(fn):
+    """``torch.compiler.assume_constant_result``'s mark, set here: that decorator imports
+    torch._dynamo (~1.2 s, half of ``import copa_fast`` on the project's CPU machine) only to set
+    this one attribute, which torch.compile reads when it meets a call of ``fn`` (torch 2.0 to 2.14;
+    tests/test_build.py checks that torch's decorator still marks a function this way and no other)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # torch.compile treats the answer as a constant of the traced graph (no graph break).
-@torch.compiler.assume_constant_result
+@_constant_result
 def _available() -> tuple:
     key = triton_interpreted()
     if key not in _AVAILABLE:

@@ -92,6 +92,29 @@ def test_gpu_check_script_bench_stage_dry_run(tmp_path):
     assert "500 x 50 x 512 | published-eager" in table and "copa_fast-cpu" in table
 
 
+def test_import_leaves_torch_dynamo_alone_and_the_backend_list_a_compile_constant():
+    """copa_fast marks its backend list as ``torch.compiler.assume_constant_result`` does, without
+    that decorator's import of torch._dynamo (~1.2 s of a process's start): torch's decorator must
+    still mark a function by that one attribute, and ``import copa_fast`` (with a first loss call)
+    must not import torch._dynamo. That torch.compile then traces the API without a graph break is
+    checked by the fullgraph tests."""
+    code = ("import sys, torch, copa_fast\n"
+            "x, y = torch.randn(6, 4), torch.arange(6) % 2\n"
+            "copa_fast.copa_loss(x, y, torch.eye(4, requires_grad=True), torch.eye(4)).backward()\n"
+            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+    def probe():
+        return 1
+
+    before = set(vars(probe))
+    assert torch.compiler.assume_constant_result(probe) is probe
+    assert {k: v for k, v in vars(probe).items() if k not in before} == {"_dynamo_marked_constant": True}
+    from copa_fast import backends
+    assert vars(backends._available).get("_dynamo_marked_constant") is True
+
+
 @pytest.mark.skipif(importlib.util.find_spec("mypy") is None, reason="needs mypy (requirements-test.txt)")
 def test_package_type_checks_clean(tmp_path):
     """copa_fast ships a py.typed marker, so users' type checkers read its annotations: mypy with the
