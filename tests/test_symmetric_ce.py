@@ -614,6 +614,20 @@ def _step_inputs(n, c, d, e, seed, device="cpu", dtype=torch.float64):
     return x.to(device, dtype), y.to(device), wi.to(device, dtype), wp.to(device, dtype)
 
 
+@pytest.mark.skipif("cpu" not in copa_fast.available_backends(), reason="needs the C++ extension")
+def test_cpp_autograd_nodes_print_by_name():
+    """A loss's repr names its backward (torch prints the C++ node type's name after its last "::")."""
+    from copa_fast.ops import symmetric_ce as ops
+
+    x, y = make_episode(12, 3, 8, seed=4, dtype=torch.float32)
+    z = x.clone().requires_grad_(True)
+    q = torch.randn(3, 8)
+    assert "grad_fn=<SymmetricCEBackward>" in repr(copa_fast.symmetric_ce(z, q, y, backend="cpu"))
+    loss = ops.episodes_op("cpu")(z, q, y, torch.tensor([[0, 12]]), torch.tensor([[0, 3]]), torch.tensor([0]), 36,
+                                  torch.tensor([2.0]), True)[0]
+    assert "grad_fn=<EpisodesSCEBackward>" in repr(loss)
+
+
 @pytest.mark.parametrize("backend,device", STEP_PAIRS)
 @pytest.mark.parametrize("e", [23, 17], ids=lambda e: f"E{e}")   # square and non-square adapters
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -629,6 +643,9 @@ def test_fused_step_matches_reference(backend, device, e, reduction, frozen_feat
     inputs = [t.detach().clone() for t in leaves]
     out = copa_fast.copa_loss(leaves[0], y, leaves[1], leaves[2], 2.5, reduction=reduction, backend=backend)
     assert type(out.grad_fn).__name__ == "CppFunction"   # the step op with its C++ autograd, not a composite
+    # its node prints by name: grad_fn=<CopaLossBackward>> (torch keeps the C++ type name's last part)
+    node = "CopaLossTritonBackward" if backend == "triton" else "CopaLossBackward"
+    assert f"grad_fn=<{node}>" in repr(out), repr(out)
     assert_rel(out, expect, TOL[torch.float32]["loss"], "loss")
     wrt = [t for t in leaves if t.requires_grad]
     got = torch.autograd.grad(out, wrt)

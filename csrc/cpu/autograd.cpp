@@ -111,8 +111,11 @@ variable_list composite_grads(const char* name, std::vector<c10::IValue> args, c
 // Input slots as the autograd edges see them: the tensor arguments in order (weights last).
 enum Slot : size_t { kX = 0, kLabels, kWImg, kWProto, kPf, kTau };
 
-template <class Step>
-class CopaLoss : public torch::autograd::Function<CopaLoss<Step>> {
+// The autograd node classes carry readable names: a tensor's repr shows the part of the node's C++
+// type name after its last "::" (torch::autograd::CppNode<...::CopaLossBackward> prints as
+// grad_fn=<CopaLossBackward>>), so each step variant is a class of its own over this template.
+template <class Step, class Self>
+class CopaLossFunction : public torch::autograd::Function<Self> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& labels,
                                const at::Tensor& w_img, const at::Tensor& w_proto, const at::Tensor& pf,
@@ -183,13 +186,16 @@ class CopaLoss : public torch::autograd::Function<CopaLoss<Step>> {
   }
 };
 
-template <class Step>
+class CopaLossBackward final : public CopaLossFunction<CppStep, CopaLossBackward> {};
+class CopaLossTritonBackward final : public CopaLossFunction<TritonStep, CopaLossTritonBackward> {};
+
+template <class Node>
 Outputs copa_loss_autograd(const at::Tensor& x, const at::Tensor& labels, const at::Tensor& w_img,
                            const at::Tensor& w_proto, const at::Tensor& pf, c10::SymInt num_classes,
                            const at::Tensor& tau, const c10::optional<at::Tensor>& weights, bool fused_grad,
                            c10::string_view precision) {
   variable_list o =
-      CopaLoss<Step>::apply(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad, precision);
+      Node::apply(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad, precision);
   return {o[0], o[1], o[2], o[3], o[4], o[5], o[6]};
 }
 
@@ -207,7 +213,7 @@ SceOutputs sce_below_autograd(const at::Tensor& z, const at::Tensor& q, const at
   return op.call(z, q, labels, tau, weights, fused_grad, precision);
 }
 
-class SymmetricCE : public torch::autograd::Function<SymmetricCE> {
+class SymmetricCEBackward : public torch::autograd::Function<SymmetricCEBackward> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& z, const at::Tensor& q,
                                const at::Tensor& labels, const at::Tensor& tau,
@@ -273,7 +279,7 @@ class SymmetricCE : public torch::autograd::Function<SymmetricCE> {
 SceOutputs symmetric_ce_autograd(const at::Tensor& z, const at::Tensor& q, const at::Tensor& labels,
                                  const at::Tensor& tau, const c10::optional<at::Tensor>& weights, bool fused_grad,
                                  c10::string_view precision) {
-  variable_list o = SymmetricCE::apply(z, q, labels, tau, weights, fused_grad, precision);
+  variable_list o = SymmetricCEBackward::apply(z, q, labels, tau, weights, fused_grad, precision);
   return {o[0], o[1], o[2], o[3], o[4], o[5]};
 }
 
@@ -301,7 +307,7 @@ at::Tensor per_item(const at::Tensor& g, const at::Tensor& starts, int64_t count
   return g.index_select(0, owner).unsqueeze(1);
 }
 
-class EpisodesSCE : public torch::autograd::Function<EpisodesSCE> {
+class EpisodesSCEBackward : public torch::autograd::Function<EpisodesSCEBackward> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& z, const at::Tensor& q,
                                const at::Tensor& labels, const at::Tensor& rows, const at::Tensor& classes,
@@ -334,15 +340,15 @@ class EpisodesSCE : public torch::autograd::Function<EpisodesSCE> {
 EpisodesOutputs episodes_sce_autograd(const at::Tensor& z, const at::Tensor& q, const at::Tensor& labels,
                                       const at::Tensor& rows, const at::Tensor& classes, const at::Tensor& s_off,
                                       int64_t s_total, const at::Tensor& tau, bool fused_grad) {
-  variable_list o = EpisodesSCE::apply(z, q, labels, rows, classes, s_off, s_total, tau, fused_grad);
+  variable_list o = EpisodesSCEBackward::apply(z, q, labels, rows, classes, s_off, s_total, tau, fused_grad);
   return {o[0], o[1], o[2], o[3], o[4], o[5]};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(copa_fast, Autograd, m) {
-  m.impl("copa_loss", &copa_loss_autograd<CppStep>);
-  m.impl("copa_loss_triton", &copa_loss_autograd<TritonStep>);
+  m.impl("copa_loss", &copa_loss_autograd<CopaLossBackward>);
+  m.impl("copa_loss_triton", &copa_loss_autograd<CopaLossTritonBackward>);
   m.impl("symmetric_ce", &symmetric_ce_autograd);
   m.impl("episodes_sce", &episodes_sce_autograd);
 }
