@@ -152,8 +152,9 @@ inline uint64_t exponent_mask(at::ScalarType st) {
   }
 }
 
-// Checks of copa_fast::episodes_sce that need no data read (offsets are trusted to lie inside the
-// stacked tensors: the Python wrapper builds them).
+// Checks of copa_fast::episodes_sce that need no data read. The offsets are data: each kernel checks
+// its episodes' own (an episode that does not lie inside the stacked tensors gets a NaN loss and
+// touches nothing), without the synchronisation a host check would cost on a GPU.
 inline void check_episodes_args(const at::Tensor& z, const at::Tensor& q, const at::Tensor& labels,
                                 const at::Tensor& rows, const at::Tensor& classes, const at::Tensor& s_off,
                                 const at::Tensor& tau) {

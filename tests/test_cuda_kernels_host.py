@@ -266,6 +266,40 @@ def test_episodes_kernel_over_several_tiles(host_check, tmp_path):
     _check_episodes(host_check, tmp_path, [(150, 70), (3, 2), (65, 33)], 100, 1, [2.0, 3.0, 0.5])
 
 
+BAD_LAYOUTS = {   # episode 1's (rows, classes, s_off) against 30 rows, 7 classes, 120 score entries
+    "rows past the end": ([12, 19], [3, 4], 30),
+    "negative row count": ([12, -3], [3, 4], 30),
+    "negative row start": ([-1, 5], [3, 4], 30),
+    "classes past the end": ([12, 8], [4, 4], 30),
+    "negative class count": ([12, 8], [3, -4], 30),
+    "score block past s_total": ([12, 8], [3, 4], 100),
+    "negative s_off": ([12, 8], [3, 4], -8),
+    "huge counts": ([12, 2**40], [3, 2**40], 30),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_LAYOUTS))
+def test_episodes_kernel_refuses_a_layout_outside_its_buffers(host_check, tmp_path, bad):
+    """The episodes kernel does not trust its offsets: an episode whose rows, classes or score block
+    lie outside the stacked buffers gets a NaN loss and dtau and touches nothing (AddressSanitizer
+    would stop the run at any access outside them; the runner sizes S at s_total exactly); the
+    other episodes are computed as ever."""
+    g = torch.Generator().manual_seed(8)
+    z, q = torch.randn(30, 16, generator=g, dtype=torch.float64), torch.randn(7, 16, generator=g, dtype=torch.float64)
+    y = torch.cat([torch.arange(3).repeat(4), torch.arange(4).repeat(2), torch.zeros(10, dtype=torch.long)])
+    bad_rows, bad_cls, bad_s = BAD_LAYOUTS[bad]
+    rows, cls, s_off = [[0, 12], bad_rows], [[0, 3], bad_cls], [0, bad_s]
+    out = _run(host_check, tmp_path, z, q, y, [2.0, 2.0], episodes=(rows, cls, s_off, 120))
+    assert torch.isnan(out["loss"][1]) and torch.isnan(out["dtau"][1])
+    loss, per, dx, dp, dtau = _want(z[:12], q[:3], y[:12], 2.0)
+    assert_rel(out["loss"][0], loss, 1e-10, "episode 0 loss")
+    assert_rel(out["dz"][:12], dx, 1e-9, "episode 0 dz")
+    assert_rel(out["dq"][:3], dp, 1e-9, "episode 0 dq")
+    assert torch.equal(out["dz"][12:], torch.zeros(18, 16, dtype=torch.float64))   # nothing of episode 1
+    assert torch.equal(out["dq"][3:], torch.zeros(4, 16, dtype=torch.float64))
+    assert torch.equal(out["losses"][12:], torch.zeros(18, dtype=torch.float64))
+
+
 def _check_episodes(host_check, tmp_path, sizes, d, pad, taus):
     zs, qs, ys, rows, cls, s_off = [], [], [], [], [], []
     r = c = s = 0

@@ -104,6 +104,49 @@ def test_episodes_kernel_bad_label_poisons_only_its_episode(backend):
     assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3, 4]]).all()
 
 
+# (row, class, score-block) layout of episode 2 that does not lie inside the stacked buffers
+_BAD_LAYOUTS = {
+    "rows past the end": lambda r, c, s, st: ([r[0], 10**4], c, s),
+    "negative row start": lambda r, c, s, st: ([-3, r[1]], c, s),
+    "negative row count": lambda r, c, s, st: ([r[0], -r[1]], c, s),
+    "classes past the end": lambda r, c, s, st: (r, [c[0], 10**4], s),
+    "score block past s_total": lambda r, c, s, st: (r, c, st - 1),
+    "negative s_off": lambda r, c, s, st: (r, c, -1),
+    "huge counts": lambda r, c, s, st: ([r[0], 2**40], [c[0], 2**40], s),
+}
+
+
+@pytest.mark.parametrize("backend", EPISODE_BACKENDS)
+@pytest.mark.parametrize("bad", list(_BAD_LAYOUTS))
+def test_episodes_op_refuses_a_layout_outside_its_buffers(backend, bad):
+    """The layout is the caller's and each backend checks its episodes' own (no host read on a GPU):
+    an episode whose rows, classes or score block do not lie inside the stacked buffers gets a NaN
+    loss and dtau and touches nothing; every other episode comes out bit for bit as without it."""
+    from copa_fast.ops import symmetric_ce as ops
+
+    dev = BACKEND_DEVICE[backend]
+    eps = _episodes(torch.float32, 16, seed=7)
+    z, q, y, rows, cls, s_off, s_total = _stack(eps, 0, 0, device=dev)
+    tau = torch.full((len(eps),), 2.0, device=dev)
+    good = ops.episodes_op(backend)(z, q, y, rows, cls, s_off, s_total, tau, True)
+    (r0, n), (c0, cc) = rows[2].tolist(), cls[2].tolist()   # episode 2's own rows and classes
+    r, c, so = _BAD_LAYOUTS[bad]([r0, n], [c0, cc], int(s_off[2]), s_total)
+    rows, cls, s_off = rows.clone(), cls.clone(), s_off.clone()
+    rows[2], cls[2], s_off[2] = torch.tensor(r), torch.tensor(c), so
+    loss, losses, pred, dz, dq, dtau = ops.episodes_op(backend)(z, q, y, rows, cls, s_off, s_total, tau, True)
+    assert torch.isnan(loss[2]) and torch.isnan(dtau[2])
+    others = [0, 1, 3, 4]
+    assert torch.equal(loss[others], good[0][others]) and torch.equal(dtau[others], good[5][others])
+    mine = torch.zeros(z.shape[0], dtype=torch.bool, device=dev)
+    mine[r0:r0 + n] = True
+    assert torch.equal(dz[~mine], good[3][~mine]) and torch.equal(losses[~mine], good[1][~mine])
+    assert torch.equal(pred[~mine], good[2][~mine])
+    assert not dz[mine].any() and not losses[mine].any()   # episode 2 wrote nothing
+    cmine = torch.zeros(q.shape[0], dtype=torch.bool, device=dev)
+    cmine[c0:c0 + cc] = True
+    assert torch.equal(dq[~cmine], good[4][~cmine]) and not dq[cmine].any()
+
+
 @pytest.mark.parametrize("backend", EPISODE_BACKENDS)
 def test_episodes_kernel_is_deterministic_and_forward_only_mode(backend):
     from copa_fast.ops import symmetric_ce as ops

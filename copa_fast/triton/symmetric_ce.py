@@ -545,18 +545,27 @@ def _grads(zn_ptr, qn_ptr, znorm_ptr, qnorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, w
 @triton.jit
 def _episodes(z_ptr, q_ptr, y_ptr, row_off_ptr, cls_off_ptr, s_off_ptr, tau_ptr, zn_ptr, qn_ptr, znorm_ptr,
               qnorm_ptr, cnt_ptr, wsum_ptr, S_ptr, R_ptr, L_ptr, pred_ptr, losses_ptr, loss_ptr, dtau_ptr,
-              dz_ptr, dq_ptr, D, FUSED: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr,
-              BI: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+              dz_ptr, dq_ptr, D, N_ALL, C_ALL, S_ALL, FUSED: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+              BD: tl.constexpr, BI: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """One program per episode: forward and (FUSED) gradients of a whole episode, phase after phase
     with a block-wide barrier between phases. Episode e owns rows row_off[e, 0] + (0..row_off[e, 1])
-    and classes cls_off[e, 0] + (0..cls_off[e, 1]) of the stacked tensors (packed or padded); its
-    labels are local (0..C_e - 1); its S block starts at s_off[e]."""
+    and classes cls_off[e, 0] + (0..cls_off[e, 1]) of the stacked tensors (packed or padded, N_ALL
+    rows and C_ALL classes); its labels are local (0..C_e - 1); its N_e x C_e score block starts at
+    s_off[e] of the S_ALL entries of S. The layout is not trusted: an episode whose rows, classes or
+    score block do not lie inside those buffers (a negative start or count included) runs as an
+    empty one, touching nothing, and gets a NaN loss and dtau (no host check: no synchronisation)."""
     e = tl.program_id(0)
     r0 = tl.load(row_off_ptr + 2 * e)
     n = tl.load(row_off_ptr + 2 * e + 1)
     c0 = tl.load(cls_off_ptr + 2 * e)
     c = tl.load(cls_off_ptr + 2 * e + 1)
     so = tl.load(s_off_ptr + e)
+    # every term is evaluated: once n <= N_ALL and c <= C_ALL hold (< 2^31 each), n * c cannot overflow
+    fits = ((r0 >= 0) & (r0 <= N_ALL) & (n >= 0) & (n <= N_ALL - r0) & (c0 >= 0) & (c0 <= C_ALL) & (c >= 0)
+            & (c <= C_ALL - c0) & (so >= 0) & (so <= S_ALL) & (n * c <= S_ALL - so))
+    r0, n = tl.where(fits, r0, 0), tl.where(fits, n, 0)
+    c0, c = tl.where(fits, c0, 0), tl.where(fits, c, 0)
+    so = tl.where(fits, so, 0)
     scale = tl.exp(tl.load(tau_ptr + e).to(ACC))
     z, zn, dz = z_ptr + r0 * D, zn_ptr + r0 * D, dz_ptr + r0 * D
     q, qn, dq = q_ptr + c0 * D, qn_ptr + c0 * D, dq_ptr + c0 * D
@@ -592,8 +601,8 @@ def _episodes(z_ptr, q_ptr, y_ptr, row_off_ptr, cls_off_ptr, s_off_ptr, tau_ptr,
         for b in range(0, nbc):
             _cls_block(zn, qn, qnorm, S, R, L, cnt, wsum, y, y, scale, dq, b, n, c, D, False, BN, BC, BD, ACC, PREC)
     one = tl.arange(0, 1)
-    tl.store(loss_ptr + e + one, tot_l)
-    tl.store(dtau_ptr + e + one, tot_t)
+    tl.store(loss_ptr + e + one, tl.where(fits, tot_l, float("nan")))
+    tl.store(dtau_ptr + e + one, tl.where(fits, tot_t, float("nan")))
 
 
 @triton.jit
@@ -889,6 +898,7 @@ def episodes_sce(z, q, labels, rows, classes, s_off, s_total, tau, fused_grad, p
     loss, dtau = torch.empty(e, device=dev, dtype=dt), torch.empty(e, device=dev, dtype=dt)
     _episodes[(e,)](st.z, st.q, st.labels, rows.contiguous(), classes.contiguous(), s_off.contiguous(),
                     tau.to(device=dev, dtype=dt).contiguous(), st.zn, st.qn, st.znorm, st.qnorm, st.cnt, st.wsum, S,
-                    st.R, st.L, st.pred, st.losses, loss, dtau, st.dz, st.dq, st.d, FUSED=fused_grad, BN=st.bn,
+                    st.R, st.L, st.pred, st.losses, loss, dtau, st.dz, st.dq, st.d, st.n, st.c, s_total,
+                    FUSED=fused_grad, BN=st.bn,
                     BC=st.bc, BD=st.bd, BI=max(st.bn, 16), ACC=st.acc, PREC=st.prec, num_warps=st.warps)
     return loss, st.losses, st.pred, st.dz, st.dq, dtau if fused_grad else z.new_empty(0)

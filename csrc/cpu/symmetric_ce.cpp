@@ -404,7 +404,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 // E episodes stacked in z / q (see the schema below): the CPU kernel episode after episode, for
-// parity with the one-launch CUDA and Triton implementations of the same op.
+// parity with the one-launch CUDA and Triton implementations of the same op — their layout contract
+// included: an episode whose rows, classes or score block (rows x classes entries at s_off of
+// s_total) do not lie inside the stacked tensors gets a NaN loss and dtau and touches nothing.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> episodes_sce_cpu(
     const at::Tensor& z, const at::Tensor& q, const at::Tensor& labels, const at::Tensor& rows,
     const at::Tensor& classes, const at::Tensor& s_off, int64_t s_total, const at::Tensor& tau, bool fused_grad) {
@@ -412,10 +414,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   CHECK_ARG(z.device().is_cpu(), "z: expected a CPU tensor, got ", z.device());
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t E = rows.size(0);
-  auto rr = rows.to(at::kCPU).contiguous(), cc = classes.to(at::kCPU).contiguous();
+  auto rr = rows.to(at::kCPU).contiguous(), cc = classes.to(at::kCPU).contiguous(), so = s_off.to(at::kCPU).contiguous();
   auto tt = tau.to(at::kCPU).to(at::kDouble).contiguous();
   const int64_t* rp = rr.data_ptr<int64_t>();
   const int64_t* cp = cc.data_ptr<int64_t>();
+  const int64_t* sp = so.data_ptr<int64_t>();
+  const auto fits = [](int64_t start, int64_t count, int64_t total) {
+    return start >= 0 && start <= total && count >= 0 && count <= total - start;
+  };
   auto loss = at::zeros({E}, z.options()), dtau = fused_grad ? at::zeros({E}, z.options()) : at::empty({0}, z.options());
   auto losses = at::zeros({z.size(0)}, z.options());
   auto pred = at::zeros({z.size(0)}, labels.options().dtype(at::kLong));
@@ -423,6 +429,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto dq = fused_grad ? at::zeros_like(q) : at::empty({0}, z.options());
   for (int64_t e = 0; e < E; ++e) {
     const int64_t r0 = rp[2 * e], n = rp[2 * e + 1], c0 = cp[2 * e], c = cp[2 * e + 1];
+    if (!fits(r0, n, z.size(0)) || !fits(c0, c, q.size(0)) || !fits(sp[e], n * c, s_total)) {
+      loss[e].fill_(std::numeric_limits<double>::quiet_NaN());   // n, c < 2^31 once the first two hold
+      if (fused_grad) dtau[e].fill_(std::numeric_limits<double>::quiet_NaN());
+      continue;
+    }
     if (n == 0 || c == 0) continue;
     auto zs = z.narrow(0, r0, n), qs = q.narrow(0, c0, c), ys = labels.narrow(0, r0, n);
     const double t = tt.data_ptr<double>()[e];
@@ -436,8 +447,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       dtau[e].copy_(out[5]);
     }
   }
-  (void)s_off;
-  (void)s_total;
   return {loss, losses, pred, dz, dq, dtau};
 }
 

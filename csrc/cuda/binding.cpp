@@ -198,7 +198,8 @@ Outputs episodes_sce_cuda(const at::Tensor& z_in, const at::Tensor& q_in, const 
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "copa_fast_episodes_sce_cuda", [&] {
     auto p = problem<scalar_t>(z, q, y, nullptr, tau, fused_grad, b);
     C10_CUDA_CHECK(cuda::launch_episodes<scalar_t>(p, rr.data_ptr<int64_t>(), cc.data_ptr<int64_t>(),
-                                                    so.data_ptr<int64_t>(), static_cast<int>(E), stream));
+                                                    so.data_ptr<int64_t>(), static_cast<long>(s_total),
+                                                    static_cast<int>(E), stream));
   });
   return {b.loss.narrow(0, 0, E), b.losses, b.pred, b.dz, b.dq, fused_grad ? b.dtau.narrow(0, 0, E) : b.dtau};
 }

@@ -129,7 +129,7 @@ int run(FILE* in, FILE* out, const int64_t* h) {
     run_phased<T>(p, (int)blocks);
   } else {
     simt::launch((int)E, copa_fast::cuda::kThreads, [&] {
-      copa_fast::cuda::copa_sce_episodes<T>(p, rows.data(), cls.data(), s_off.data(), tau.data());
+      copa_fast::cuda::copa_sce_episodes<T>(p, rows.data(), cls.data(), s_off.data(), (long)s_total, tau.data());
     });
   }
   write(out, loss);

@@ -48,9 +48,9 @@ cudaError_t launch_single(const SceProblem<T>& problem, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_episodes(const SceProblem<T>& stacked, const int64_t* rows, const int64_t* cls,
-                            const int64_t* s_off, int episodes, cudaStream_t stream) {
+                            const int64_t* s_off, long s_total, int episodes, cudaStream_t stream) {
   if (episodes <= 0) return cudaSuccess;
-  copa_sce_episodes<T><<<episodes, kThreads, 0, stream>>>(stacked, rows, cls, s_off, stacked.tau);
+  copa_sce_episodes<T><<<episodes, kThreads, 0, stream>>>(stacked, rows, cls, s_off, s_total, stacked.tau);
   return cudaGetLastError();
 }
 
@@ -109,11 +109,11 @@ template cudaError_t launch_single<double>(const SceProblem<double>&, cudaStream
 template cudaError_t launch_phase<float>(const SceProblem<float>&, int, cudaStream_t);
 template cudaError_t launch_phase<double>(const SceProblem<double>&, int, cudaStream_t);
 template cudaError_t launch_episodes<float>(const SceProblem<float>&, const int64_t*, const int64_t*,
-                                            const int64_t*, int, cudaStream_t);
+                                            const int64_t*, long, int, cudaStream_t);
 template cudaError_t launch_class_means<float>(const float*, const int64_t*, int, int, int, float*, cudaStream_t);
 template cudaError_t launch_class_means<double>(const double*, const int64_t*, int, int, int, double*, cudaStream_t);
 template cudaError_t launch_episodes<double>(const SceProblem<double>&, const int64_t*, const int64_t*,
-                                             const int64_t*, int, cudaStream_t);
+                                             const int64_t*, long, int, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace copa_fast

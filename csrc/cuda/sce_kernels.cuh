@@ -609,18 +609,34 @@ COPA_GLOBAL void copa_sce_phase(SceProblem<T> p, int phase) {   // no product he
 }
 
 // E episodes, one block each. Episode e owns rows rows[2e] + (0..rows[2e+1]) of z (and of every
-// per-row buffer), classes cls[2e] + (0..cls[2e+1]) of q, and the score block at s_off[e]; its
-// labels are local to it. The template problem `base` holds the stacked buffers.
+// per-row buffer), classes cls[2e] + (0..cls[2e+1]) of q, and the score block of rows[2e+1] x
+// cls[2e+1] entries at s_off[e] of the s_total of S; its labels are local to it. The template
+// problem `base` holds the stacked buffers (base.n rows, base.c classes). The layout is the
+// caller's and is not trusted: an episode whose rows, classes or score block do not lie inside
+// those buffers (a negative start or count included) touches nothing and gets a NaN loss and dtau
+// — memory-safe without a host check, which would cost a synchronisation a step.
+COPA_DEVICE bool episode_fits(long start, long count, long total) {
+  return start >= 0 && start <= total && count >= 0 && count <= total - start;
+}
+
 template <typename T>
 COPA_GLOBAL void COPA_MIN_BLOCKS(1) copa_sce_episodes(SceProblem<T> base, const int64_t* rows, const int64_t* cls,
-                                                      const int64_t* s_off, const T* tau) {
+                                                      const int64_t* s_off, long s_total, const T* tau) {
   COPA_DECLARE_SHARED(T, kEpisodeTile);
   const int e = COPA_BID;
-  const long r0 = rows[2 * e], c0 = cls[2 * e];
+  const long r0 = rows[2 * e], c0 = cls[2 * e], n_e = rows[2 * e + 1], c_e = cls[2 * e + 1], s0 = s_off[e];
+  if (!episode_fits(r0, n_e, base.n) || !episode_fits(c0, c_e, base.c) ||
+      !episode_fits(s0, n_e * c_e, s_total)) {   // n_e, c_e < 2^31 here: their product fits
+    if (COPA_TID == 0) {
+      base.loss[e] = quiet_nan<T>();
+      if (base.fused) base.dtau[e] = quiet_nan<T>();
+    }
+    return;
+  }
   const long d = base.d;
   SceProblem<T> p = base;
-  p.n = (int)rows[2 * e + 1];
-  p.c = (int)cls[2 * e + 1];
+  p.n = (int)n_e;
+  p.c = (int)c_e;
   p.tau = tau + e;
   p.z += r0 * d;
   p.zn += r0 * d;
@@ -637,7 +653,7 @@ COPA_GLOBAL void COPA_MIN_BLOCKS(1) copa_sce_episodes(SceProblem<T> base, const 
   p.cnt += c0;
   p.wsum += c0;
   p.L += 2 * c0;
-  p.S += s_off[e];
+  p.S += s0;
   if (p.fused) {
     p.dz += r0 * d;
     p.dq += c0 * d;

@@ -31,10 +31,10 @@ constexpr long kMaxPhaseBlocks = 1L << 15;
 template <typename T>
 cudaError_t launch_phase(const SceProblem<T>& problem, int phase, cudaStream_t stream);
 
-// E episodes in one launch, one block each; see copa_sce_episodes.
+// E episodes in one launch, one block each (s_total: the entries of stacked.S); see copa_sce_episodes.
 template <typename T>
 cudaError_t launch_episodes(const SceProblem<T>& stacked, const int64_t* rows, const int64_t* cls,
-                            const int64_t* s_off, int episodes, cudaStream_t stream);
+                            const int64_t* s_off, long s_total, int episodes, cudaStream_t stream);
 
 // Class means p0 (C x D) of the N x D rows pf by (clamped) labels y; see copa_class_means.
 template <typename T>
