@@ -20,7 +20,7 @@
 # spills) and `bash benchmarks/gpu_check.sh --dry-run`.
 #
 # Stage budgets, seconds (env): BUILD_BUDGET_S 180, TESTS_BUDGET_S 330, MEMCHECK_BUDGET_S 60 (x2),
-# BENCH_BUDGET_S 180, EXTRAS_BUDGET_S 170, SWEEP_BUDGET_S 90.
+# BENCH_BUDGET_S 180, EXTRAS_BUDGET_S 170, ADAPT_BUDGET_S 60, SWEEP_BUDGET_S 90.
 #
 # Expects torch, triton, numpy, pytest, pytest-benchmark installed; downloads nothing.
 set -euo pipefail
@@ -156,6 +156,10 @@ EXTRA_ARGS=()
 if [ "$DRY" = 1 ]; then EXTRA_ARGS=(--small); fi
 timed extras "${EXTRAS_BUDGET_S:-170}" "$OUT/extras.md" $PY benchmarks/bench_gpu_extras.py "${EXTRA_ARGS[@]}"
 tail -n 40 "$OUT/extras.md" 2>/dev/null || true
+echo "== episode adaptation throughput (published loop, adapt, adapt_many; pytest-benchmark)"
+timed adapt "${ADAPT_BUDGET_S:-60}" "$OUT/adapt.log" $PY -m pytest benchmarks/bench_adapt.py -q -p no:cacheprovider \
+  --benchmark-columns=median,ops
+grep -E "test_adapt_episodes|passed|failed" "$OUT/adapt.log" 2>/dev/null || true
 # last: the sweep repeats the pytest-benchmark shapes over more N for the plot (least needed when
 # the lease runs short)
 echo "== sweep (copa-fast bench: time and memory vs N, markdown + PNG)"
@@ -170,7 +174,7 @@ fi
 # at most 8 files come back from a lent machine: the stage logs travel as one archive
 if [ "$DRY" = 0 ]; then
   ( cd "$OUT" && ls ./*.log >/dev/null 2>&1 && tar czf logs.tgz ./*.log && \
-    rm -f build*.log memcheck*.log tests-full.log bench.log sweep.log ) || true
+    rm -f build*.log memcheck*.log tests-full.log bench.log adapt.log sweep.log ) || true
 fi
 echo "== status:$STATUS"
 case "$STATUS" in *"=rc"*) exit 1 ;; esac   # refused-rc (sanitizer refused the device) is no failure

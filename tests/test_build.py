@@ -87,7 +87,8 @@ def test_gpu_check_script_bench_stage_dry_run(tmp_path):
     r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--dry-run", "tests", "bench"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "== status: tests=skipped bench=ok extras=ok sweep=ok" in r.stdout, r.stdout[-3000:]
+    assert "== status: tests=skipped bench=ok extras=ok adapt=ok sweep=ok" in r.stdout, r.stdout[-3000:]
+    assert "test_adapt_episodes[adapt-cpu]" in r.stdout   # the episode-throughput benchmark ran
     table = (tmp_path / "table.md").read_text()
     assert "500 x 50 x 512 | published-eager" in table and "copa_fast-cpu" in table
 
