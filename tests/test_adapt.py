@@ -145,6 +145,21 @@ def test_episode_loops_run_whatever_the_callers_autograd_state(mode):
         assert not torch.equal(got.w_img, torch.eye(12)), name   # the loop did adapt
 
 
+def test_episode_loops_leave_a_parameter_passed_as_features_untouched():
+    """Features that are themselves a leaf requiring grad (an nn.Parameter, say) are constants of
+    the loop too: no gradient accumulates in them over the steps."""
+    xs, ys, _, _ = (t.float() if t.is_floating_point() else t for t in _split(24, 16, 4, 12, seed=6))
+    for name, loop in {"adapt": lambda x: copa_fast.adapt(x, ys, steps=3),
+                       "adapt[reference]": lambda x: copa_fast.adapt(x, ys, steps=3, backend="reference"),
+                       "adapt_many": lambda x: copa_fast.adapt_many([(x, ys, None, None)], steps=3)[0],
+                       "reference.adapt": lambda x: ref.adapt(x, ys, steps=3)}.items():
+        param = torch.nn.Parameter(xs.clone())
+        got = loop(param)
+        assert param.grad is None, name
+        assert torch.equal(param.detach(), xs), name
+        assert got.losses == loop(xs).losses, name
+
+
 def test_adapt_float32_stays_close_to_float64_reference():
     xs, ys, xq, yq = _split(120, 60, 8, 64, seed=2)
     got = copa_fast.adapt(xs.float(), ys, xq.float(), yq, steps=50, backend="cpu")
