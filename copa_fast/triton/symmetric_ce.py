@@ -822,7 +822,7 @@ def symmetric_ce(z, q, labels, tau, weights, fused_grad, precision="ieee", scrat
     _prep[(nbz + nbq + nbc,)](z, q, zn, qn, znorm, qnorm, labels, w_arg, cnt, wsum, ticket, n, c, d, w is not None,
                               nbz, nbq, ticket.numel(), BR=bn, BD=bd, BI=max(bn, 16), BC=bc, ACC=acc)
     _scores[(_cdiv(n, bng) * sg,)](zn, qn, cnt, tau_t, S, R, pred, s_part, n, c, d, sg, chunk_cols(sg),
-                                         GROUPED=sg > 1, BN=bng, BC=bc, BD=bd, ACC=acc, PREC=prec, num_warps=st.warps)
+                                   GROUPED=sg > 1, BN=bng, BC=bc, BD=bd, ACC=acc, PREC=prec, num_warps=st.warps)
     nbr = nbz if sg > 1 else 0   # row programs that sum the score groups first
     _colstats[(nbr + nbc * cs,)](S, L, c_part, ticket, col_t0, n, c, cs, crows, tau_t, cnt, R, pred, s_part, sg, nbr,
                                  SUMMED=sg > 1, BN=bn, BC=bc, ACC=acc)
@@ -899,6 +899,6 @@ def episodes_sce(z, q, labels, rows, classes, s_off, s_total, tau, fused_grad, p
     _episodes[(e,)](st.z, st.q, st.labels, rows.contiguous(), classes.contiguous(), s_off.contiguous(),
                     tau.to(device=dev, dtype=dt).contiguous(), st.zn, st.qn, st.znorm, st.qnorm, st.cnt, st.wsum, S,
                     st.R, st.L, st.pred, st.losses, loss, dtau, st.dz, st.dq, st.d, st.n, st.c, s_total,
-                    FUSED=fused_grad, BN=st.bn,
-                    BC=st.bc, BD=st.bd, BI=max(st.bn, 16), ACC=st.acc, PREC=st.prec, num_warps=st.warps)
+                    FUSED=fused_grad, BN=st.bn, BC=st.bc, BD=st.bd, BI=max(st.bn, 16), ACC=st.acc, PREC=st.prec,
+                    num_warps=st.warps)
     return loss, st.losses, st.pred, st.dz, st.dq, dtau if fused_grad else z.new_empty(0)
