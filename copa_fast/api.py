@@ -52,6 +52,28 @@ def _check_values(check_inputs: bool) -> bool:
     return check_inputs and not torch.compiler.is_compiling()
 
 
+def _compile_boundary(fn, reason: str):
+    """``fn`` run eagerly wherever torch.compile meets it: a graph break, or under fullgraph=True an
+    error that gives ``reason`` (torch releases without the argument give their own)."""
+    try:
+        return torch.compiler.disable(fn, reason=reason)
+    except TypeError:
+        return torch.compiler.disable(fn)
+
+
+def _values_eagerly(*args) -> int:
+    with _readable_values():
+        return V.values(*args)
+
+
+# copa_loss traced without num_classes: C comes from the labels, which a graph cannot read without
+# a synchronisation. A compiled model that leaves it out still runs (a graph break, the value checks
+# included, as in eager); fullgraph=True says what to pass instead.
+_values_at_graph_break = _compile_boundary(
+    _values_eagerly, "copa_fast.copa_loss: num_classes not given, so it is read from the labels (with the input "
+    "checks) outside the graph; pass num_classes=C to trace the step as one graph")
+
+
 @contextlib.contextmanager
 def _readable_values():
     """The value checks read the data; inside torch.vmap a batched tensor cannot be read: say so."""
@@ -278,7 +300,8 @@ def copa_loss(features: torch.Tensor, labels: torch.Tensor, w_img: torch.Tensor,
     ``Q = class_means(prototype_features) @ w_proto.T``, loss = symmetric_ce(Z, Q, labels, tau).
     Differentiable w.r.t. every tensor input (through the class means too) and a tensor tau.
     ``num_classes`` (C) is read from the labels when not given; it is required with
-    ``check_inputs=False`` and under torch.compile. ``precision="tf32"`` as in ``symmetric_ce``
+    ``check_inputs=False``, and under torch.compile reading it is a graph break (an error with
+    ``fullgraph=True``): pass it to trace the step as one graph. ``precision="tf32"`` as in ``symmetric_ce``
     (the adapter GEMMs follow torch's own TF32 setting).
     """
     if (prototype_features is None and reduction == "mean" and precision == "ieee" and type(tau) is float
@@ -289,16 +312,18 @@ def copa_loss(features: torch.Tensor, labels: torch.Tensor, w_img: torch.Tensor,
     pf = V.copa_inputs(features, prototype_features, w_img, w_proto)
     n = features.shape[0]
     check = _check_values(check_inputs)
-    if num_classes is None and not check:
-        raise ValueError("num_classes: required with check_inputs=False or under torch.compile "
-                         "(reading it from the labels would synchronise)")
+    if num_classes is None and not check_inputs:
+        raise ValueError("num_classes: required with check_inputs=False (reading it from the labels would "
+                         "synchronise)")
     V.label_tensor("labels", labels, n, features, num_classes)
     V.tau(tau, check_values=False)
     V.reduction(reduction)
+    finite = [("features", features)] + ([("prototype_features", pf)] if prototype_features is not None else [])
     if check:
-        finite = [("features", features)] + ([("prototype_features", pf)] if prototype_features is not None else [])
         with _readable_values():
             c = V.values("labels", labels, n, features, num_classes, tau, finite)
+    elif num_classes is None:   # traced by torch.compile: C and the checks at a graph break, as in eager
+        c = _values_at_graph_break("labels", labels, n, features, num_classes, tau, finite)
     else:
         assert num_classes is not None   # required above without the checks
         c = int(num_classes)

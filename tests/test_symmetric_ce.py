@@ -381,6 +381,35 @@ def test_torch_compile_fullgraph(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference-cpu")] + PAIRS)
+def test_torch_compile_without_num_classes(backend, device):
+    """A compiled model that leaves num_classes out, as eager code may, runs: C is read from the
+    labels outside the graph (a graph break), with the value checks, so a bad label still raises
+    ValueError naming it; with fullgraph=True the error says to pass num_classes."""
+    x, y = make_episode(30, 4, 12, seed=21, device=device)
+    head = copa_fast.CoPAHead(12, backend=backend, learn_tau=True).to(device)
+    with torch.no_grad():
+        head.w_img.add_(0.1 * torch.randn(12, 12, generator=torch.Generator().manual_seed(22)).to(device))
+    eager = head(x, y)
+    want = torch.autograd.grad(eager, [head.w_img, head.w_proto, head.tau])
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(head, backend=counter)
+    out = compiled(x, y)
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+    for u, v in zip(torch.autograd.grad(out, [head.w_img, head.w_proto, head.tau]), want):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
+    assert counter.frame_count >= 1   # the step after the break was compiled, not run in eager
+    bad = y.clone()
+    bad[bad == 2] = 3   # class 2 left empty
+    with pytest.raises(ValueError, match="labels: every class"):
+        compiled(x, bad)
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="num_classes=C"):
+        torch.compile(head, fullgraph=True, backend="aot_eager")(x, y)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference-cpu")] + PAIRS)
 @pytest.mark.parametrize("learn_tau", [False, True], ids=["tau-float", "tau-tensor"])
 def test_torch_compile_dynamic_shapes(backend, device, learn_tau):
     """Episodes change N and C every step: one graph compiled with dynamic=True serves them all
