@@ -128,6 +128,32 @@ def test_vmap_over_episodes(backend, device):
         torch.vmap(lambda a: copa_fast.copa_loss(a, y, wi, wp, backend=backend))(xs)
 
 
+@pytest.mark.parametrize("backend,device", ALL)
+def test_batched_grad_outputs(backend, device):
+    """torch.autograd.grad(..., is_grads_batched=True) runs the backward under vmap with a batch of
+    grad_outputs (Jacobian rows at once): the kernels' backward then scales by a batched tensor,
+    which an in-place scaling could not take. Each row must be that grad_output's gradient."""
+    x, y, wi, wp = _episode(device, seed=10)
+    wi, wp = wi.requires_grad_(True), wp.requires_grad_(True)
+    tau = torch.tensor(1.4, dtype=torch.float64, device=device, requires_grad=True)
+    scales = torch.tensor([1.0, -2.5, 0.3], dtype=torch.float64, device=device)
+    loss = copa_fast.copa_loss(x, y, wi, wp, tau, backend=backend)
+    got = torch.autograd.grad(loss, [wi, wp, tau], grad_outputs=scales, is_grads_batched=True)
+    want = torch.autograd.grad(ref.copa_loss(x, y, wi, wp, tau), [wi, wp, tau])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, scales.reshape(-1, *[1] * w.dim()) * w, rtol=1e-9, atol=1e-12)
+    # per-sample losses: the batch of one-hot grad_outputs is the Jacobian
+    z, q = x @ wi.t(), x[:4] @ wp.t()
+    losses = copa_fast.symmetric_ce(z, q, y, tau, reduction="none", backend=backend)
+    jac = torch.autograd.grad(losses, [wi, wp], grad_outputs=torch.eye(len(y), dtype=torch.float64, device=device),
+                              is_grads_batched=True)
+    want = torch.autograd.functional.jacobian(
+        lambda u, v: ref.symmetric_ce(x @ u.t(), x[:4] @ v.t(), y, tau.detach(), reduction="none"),
+        (wi.detach(), wp.detach()))
+    for g, w in zip(jac, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("backend,device", PAIRS)
 def test_compiled_backward_keeps_the_fused_gradient(backend, device):
     """Under torch.compile the backward is traced with grad mode off: the plain fused path, no
