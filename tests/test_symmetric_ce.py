@@ -360,6 +360,53 @@ def test_copa_loss_deterministic(backend, device):
         assert torch.equal(u, v)
 
 
+# Triton's interpreter keeps its program state in globals: its launches cannot overlap, so CPU
+# tensors on `triton` are left out here; on a GPU the Triton launches take part.
+_THREADED = [pytest.param("reference", "cpu", id="reference-cpu")] + [
+    p for p in PAIRS if not (p.values[0] == "triton" and p.values[1] == "cpu")]
+
+
+@pytest.mark.parametrize("backend,device", _THREADED)
+def test_calls_from_several_threads_give_the_same_bits(backend, device):
+    """Steps called from four Python threads at once (a data-loading or serving process) give each
+    call the bits it gives alone: no state shared between calls (tau cache, scratch, dispatch)."""
+    import threading
+
+    def problem(k):
+        g = torch.Generator().manual_seed(100 + k)
+        n, c, d = 20 + 3 * k, 2 + k % 5, 17 + k
+        x, y = make_episode(n, c, d, seed=200 + k, device=device)
+        wi = (torch.eye(d) + 0.1 * torch.randn(d, d, generator=g)).to(device).requires_grad_(True)
+        wp = (torch.eye(d) + 0.1 * torch.randn(d, d, generator=g)).to(device).requires_grad_(True)
+        return x, y, wi, wp, 0.5 + 0.4 * k
+
+    def run(k):
+        x, y, wi, wp, tau = problem(k)
+        loss = copa_fast.copa_loss(x, y, wi, wp, tau, backend=backend)
+        loss.backward()
+        return loss.detach(), wi.grad, wp.grad
+
+    alone = {k: run(k) for k in range(8)}
+    failures = []
+
+    def worker(ks):
+        try:
+            for _ in range(5):
+                for k in ks:
+                    for u, v in zip(run(k), alone[k]):
+                        if not torch.equal(u, v):
+                            failures.append(f"problem {k}: bits differ from the call alone")
+        except Exception as e:   # noqa: BLE001 — reported below with the problem
+            failures.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(list(range(i, 8, 4)),)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:3]
+
+
 @pytest.mark.parametrize("backend,device", PAIRS)
 def test_torch_compile_fullgraph(backend, device):
     x, y = make_episode(40, 5, 16, seed=12, device=device)
