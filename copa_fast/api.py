@@ -415,6 +415,7 @@ def _check_episode(support, support_labels, query, query_labels):
         V.same_device("query", query, "support", support)
         if query.shape[1] != support.shape[1]:
             raise ValueError(f"query: expected {support.shape[1]} columns (as support), got shape {tuple(query.shape)}")
+        V.finite("query", query)   # a NaN row's cosines would still give a prediction, counted in the accuracy
         V.labels("query_labels", query_labels, query.shape[0], query, c, check_values=False)
         if int(query_labels.min()) < 0 or int(query_labels.max()) >= c:
             raise ValueError(f"query_labels: expected class indices in 0..{c - 1} (the support's classes), "
