@@ -399,6 +399,8 @@ class CoPAHead(nn.Module):
             if t.shape[1] != self.w_img.shape[1]:
                 raise ValueError(f"{name}: expected {self.w_img.shape[1]} columns, got shape {tuple(t.shape)}")
         c = V.labels("support_labels", support_labels, support.shape[0], support, None, check_values=True)
+        V.finite("support", support)   # NaN rows would still give predictions, silently wrong
+        V.finite("query", query)
         w_img, w_proto = self.w_img.to(query.dtype), self.w_proto.to(support.dtype)
         protos = class_means(support, support_labels, c) @ w_proto.t()
         return _cosine_predict(query @ w_img.t(), protos.to(query.dtype))

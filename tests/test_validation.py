@@ -325,6 +325,8 @@ def test_one_read_checks_agree_with_the_detailed_ones(monkeypatch, one_op):
     (lambda x, y: copa_fast.adapt(x, y, query=x.index_fill(0, y[:1], float("nan")), query_labels=y), "query"),
     (lambda x, y: copa_fast.adapt_many([(x, y, x.index_fill(1, y[:1], float("inf")), y)]), r"episodes\[0\]: query"),
     (lambda x, y: copa_fast.adapt(x, y.float()), "support_labels"),
+    (lambda x, y: copa_fast.CoPAHead(x.shape[1]).predict(x.index_fill(0, y[:1], float("nan")), x, y), "query"),
+    (lambda x, y: copa_fast.CoPAHead(x.shape[1]).predict(x, x.index_fill(1, y[:1], float("-inf")), y), "support"),
     (lambda x, y: copa_fast.CoPAHead(0), "dim"),
     (lambda x, y: copa_fast.CoPAHead(8, tau=float("inf")), "tau"),
 ])
