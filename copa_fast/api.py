@@ -29,7 +29,6 @@ from . import backends as _backends
 from . import reference
 from .ops import composite as _composite
 from .ops import symmetric_ce as _ops
-from .ops.composite import class_means
 from .reference import AdaptResult
 
 Tau = Union[float, torch.Tensor]
@@ -66,12 +65,20 @@ def _values_eagerly(*args) -> int:
         return V.values(*args)
 
 
-# copa_loss traced without num_classes: C comes from the labels, which a graph cannot read without
-# a synchronisation. A compiled model that leaves it out still runs (a graph break, the value checks
-# included, as in eager); fullgraph=True says what to pass instead.
+def _labels_eagerly(*args) -> int:
+    with _readable_values():
+        return V.labels(*args, check_values=True)
+
+
+# copa_loss / class_means traced without num_classes: C comes from the labels, which a graph cannot
+# read without a synchronisation. A compiled model that leaves it out still runs (a graph break, the
+# value checks included, as in eager); fullgraph=True says what to pass instead.
 _values_at_graph_break = _compile_boundary(
     _values_eagerly, "copa_fast.copa_loss: num_classes not given, so it is read from the labels (with the input "
     "checks) outside the graph; pass num_classes=C to trace the step as one graph")
+_labels_at_graph_break = _compile_boundary(
+    _labels_eagerly, "copa_fast.class_means: num_classes not given, so it is read from the labels (with the "
+    "input checks) outside the graph; pass num_classes=C to trace it in one graph")
 
 
 @contextlib.contextmanager
@@ -347,8 +354,39 @@ def copa_loss(features: torch.Tensor, labels: torch.Tensor, w_img: torch.Tensor,
         weights = torch.ones(x.shape[0], dtype=work, device=x.device) if reduction == "sum" else None
         out = step(x, labels, wi, wp, pfw, c, tau_t, weights, needs_grad, precision)
         return out[0] if out[0].dtype == features.dtype else out[0].to(features.dtype)
-    p0 = class_means(pfw, labels, c)
+    p0 = _composite.class_means(pfw, labels, c)
     return _sce_core(x @ wi.t(), p0 @ wp.t(), labels, tau, reduction, b, precision)[0].to(features.dtype)
+
+
+def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: Optional[int] = None, *,
+                check_inputs: bool = True) -> torch.Tensor:
+    """(C, D) means of the rows of ``features`` (N, D) by ``labels`` (N,) in 0..C-1: CoPA's
+    prototypes before their adapter. Differentiable w.r.t. features; deterministic on every device.
+
+    ``num_classes`` (C) is read from the labels when not given; it is required with
+    ``check_inputs=False``, and under torch.compile reading it is a graph break. The checks want
+    every label in 0..C-1 and every class present. Without them a label outside 0..C-1 makes the
+    whole result NaN (never an out-of-bounds read) and a class with no row gets zeros.
+    """
+    V.tensor("features", features, 2)
+    n = features.shape[0]
+    if num_classes is None and not check_inputs:
+        raise ValueError("num_classes: required with check_inputs=False (reading it from the labels would "
+                         "synchronise)")
+    V.label_tensor("labels", labels, n, features, num_classes)
+    check = _check_values(check_inputs)
+    if check:
+        with _readable_values():
+            c = V.labels("labels", labels, n, features, num_classes, check_values=True)
+    elif num_classes is None:   # traced by torch.compile: C and the checks at a graph break, as in eager
+        c = _labels_at_graph_break("labels", labels, n, features, num_classes)
+    else:
+        c = int(num_classes)
+    means = _composite.class_means(features, labels, c)
+    if check:
+        return means
+    y = labels.long()   # unchecked: a label out of range poisons the result, read on the device only
+    return means + torch.where(((y < 0) | (y >= c)).any(), math.nan, 0.0).to(means.dtype)
 
 
 def _cosine_scores(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -402,7 +440,7 @@ class CoPAHead(nn.Module):
         V.finite("support", support)   # NaN rows would still give predictions, silently wrong
         V.finite("query", query)
         w_img, w_proto = self.w_img.to(query.dtype), self.w_proto.to(support.dtype)
-        protos = class_means(support, support_labels, c) @ w_proto.t()
+        protos = _composite.class_means(support, support_labels, c) @ w_proto.t()
         return _cosine_predict(query @ w_img.t(), protos.to(query.dtype))
 
 
@@ -458,7 +496,7 @@ def adapt(support: torch.Tensor, support_labels: torch.Tensor, query: Optional[t
     d = x.shape[1]
     w_img = torch.eye(d, dtype=work, device=x.device, requires_grad=True)
     w_proto = torch.eye(d, dtype=work, device=x.device, requires_grad=True)
-    protos = class_means(x, support_labels, c)
+    protos = _composite.class_means(x, support_labels, c)
     opt = _adam([w_img, w_proto], lr, weight_decay)
     step_op = _ops.copa_op() if b in ("cpu", "cuda") else _ops.triton_step_op()
     if step_op is not None:   # the whole step is one op; the raw support's class means are its prototypes

@@ -219,6 +219,28 @@ def test_head_predict_and_training_step():
     assert "dim=16, tau=3.0, backend='cpu'" in repr(copa_fast.CoPAHead(16, tau=3.0, backend="cpu"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_class_means_against_the_reference(dtype):
+    """The public class means: the reference's (float64) on unequal classes, C read or given, a
+    gradient into the features; unchecked, a label out of range turns the result NaN."""
+    x, y = make_episode(37, 6, 11, seed=31, dtype=torch.float64)
+    want = ref.class_prototypes(x, y)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2e-3}[dtype]
+    xs = x.to(dtype).requires_grad_(True)
+    got = copa_fast.class_means(xs, y)
+    assert got.dtype == dtype and got.shape == (6, 11)
+    assert rel_err(got, want) <= tol
+    assert torch.equal(copa_fast.class_means(xs, y.int(), 6), got)
+    assert torch.equal(copa_fast.class_means(xs, y, 6, check_inputs=False), got)
+    weights = torch.randn(6, 11, generator=torch.Generator().manual_seed(32), dtype=torch.float64)
+    (g,) = torch.autograd.grad((got * weights.to(dtype)).sum(), [xs])
+    (g_ref,) = torch.autograd.grad((ref.class_prototypes(x.requires_grad_(True), y) * weights).sum(), [x])
+    assert rel_err(g, g_ref) <= tol
+    for bad in (y.masked_fill(y == 2, 6), y.masked_fill(y == 0, -1)):
+        out = copa_fast.class_means(xs, bad, 6, check_inputs=False)
+        assert out.shape == (6, 11) and torch.isnan(out).all()
+
+
 def test_pa_baseline_and_ncc_run():
     xs, ys, xq, yq = _split(60, 50, 5, 16, seed=5)
     pa = ref.adapt_pa(xs, ys, xq, yq)
