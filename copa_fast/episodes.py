@@ -53,6 +53,8 @@ def sample_episodes(features, labels, n_episodes: int, *, seed: int = 0, min_way
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
     if max_ways < min_ways:
         raise ValueError(f"max_ways: expected at least min_ways ({min_ways}), got {max_ways}")
+    if max_support < min_ways:   # every way takes at least one support sample
+        raise ValueError(f"max_support: expected at least min_ways ({min_ways}), got {max_support}")
     classes, counts = np.unique(labs, return_counts=True)
     eligible = classes[counts >= query_per_class + 1]
     if len(eligible) < min_ways:
@@ -63,7 +65,7 @@ def sample_episodes(features, labels, n_episodes: int, *, seed: int = 0, min_way
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n_episodes):
-        ways = int(rng.integers(min_ways, min(max_ways, len(eligible)) + 1))
+        ways = int(rng.integers(min_ways, min(max_ways, len(eligible), max_support) + 1))
         chosen = rng.choice(eligible, size=ways, replace=False)
         perms = [rng.permutation(index[c]) for c in chosen]
         avail = np.array([len(p) - query_per_class for p in perms])

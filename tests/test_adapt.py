@@ -304,12 +304,14 @@ def test_episode_sampler_is_seeded_and_shaped_like_meta_dataset():
         assert torch.equal(torch.bincount(e.query_labels), torch.full((ways,), 10))
     with pytest.raises(ValueError, match="labels"):
         sample_episodes(feats[:30], labels[:30], 1)
+    for e in sample_episodes(feats, labels, 20, seed=6, max_ways=40, max_support=12):   # ways capped by the support
+        assert 5 <= e.ways <= 12 and len(e.support_labels) <= 12
 
 
 @pytest.mark.parametrize("kwargs,name", [
     (dict(min_ways=0), "min_ways"), (dict(min_ways=5.5), "min_ways"), (dict(min_ways=10, max_ways=5), "max_ways"),
     (dict(query_per_class=0), "query_per_class"), (dict(max_support=0), "max_support"),
-    (dict(max_shots=-1), "max_shots"), (dict(n_episodes=True), "n_episodes"),
+    (dict(max_shots=-1), "max_shots"), (dict(n_episodes=True), "n_episodes"), (dict(max_support=4), "max_support"),
 ])
 def test_episode_sampler_arguments_validated(kwargs, name):
     from copa_fast.episodes import sample_episodes, synthetic_features
