@@ -5,6 +5,11 @@ with the one documented difference that rows are normalised as ``F.normalize`` d
 so an all-zero row gives a finite result instead of NaN.
 
 Shapes: ``N`` support samples, ``C`` classes, ``D`` feature dimension.
+
+These functions do not validate their inputs, to stay as plain as the code they mirror: a label
+outside 0..C-1 fails in PyTorch's own indexing (on CUDA, a device-side assert that ends the
+process's CUDA context). For the same computation behind the package's checks, call the public
+API with ``backend="reference"`` (``copa_fast.symmetric_ce``, ``copa_loss``, ``adapt``).
 """
 
 from __future__ import annotations
