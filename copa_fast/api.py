@@ -51,36 +51,6 @@ def _check_values(check_inputs: bool) -> bool:
     return check_inputs and not torch.compiler.is_compiling()
 
 
-def _compile_boundary(fn, reason: str):
-    """``fn`` run eagerly wherever torch.compile meets it: a graph break, or under fullgraph=True an
-    error that gives ``reason`` (torch releases without the argument give their own)."""
-    try:
-        return torch.compiler.disable(fn, reason=reason)
-    except TypeError:
-        return torch.compiler.disable(fn)
-
-
-def _values_eagerly(*args) -> int:
-    with _readable_values():
-        return V.values(*args)
-
-
-def _labels_eagerly(*args) -> int:
-    with _readable_values():
-        return V.labels(*args, check_values=True)
-
-
-# copa_loss / class_means traced without num_classes: C comes from the labels, which a graph cannot
-# read without a synchronisation. A compiled model that leaves it out still runs (a graph break, the
-# value checks included, as in eager); fullgraph=True says what to pass instead.
-_values_at_graph_break = _compile_boundary(
-    _values_eagerly, "copa_fast.copa_loss: num_classes not given, so it is read from the labels (with the input "
-    "checks) outside the graph; pass num_classes=C to trace the step as one graph")
-_labels_at_graph_break = _compile_boundary(
-    _labels_eagerly, "copa_fast.class_means: num_classes not given, so it is read from the labels (with the "
-    "input checks) outside the graph; pass num_classes=C to trace it in one graph")
-
-
 @contextlib.contextmanager
 def _readable_values():
     """The value checks read the data; inside torch.vmap a batched tensor cannot be read: say so."""
@@ -330,7 +300,8 @@ def copa_loss(features: torch.Tensor, labels: torch.Tensor, w_img: torch.Tensor,
         with _readable_values():
             c = V.values("labels", labels, n, features, num_classes, tau, finite)
     elif num_classes is None:   # traced by torch.compile: C and the checks at a graph break, as in eager
-        c = _values_at_graph_break("labels", labels, n, features, num_classes, tau, finite)
+        from . import _graph_break
+        c = _graph_break.values("labels", labels, n, features, num_classes, tau, finite)
     else:
         assert num_classes is not None   # required above without the checks
         c = int(num_classes)
@@ -379,7 +350,8 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: Optio
         with _readable_values():
             c = V.labels("labels", labels, n, features, num_classes, check_values=True)
     elif num_classes is None:   # traced by torch.compile: C and the checks at a graph break, as in eager
-        c = _labels_at_graph_break("labels", labels, n, features, num_classes)
+        from . import _graph_break
+        c = _graph_break.labels("labels", labels, n, features, num_classes)
     else:
         c = int(num_classes)
     means = _composite.class_means(features, labels, c)

@@ -454,6 +454,15 @@ def test_torch_compile_without_num_classes(backend, device):
     with pytest.raises(torch._dynamo.exc.Unsupported, match="num_classes=C"):
         torch.compile(head, fullgraph=True, backend="aot_eager")(x, y)
     torch._dynamo.reset()
+    if backend == "reference":   # the public class means take the same road
+        means = torch.compile(copa_fast.class_means, backend="aot_eager")
+        torch.testing.assert_close(means(x, y), copa_fast.class_means(x, y), rtol=0, atol=0)
+        with pytest.raises(ValueError, match="labels: every class"):
+            means(x, bad)
+        torch._dynamo.reset()
+        with pytest.raises(torch._dynamo.exc.Unsupported, match="num_classes=C"):
+            torch.compile(copa_fast.class_means, fullgraph=True, backend="aot_eager")(x, y)
+        torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference-cpu")] + PAIRS)
