@@ -640,18 +640,22 @@ def _adapt_group(items, classes, steps, lr, weight_decay, tau, op):
     rows, cls, s_off, s_total = _ops.episode_layout(ns, classes, dev, row_stride=n_max, class_stride=c_max)
     tau_t = torch.full((e,), float(tau), dtype=work, device=dev)
     eye = torch.eye(d, dtype=work, device=dev)
-    w_img = eye.repeat(e, 1, 1).requires_grad_(True)
-    w_proto = eye.repeat(e, 1, 1).requires_grad_(True)
+    w_img, w_proto = eye.repeat(e, 1, 1), eye.repeat(e, 1, 1)
     opt = _adam([w_img, w_proto], lr, weight_decay)
     losses = []
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        z = torch.bmm(x, w_img.transpose(1, 2)).reshape(e * n_max, d)
-        q = torch.bmm(protos, w_proto.transpose(1, 2)).reshape(e * c_max, d)
-        loss = op(z, q, y.reshape(-1), rows, cls, s_off, s_total, tau_t, True)[0]
-        loss.sum().backward()
-        opt.step()
-        losses.append(loss.detach())
+    y_flat = y.reshape(-1)
+    with torch.no_grad():
+        # No autograd: the op returns each episode's gradients w.r.t. its adapted rows (dz, dq; zero on
+        # padding), and the adapters' gradients are one batched GEMM each, as the step's backward forms
+        # them (dz^T x): no graph, no engine, no scaling by a grad_output of ones.
+        for _ in range(steps):
+            z = torch.bmm(x, w_img.transpose(1, 2)).reshape(e * n_max, d)
+            q = torch.bmm(protos, w_proto.transpose(1, 2)).reshape(e * c_max, d)
+            loss, _, _, dz, dq, _ = op(z, q, y_flat, rows, cls, s_off, s_total, tau_t, True)
+            w_img.grad = torch.bmm(dz.view(e, n_max, d).transpose(1, 2), x)
+            w_proto.grad = torch.bmm(dq.view(e, c_max, d).transpose(1, 2), protos)
+            opt.step()
+            losses.append(loss)
     counts = _group_query_hits(items, classes, protos, w_img, w_proto, work)
     loss_rows = torch.stack(losses, 1).tolist() if losses else [[] for _ in range(e)]
     results = []
