@@ -466,26 +466,31 @@ def adapt(support: torch.Tensor, support_labels: torch.Tensor, query: Optional[t
                                query_labels, steps=steps, lr=lr, weight_decay=weight_decay, tau=tau)
     x = support.to(work)
     d = x.shape[1]
-    w_img = torch.eye(d, dtype=work, device=x.device, requires_grad=True)
-    w_proto = torch.eye(d, dtype=work, device=x.device, requires_grad=True)
+    step_op = _ops.copa_op() if b in ("cpu", "cuda") else _ops.triton_step_op()
+    w_img = torch.eye(d, dtype=work, device=x.device, requires_grad=step_op is None)
+    w_proto = torch.eye(d, dtype=work, device=x.device, requires_grad=step_op is None)
     protos = _composite.class_means(x, support_labels, c)
     opt = _adam([w_img, w_proto], lr, weight_decay)
-    step_op = _ops.copa_op() if b in ("cpu", "cuda") else _ops.triton_step_op()
-    if step_op is not None:   # the whole step is one op; the raw support's class means are its prototypes
-        tau_t = _tau_tensor(tau, x)
-
-        def step_loss():
-            return step_op(x, support_labels, w_img, w_proto, x, c, tau_t, None, True)[0]
-    else:
-        def step_loss():
-            return _sce_core(x @ w_img.t(), protos @ w_proto.t(), support_labels, tau, "mean", b)[0]
     losses = []
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        loss = step_loss()
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())
+    if step_op is not None:
+        # The whole step is one op (the raw support's class means are its prototypes), which returns
+        # the loss's gradients w.r.t. the adapted rows; the adapters' gradients are then one GEMM each,
+        # the very calls of the op's backward (dz^T x, dq^T p0), without the autograd engine.
+        tau_t = _tau_tensor(tau, x)
+        with torch.no_grad():
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)   # freed first: the step's buffers reuse their memory
+                loss, _, _, dz, dq, p0, _ = step_op(x, support_labels, w_img, w_proto, x, c, tau_t, None, True)
+                w_img.grad, w_proto.grad = torch.mm(dz.t(), x), torch.mm(dq.t(), p0)
+                opt.step()
+                losses.append(loss)
+    else:   # no C++ extension: the adapters and the symmetric-CE op as separate calls, through autograd
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss = _sce_core(x @ w_img.t(), protos @ w_proto.t(), support_labels, tau, "mean", b)[0]
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
     acc = None
     with torch.no_grad():
         if query is not None and query_labels is not None:
@@ -649,6 +654,7 @@ def _adapt_group(items, classes, steps, lr, weight_decay, tau, op):
         # padding), and the adapters' gradients are one batched GEMM each, as the step's backward forms
         # them (dz^T x): no graph, no engine, no scaling by a grad_output of ones.
         for _ in range(steps):
+            opt.zero_grad(set_to_none=True)   # freed first: the step's buffers reuse their memory
             z = torch.bmm(x, w_img.transpose(1, 2)).reshape(e * n_max, d)
             q = torch.bmm(protos, w_proto.transpose(1, 2)).reshape(e * c_max, d)
             loss, _, _, dz, dq, _ = op(z, q, y_flat, rows, cls, s_off, s_total, tau_t, True)

@@ -71,6 +71,23 @@ def test_adapt_runs_each_step_as_the_backends_step_op(backend, monkeypatch):
     assert rel_err(got.w_img, want_ref.w_img) < 1e-9
 
 
+@pytest.mark.skipif("triton" not in copa_fast.available_backends(), reason="triton not available")
+def test_adapt_without_the_step_op_follows_the_reference(monkeypatch):
+    """Without the C++ extension the Triton step op is absent: adapt then runs the adapters and the
+    symmetric-CE op as separate calls through autograd, with the same trajectory."""
+    from copa_fast.ops import symmetric_ce as ops
+
+    monkeypatch.setattr(ops, "triton_step_op", lambda: None)
+    xs, ys, xq, yq = _split(24, 10, 4, 8, seed=6)
+    dev = device_for("triton")
+    x64 = [t.double().to(dev) if t.is_floating_point() else t.to(dev) for t in (xs, ys, xq, yq)]
+    got = copa_fast.adapt(*x64, steps=4, backend="triton")
+    want = ref.adapt(xs.double(), ys, xq.double(), yq, steps=4)
+    assert rel_err(got.w_img, want.w_img) < 1e-9 and rel_err(got.w_proto, want.w_proto) < 1e-9
+    assert got.losses == pytest.approx(want.losses, rel=1e-9)
+    assert got.query_accuracy == want.query_accuracy
+
+
 ADAM_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
