@@ -476,12 +476,15 @@ def adapt(support: torch.Tensor, support_labels: torch.Tensor, query: Optional[t
         # The whole step is one op (the raw support's class means are its prototypes), which returns
         # the loss's gradients w.r.t. the adapted rows; the adapters' gradients are then one GEMM each,
         # the very calls of the op's backward (dz^T x, dq^T p0), without the autograd engine.
+        # The gradients are written into the same two buffers every step: a fresh D x D pair a step
+        # (1 MiB each at D = 512) made the CPU allocator map and fault in new pages, step after step.
         tau_t = _tau_tensor(tau, x)
+        w_img.grad, w_proto.grad = torch.empty_like(w_img), torch.empty_like(w_proto)
         with torch.no_grad():
             for _ in range(steps):
-                opt.zero_grad(set_to_none=True)   # freed first: the step's buffers reuse their memory
                 loss, _, _, dz, dq, p0, _ = step_op(x, support_labels, w_img, w_proto, x, c, tau_t, None, True)
-                w_img.grad, w_proto.grad = torch.mm(dz.t(), x), torch.mm(dq.t(), p0)
+                torch.mm(dz.t(), x, out=w_img.grad)
+                torch.mm(dq.t(), p0, out=w_proto.grad)
                 opt.step()
                 losses.append(loss)
     else:   # no C++ extension: the adapters and the symmetric-CE op as separate calls, through autograd
@@ -652,14 +655,15 @@ def _adapt_group(items, classes, steps, lr, weight_decay, tau, op):
     with torch.no_grad():
         # No autograd: the op returns each episode's gradients w.r.t. its adapted rows (dz, dq; zero on
         # padding), and the adapters' gradients are one batched GEMM each, as the step's backward forms
-        # them (dz^T x): no graph, no engine, no scaling by a grad_output of ones.
+        # them (dz^T x), into the same two stacked buffers every step (as adapt's): no graph, no engine,
+        # no scaling by a grad_output of ones, no fresh gradient tensors.
+        w_img.grad, w_proto.grad = torch.empty_like(w_img), torch.empty_like(w_proto)
         for _ in range(steps):
-            opt.zero_grad(set_to_none=True)   # freed first: the step's buffers reuse their memory
             z = torch.bmm(x, w_img.transpose(1, 2)).reshape(e * n_max, d)
             q = torch.bmm(protos, w_proto.transpose(1, 2)).reshape(e * c_max, d)
             loss, _, _, dz, dq, _ = op(z, q, y_flat, rows, cls, s_off, s_total, tau_t, True)
-            w_img.grad = torch.bmm(dz.view(e, n_max, d).transpose(1, 2), x)
-            w_proto.grad = torch.bmm(dq.view(e, c_max, d).transpose(1, 2), protos)
+            torch.bmm(dz.view(e, n_max, d).transpose(1, 2), x, out=w_img.grad)
+            torch.bmm(dq.view(e, c_max, d).transpose(1, 2), protos, out=w_proto.grad)
             opt.step()
             losses.append(loss)
     counts = _group_query_hits(items, classes, protos, w_img, w_proto, work)
