@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import _validate as V
+from .api import _check_episode, _check_hparams
 from .api import _tau_tensor as _api_tau_tensor
 from .api import _working_dtype
 from .api import adapt_many as _local_adapt_many
@@ -391,8 +392,22 @@ def adapt_many(episodes, *, steps: int = 50, lr: float = 1e-3, weight_decay: flo
     """
     episodes = list(episodes)
     mine = shard_indices(len(episodes), group)
-    local = _local_adapt_many([_episode_parts(k, episodes[k]) for k in mine], steps=steps, lr=lr,
-                              weight_decay=weight_decay, tau=tau, backend=backend)
+    # this rank's episodes checked first, and every rank told: one bad episode makes every rank raise
+    # here, rather than leave the others waiting in the gather below
+    err, parts = None, []
+    try:
+        _check_hparams(steps, lr, weight_decay, tau)
+        for k in mine:
+            parts.append(_episode_parts(k, episodes[k]))
+            try:
+                _check_episode(*parts[-1])
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"episodes[{k}]: {e}") from None
+    except (TypeError, ValueError) as exc:
+        err = exc
+    nccl = dist.get_backend(group) == "nccl"   # its collectives take CUDA tensors only; a rank may hold no episode
+    _agree(group, torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu", err, [])
+    local = _local_adapt_many(parts, steps=steps, lr=lr, weight_decay=weight_decay, tau=tau, backend=backend)
     payload = [(k, type(r)(r.w_img.cpu(), r.w_proto.cpu(), r.losses, r.query_accuracy)) for k, r in zip(mine, local)]
     return _gather_ordered(payload, len(episodes), group, dst)
 

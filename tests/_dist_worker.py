@@ -97,6 +97,8 @@ def run_adapt_many(case):
 
     feats, labels = synthetic_features(n_classes=12, per_class=30, dim=case["d"], seed=case["seed"])
     eps = sample_episodes(feats, labels, case["episodes"], seed=case["seed"], max_ways=8, max_support=60)
+    if "nan_query" in case:
+        eps[case["nan_query"]].query[0, 0] = float("nan")
     res = cfd.adapt_many(eps, steps=case["steps"], backend=case.get("backend"))
     if res is None:
         return None

@@ -43,6 +43,7 @@ def _cases(world):
     cases["bad_create_graph"] = dict(fn="copa", dtype="float64", n=N, c=C, d=D, seed=11, create_graph=True)
     cases["tau_differs"] = dict(fn="symmetric_ce", dtype="float32", n=N, c=C, d=D, seed=9, tau_per_rank=True)
     cases["adapt_many"] = dict(fn="adapt_many", d=16, seed=10, episodes=5, steps=3, backend="cpu")
+    cases["adapt_many_bad"] = dict(fn="adapt_many", d=16, seed=10, episodes=5, steps=3, backend="cpu", nan_query=3)
     return cases
 
 
@@ -172,6 +173,17 @@ def test_adapt_many_split_over_ranks_equals_single_process(run):
     for (wi, wp, losses, acc), w in zip(got, want):
         assert torch.equal(wi, w.w_img) and torch.equal(wp, w.w_proto)
         assert losses == w.losses and acc == w.query_accuracy
+
+
+def test_bad_episode_on_one_rank_raises_on_every_rank(run):
+    """Episode 3 (rank 3 % W's) has a NaN in its query: that rank names it, and every other rank
+    raises too instead of waiting in the gather."""
+    world, _, results = run
+    owner = 3 % world
+    assert "episodes[3]: query: expected finite values" in results[owner]["adapt_many_bad"]["error"]
+    for r in range(world):
+        if r != owner:
+            assert f"invalid input on rank(s) [{owner}]" in results[r]["adapt_many_bad"]["error"]
 
 
 def test_errors_without_process_group():
