@@ -554,10 +554,11 @@ def adapt_many(episodes, *, steps: int = 50, lr: float = 1e-3, weight_decay: flo
     tuples (or ``copa_fast.episodes.Episode``), different N and C per episode, D shared.
 
     Returns one AdaptResult per episode, equal to ``adapt`` on that episode (adapters within fp32
-    rounding, the same accuracies). With the ``triton`` backend (adapt_many's default for CUDA tensors) or
-    the ``cuda`` backend the episodes are adapted together: per step, two batched GEMMs forward, ONE kernel launch for the
-    symmetric CE and its gradient of every episode, two batched GEMMs backward and one Adam update
-    of the stacked adapters; nothing is read back to the host until the end. Episodes are grouped
+    rounding, the same accuracies). With the ``cuda`` or ``triton`` backend (on CUDA tensors the default
+    is ``cuda`` where it is built, else ``triton``) the episodes are adapted together: per step, two
+    batched GEMMs forward, ONE kernel launch for the symmetric CE and its gradient of every episode,
+    two batched GEMMs for the adapters' gradients and one Adam update of the stacked adapters;
+    nothing is read back to the host until the end. Episodes are grouped
     by size (at most ``group_size`` per group) to bound padding and memory. Other backends run
     the episodes one after another through ``adapt``.
     """

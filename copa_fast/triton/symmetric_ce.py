@@ -31,7 +31,9 @@ fp32 by default uses IEEE fp32 products (no TF32); ``precision="tf32"`` opts in 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import torch
 import triton
@@ -630,6 +632,11 @@ def _norm_backward(g_ptr, xn_ptr, norm_ptr, rows, rmask, dot, D, BD: tl.constexp
 # it decorates them (TRITON_INTERPRET at this module's import), and copa_fast.backends asks here.
 INTERPRETED = type(_prep).__name__ == "InterpretedFunction"
 
+# The interpreter runs a launch's programs with module-level state of its own (the grid position,
+# the semantics of the current program): launches from two threads at once corrupt each other. Under
+# it the launches of one call take a lock; compiled launches need none.
+_LAUNCHES = threading.Lock() if INTERPRETED else contextlib.nullcontext()
+
 
 def _cdiv(a, b):
     """Ceiling division of positive ints, for the launchers' host code. Not ``triton.cdiv``: that is
@@ -819,18 +826,19 @@ def symmetric_ce(z, q, labels, tau, weights, fused_grad, precision="ieee", scrat
     chunk_cols = lambda g: _cdiv(_cdiv(d, bd), g) * bd   # noqa: E731
     w_arg = w if w is not None else z  # never read when HAS_W is False
 
-    _prep[(nbz + nbq + nbc,)](z, q, zn, qn, znorm, qnorm, labels, w_arg, cnt, wsum, ticket, n, c, d, w is not None,
-                              nbz, nbq, ticket.numel(), BR=bn, BD=bd, BI=max(bn, 16), BC=bc, ACC=acc)
-    _scores[(_cdiv(n, bng) * sg,)](zn, qn, cnt, tau_t, S, R, pred, s_part, n, c, d, sg, chunk_cols(sg),
-                                   GROUPED=sg > 1, BN=bng, BC=bc, BD=bd, ACC=acc, PREC=prec, num_warps=st.warps)
-    nbr = nbz if sg > 1 else 0   # row programs that sum the score groups first
-    _colstats[(nbr + nbc * cs,)](S, L, c_part, ticket, col_t0, n, c, cs, crows, tau_t, cnt, R, pred, s_part, sg, nbr,
-                                 SUMMED=sg > 1, BN=bn, BC=bc, ACC=acc)
-    _grads[(nbz * rg + (nbc * (splits * cg if cls_split else 1) if fused_grad else 0),)](
-        zn, qn, znorm, qnorm, S, R, L, cnt, wsum, labels, w_arg, tau_t, losses, ploss, pdtau, ticket, loss,
-        dtau, dz, dq, part, pdot, n, c, d, nbz, rows_per, rg, chunk_cols(rg), cg, chunk_cols(cg), row_t0,
-        HAS_W=w is not None, FUSED=fused_grad, SPLITS=splits, CLS_SPLIT=cls_split, BN=bn, BNC=max(bn // 2, 16),
-        BC=bc, BD=bd, BP=64, ACC=acc, PREC=prec, num_warps=st.warps)
+    with _LAUNCHES:
+        _prep[(nbz + nbq + nbc,)](z, q, zn, qn, znorm, qnorm, labels, w_arg, cnt, wsum, ticket, n, c, d, w is not None,
+                                  nbz, nbq, ticket.numel(), BR=bn, BD=bd, BI=max(bn, 16), BC=bc, ACC=acc)
+        _scores[(_cdiv(n, bng) * sg,)](zn, qn, cnt, tau_t, S, R, pred, s_part, n, c, d, sg, chunk_cols(sg),
+                                       GROUPED=sg > 1, BN=bng, BC=bc, BD=bd, ACC=acc, PREC=prec, num_warps=st.warps)
+        nbr = nbz if sg > 1 else 0   # row programs that sum the score groups first
+        _colstats[(nbr + nbc * cs,)](S, L, c_part, ticket, col_t0, n, c, cs, crows, tau_t, cnt, R, pred, s_part, sg,
+                                     nbr, SUMMED=sg > 1, BN=bn, BC=bc, ACC=acc)
+        _grads[(nbz * rg + (nbc * (splits * cg if cls_split else 1) if fused_grad else 0),)](
+            zn, qn, znorm, qnorm, S, R, L, cnt, wsum, labels, w_arg, tau_t, losses, ploss, pdtau, ticket, loss,
+            dtau, dz, dq, part, pdot, n, c, d, nbz, rows_per, rg, chunk_cols(rg), cg, chunk_cols(cg), row_t0,
+            HAS_W=w is not None, FUSED=fused_grad, SPLITS=splits, CLS_SPLIT=cls_split, BN=bn, BNC=max(bn // 2, 16),
+            BC=bc, BD=bd, BP=64, ACC=acc, PREC=prec, num_warps=st.warps)
     return loss, losses, pred, dz, dq, dtau if fused_grad else z.new_empty(0)
 
 
@@ -896,9 +904,10 @@ def episodes_sce(z, q, labels, rows, classes, s_off, s_total, tau, fused_grad, p
     e, dev, dt = rows.shape[0], st.dev, st.dt
     S = torch.empty(max(s_total, 1), device=dev, dtype=dt)
     loss, dtau = torch.empty(e, device=dev, dtype=dt), torch.empty(e, device=dev, dtype=dt)
-    _episodes[(e,)](st.z, st.q, st.labels, rows.contiguous(), classes.contiguous(), s_off.contiguous(),
-                    tau.to(device=dev, dtype=dt).contiguous(), st.zn, st.qn, st.znorm, st.qnorm, st.cnt, st.wsum, S,
-                    st.R, st.L, st.pred, st.losses, loss, dtau, st.dz, st.dq, st.d, st.n, st.c, s_total,
-                    FUSED=fused_grad, BN=st.bn, BC=st.bc, BD=st.bd, BI=max(st.bn, 16), ACC=st.acc, PREC=st.prec,
-                    num_warps=st.warps)
+    with _LAUNCHES:
+        _episodes[(e,)](st.z, st.q, st.labels, rows.contiguous(), classes.contiguous(), s_off.contiguous(),
+                        tau.to(device=dev, dtype=dt).contiguous(), st.zn, st.qn, st.znorm, st.qnorm, st.cnt, st.wsum, S,
+                        st.R, st.L, st.pred, st.losses, loss, dtau, st.dz, st.dq, st.d, st.n, st.c, s_total,
+                        FUSED=fused_grad, BN=st.bn, BC=st.bc, BD=st.bd, BI=max(st.bn, 16), ACC=st.acc, PREC=st.prec,
+                        num_warps=st.warps)
     return loss, st.losses, st.pred, st.dz, st.dq, dtau if fused_grad else z.new_empty(0)
