@@ -339,14 +339,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _at_least(*checks) -> None:
+    for flag, value, least in checks:
+        if value < least:
+            raise CliError(f"{flag}: expected an int >= {least}, got {value}")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "eval":
-            for flag, value, least in (("--episodes", args.episodes, 1), ("--steps", args.steps, 0),
-                                       ("--check-episodes", args.check_episodes, 0)):
-                if value < least:
-                    raise CliError(f"{flag}: expected an int >= {least}, got {value}")
+            _at_least(("--episodes", args.episodes, 1), ("--steps", args.steps, 0),
+                      ("--check-episodes", args.check_episodes, 0), ("--seed", args.seed, 0))
             res = run_eval(args)
             if res is None:   # a torchrun rank other than 0: rank 0 prints
                 return 0
@@ -361,6 +365,7 @@ def main(argv=None) -> int:
                 raise CliError(f"--budget: expected seconds >= 0, got {args.budget}")
             run_bench(args)
         else:
+            _at_least(("--episodes", args.episodes, 1), ("--seed", args.seed, 0))
             run_demo(args)
     except CliError as exc:
         print(f"copa-fast: error: {exc}", file=sys.stderr)

@@ -51,6 +51,8 @@ def sample_episodes(features, labels, n_episodes: int, *, seed: int = 0, min_way
                         ("max_support", max_support), ("query_per_class", query_per_class), ("max_shots", max_shots)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
     if max_ways < min_ways:
         raise ValueError(f"max_ways: expected at least min_ways ({min_ways}), got {max_ways}")
     if max_support < min_ways:   # every way takes at least one support sample

@@ -329,6 +329,7 @@ def test_episode_sampler_is_seeded_and_shaped_like_meta_dataset():
     (dict(min_ways=0), "min_ways"), (dict(min_ways=5.5), "min_ways"), (dict(min_ways=10, max_ways=5), "max_ways"),
     (dict(query_per_class=0), "query_per_class"), (dict(max_support=0), "max_support"),
     (dict(max_shots=-1), "max_shots"), (dict(n_episodes=True), "n_episodes"), (dict(max_support=4), "max_support"),
+    (dict(seed=-1), "seed"), (dict(seed=1.5), "seed"),
 ])
 def test_episode_sampler_arguments_validated(kwargs, name):
     from copa_fast.episodes import sample_episodes, synthetic_features

@@ -65,6 +65,17 @@ def test_eval_bad_input_is_one_line(tmp_path, capsys, make, fragment):
     assert rc == 2 and len(err.splitlines()) == 1 and fragment in err
 
 
+@pytest.mark.parametrize("argv,flag", [
+    (["eval", "--episodes", "0"], "--episodes"), (["eval", "--steps", "-1"], "--steps"),
+    (["eval", "--check-episodes", "-2"], "--check-episodes"), (["eval", "--seed", "-1"], "--seed"),
+    (["demo", "--episodes", "0"], "--episodes"), (["demo", "--seed", "-4"], "--seed"),
+])
+def test_bad_counts_name_their_flag(capsys, argv, flag):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"copa-fast: error: {flag}: expected an int >=")
+
+
 def test_eval_unavailable_backend(capsys):
     rc = cli.main(["eval", "--episodes", "1", "--backend", "cuda"])
     assert rc == 2 and "--backend" in capsys.readouterr().err
