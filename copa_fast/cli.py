@@ -118,7 +118,7 @@ def run_eval(args) -> dict:
     try:
         backend = _backends.resolve(args.backend, device)
     except ValueError as exc:
-        raise CliError(f"--backend: {exc}") from None
+        raise CliError(f"--backend: {str(exc).removeprefix('backend: ')}") from None
     if args.features:
         feats, labels = load_features(args.features)
         source = args.features
@@ -241,9 +241,12 @@ def print_eval(res: dict) -> None:
 
 
 def run_demo(args) -> None:
+    try:
+        backend = _backends.resolve(args.backend, torch.device("cpu"))
+    except ValueError as exc:
+        raise CliError(f"--backend: {str(exc).removeprefix('backend: ')}") from None
     feats, labels = synthetic_features(seed=args.seed)
     episodes = sample_episodes(feats, labels, args.episodes, seed=args.seed)
-    backend = _backends.resolve(args.backend, torch.device("cpu"))
     print(f"copa-fast demo: {len(episodes)} synthetic Meta-Dataset-shaped episodes (D=512), "
           f"backend {backend!r} vs the published loop (reference, float32)")
     print(f"{'ep':>3}{'ways':>6}{'support':>9}{'acc ours':>10}{'acc ref':>9}{'ms ours':>9}{'ms ref':>9}"
@@ -287,6 +290,10 @@ def run_bench(args) -> None:
         unknown = [s for s in impls if s not in bench.IMPL_ORDER]
         if unknown:
             raise CliError(f"--impls: unknown {unknown}; expected a subset of {','.join(bench.IMPL_ORDER)}")
+    try:   # before any timing: a folder that cannot be written fails at once
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"--out: cannot create the folder {args.out!r} ({exc.strerror})") from None
     print(f"copa-fast bench: {device}, D={args.d}, sizes {sizes}", file=sys.stderr)
     res = bench.run(args.out, device, sizes, args.d, impls=impls, budget_s=args.budget,
                     log=lambda line: print(line, file=sys.stderr))

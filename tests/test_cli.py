@@ -76,6 +76,16 @@ def test_bad_counts_name_their_flag(capsys, argv, flag):
     assert len(err.splitlines()) == 1 and err.startswith(f"copa-fast: error: {flag}: expected an int >=")
 
 
+def test_demo_and_bench_errors_are_one_line(tmp_path, capsys):
+    for argv, flag in ((["demo", "--backend", "nope"], "--backend"),
+                       (["bench", "--out", str(tmp_path / "file" / "sub"), "--max-n", "30"], "--out")):
+        if flag == "--out":
+            (tmp_path / "file").write_text("")   # a file where the folder's parent should be
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"copa-fast: error: {flag}: "), err
+
+
 def test_eval_unavailable_backend(capsys):
     rc = cli.main(["eval", "--episodes", "1", "--backend", "cuda"])
     assert rc == 2 and "--backend" in capsys.readouterr().err
