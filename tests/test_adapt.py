@@ -271,11 +271,16 @@ def test_adapt_many_equals_adapt_per_episode():
 
     feats, labels = synthetic_features(n_classes=12, per_class=25, dim=32, seed=1)
     eps = sample_episodes(feats, labels, 3, seed=2, max_ways=8, max_support=60)
+    # one after another on cpu, a float64 episode among float32 ones: each the bits of its own adapt
+    e64 = type(eps[1])(eps[1].support.double(), eps[1].support_labels, eps[1].query.double(), eps[1].query_labels)
+    eps = [eps[0], e64, eps[2], eps[0]]
     many = copa_fast.adapt_many(eps, steps=4)
-    assert len(many) == 3
+    assert len(many) == 4
     for ep, r in zip(eps, many):
         one = copa_fast.adapt(ep.support, ep.support_labels, ep.query, ep.query_labels, steps=4)
-        assert torch.equal(r.w_img, one.w_img) and r.query_accuracy == one.query_accuracy
+        assert r.w_img.dtype == ep.support.dtype
+        assert torch.equal(r.w_img, one.w_img) and torch.equal(r.w_proto, one.w_proto)
+        assert r.losses == one.losses and r.query_accuracy == one.query_accuracy
     with pytest.raises(ValueError, match="episodes\\[0\\]"):
         copa_fast.adapt_many([(eps[0].support, eps[0].support_labels)])
 
