@@ -157,17 +157,21 @@ def _eval_methods(args, methods, episodes, device, backend, source, lr, wd, rank
                "methods": {}}
     for method in methods:
         accs, devs, runs, t0 = [], [], {}, time.perf_counter()
+        # runs: the adapters kept for the float64 check only (2 MiB an episode at D = 512)
         if method == "copa" and backend in BATCHED_BACKENDS:   # all of this rank's episodes together
             batch = adapt_many([episodes[k] for k in mine], steps=args.steps, lr=lr, weight_decay=wd, backend=backend)
-            runs = dict(zip(mine, batch))
-            accs = [(k, r.query_accuracy) for k, r in runs.items()]
+            accs = [(k, r.query_accuracy) for k, r in zip(mine, batch)]
+            runs = {k: r for k, r in zip(mine, batch) if k < args.check_episodes}
+            del batch
         else:
             for k in _progress(mine, len(mine), method, show):
                 ep = episodes[k]
                 if method == "copa":
-                    runs[k] = adapt(ep.support, ep.support_labels, ep.query, ep.query_labels, steps=args.steps,
-                                    lr=lr, weight_decay=wd, backend=backend)
-                    accs.append((k, runs[k].query_accuracy))
+                    r = adapt(ep.support, ep.support_labels, ep.query, ep.query_labels, steps=args.steps,
+                              lr=lr, weight_decay=wd, backend=backend)
+                    accs.append((k, r.query_accuracy))
+                    if k < args.check_episodes:
+                        runs[k] = r
                 elif method == "pa":
                     accs.append((k, ref.adapt_pa(ep.support, ep.support_labels, ep.query,
                                                  ep.query_labels).query_accuracy))
@@ -177,7 +181,7 @@ def _eval_methods(args, methods, episodes, device, backend, source, lr, wd, rank
             torch.cuda.synchronize()
         secs = time.perf_counter() - t0
         # outside the timed region: the float64 reference loop on the first episodes
-        devs = [(k, _deviation(r, episodes[k], args.steps, lr, wd)) for k, r in runs.items() if k < args.check_episodes]
+        devs = [(k, _deviation(r, episodes[k], args.steps, lr, wd)) for k, r in runs.items()]
         if world > 1:
             from .distributed import _gather_ordered
 
