@@ -435,6 +435,18 @@ def _check_episode(support, support_labels, query, query_labels):
     return c
 
 
+def _check_episodes(indexed) -> list:
+    """Checks (index, (support, support_labels, query, query_labels)) pairs in order; returns each
+    episode's number of classes. An error names the episode: ``episodes[index]: ...``."""
+    classes = []
+    for k, parts in indexed:
+        try:
+            classes.append(_check_episode(*parts))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"episodes[{k}]: {e}") from None
+    return classes
+
+
 def _check_hparams(steps, lr, weight_decay, tau):
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps: expected an int >= 0, got {steps!r}")
@@ -588,12 +600,8 @@ def adapt_many(episodes, *, steps: int = 50, lr: float = 1e-3, weight_decay: flo
     _check_hparams(steps, lr, weight_decay, tau)
     device = items[0][0].device
     b = _backends.resolve(backend, device, batched=True)
-    classes = []   # every episode checked before any is adapted: a bad one fails fast, named by its index
-    for k, parts in enumerate(items):
-        try:
-            classes.append(_check_episode(*parts))
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"episodes[{k}]: {e}") from None
+    # every episode checked before any is adapted: a bad one fails fast, named by its index
+    classes = _check_episodes(enumerate(items))
     batched = (b in ("triton", "cuda") and all(p[0].device == device and p[0].dtype == items[0][0].dtype for p in items)
                and items[0][0].dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16))
     if not batched:

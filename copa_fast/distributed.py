@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import _validate as V
-from .api import _check_episode, _check_hparams
+from .api import _check_episodes, _check_hparams
 from .api import _tau_tensor as _api_tau_tensor
 from .api import _working_dtype
 from .api import adapt_many as _local_adapt_many
@@ -397,12 +397,8 @@ def adapt_many(episodes, *, steps: int = 50, lr: float = 1e-3, weight_decay: flo
     err, parts = None, []
     try:
         _check_hparams(steps, lr, weight_decay, tau)
-        for k in mine:
-            parts.append(_episode_parts(k, episodes[k]))
-            try:
-                _check_episode(*parts[-1])
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"episodes[{k}]: {e}") from None
+        parts = [_episode_parts(k, episodes[k]) for k in mine]
+        _check_episodes(zip(mine, parts))
     except (TypeError, ValueError) as exc:
         err = exc
     nccl = dist.get_backend(group) == "nccl"   # its collectives take CUDA tensors only; a rank may hold no episode
