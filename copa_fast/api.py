@@ -341,19 +341,14 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: Optio
     """
     V.tensor("features", features, 2)
     n = features.shape[0]
-    if num_classes is None and not check_inputs:
-        raise ValueError("num_classes: required with check_inputs=False (reading it from the labels would "
-                         "synchronise)")
-    V.label_tensor("labels", labels, n, features, num_classes)
     check = _check_values(check_inputs)
-    if check:
-        with _readable_values():
-            c = V.labels("labels", labels, n, features, num_classes, check_values=True)
-    elif num_classes is None:   # traced by torch.compile: C and the checks at a graph break, as in eager
+    if check_inputs and not check and num_classes is None:
+        # traced by torch.compile: C and the checks at a graph break, as in eager
         from . import _graph_break
         c = _graph_break.labels("labels", labels, n, features, num_classes)
-    else:
-        c = int(num_classes)
+    else:   # unchecked, V.labels wants num_classes and returns it
+        with _readable_values():
+            c = V.labels("labels", labels, n, features, num_classes, check_values=check)
     means = _composite.class_means(features, labels, c)
     if check:
         return means
