@@ -503,11 +503,12 @@ def adapt(support: torch.Tensor, support_labels: torch.Tensor, query: Optional[t
             losses.append(loss.detach())
     acc = None
     with torch.no_grad():
+        adapted = protos @ w_proto.t()
         if query is not None and query_labels is not None:
-            pred = _cosine_predict(query.to(work) @ w_img.t(), protos @ w_proto.t())
+            pred = reference.adapted_scores(query, w_img, adapted).argmax(dim=1)
             acc = reference.fraction_correct(pred, query_labels)
     loss_list = torch.stack(losses).tolist() if losses else []
-    return AdaptResult(w_img.detach(), w_proto.detach(), loss_list, acc)
+    return AdaptResult(w_img.detach(), w_proto.detach(), loss_list, acc, adapted)
 
 
 class _FusedAdam:
@@ -612,20 +613,19 @@ def adapt_many(episodes, *, steps: int = 50, lr: float = 1e-3, weight_decay: flo
     return out
 
 
-def _group_query_hits(items, classes, protos, w_img, w_proto, work) -> dict:
-    """Episode -> correct query predictions (cosine to the adapted class means, as ``adapt``), for
-    the group's episodes with a query set, in batched ops and one read-back."""
+def _group_query_hits(items, classes, adapted, w_img, work) -> dict:
+    """Episode -> correct query predictions (cosine to the adapted class means ``adapted``, as
+    ``adapt``), for the group's episodes with a query set, in batched ops and one read-back."""
     with_query = [k for k, p in enumerate(items) if p[2] is not None and p[3].numel()]
     if not with_query:
         return {}
     pad = torch.nn.utils.rnn.pad_sequence
-    dev = protos.device
+    dev = adapted.device
     sel = torch.tensor(with_query, device=dev)
     with torch.no_grad():
         zq = torch.bmm(pad([items[k][2].to(work) for k in with_query], batch_first=True), w_img[sel].transpose(1, 2))
-        pq = torch.bmm(protos[sel], w_proto[sel].transpose(1, 2))
-        scores = _cosine_scores(zq, pq)   # (E', M, C): classes past an episode's own masked off
-        absent = torch.arange(protos.shape[1], device=dev)[None, :] >= torch.tensor(
+        scores = _cosine_scores(zq, adapted[sel])   # (E', M, C): classes past an episode's own masked off
+        absent = torch.arange(adapted.shape[1], device=dev)[None, :] >= torch.tensor(
             [classes[k] for k in with_query], device=dev)[:, None]
         pred = scores.masked_fill(absent[:, None, :], -math.inf).argmax(2)
         labels = pad([items[k][3].long() for k in with_query], batch_first=True, padding_value=-1)
@@ -670,12 +670,14 @@ def _adapt_group(items, classes, steps, lr, weight_decay, tau, op):
             torch.bmm(dq.view(e, c_max, d).transpose(1, 2), protos, out=w_proto.grad)
             opt.step()
             losses.append(loss)
-    counts = _group_query_hits(items, classes, protos, w_img, w_proto, work)
+        adapted = torch.bmm(protos, w_proto.transpose(1, 2))   # (E, C, D): each episode's adapted prototypes
+    counts = _group_query_hits(items, classes, adapted, w_img, work)
     loss_rows = torch.stack(losses, 1).tolist() if losses else [[] for _ in range(e)]
     results = []
     for k, (_, _, query, query_labels) in enumerate(items):
         acc = None   # as reference.fraction_correct: a ratio of counts, NaN for an empty query set
         if query is not None:
             acc = counts[k] / query_labels.numel() if k in counts else float("nan")
-        results.append(AdaptResult(w_img[k].detach().clone(), w_proto[k].detach().clone(), loss_rows[k], acc))
+        results.append(AdaptResult(w_img[k].detach().clone(), w_proto[k].detach().clone(), loss_rows[k], acc,
+                                   adapted[k, :classes[k]].clone()))
     return results

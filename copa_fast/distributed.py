@@ -404,7 +404,8 @@ def adapt_many(episodes, *, steps: int = 50, lr: float = 1e-3, weight_decay: flo
     nccl = dist.get_backend(group) == "nccl"   # its collectives take CUDA tensors only; a rank may hold no episode
     _agree(group, torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu", err, [])
     local = _local_adapt_many(parts, steps=steps, lr=lr, weight_decay=weight_decay, tau=tau, backend=backend)
-    payload = [(k, type(r)(r.w_img.cpu(), r.w_proto.cpu(), r.losses, r.query_accuracy)) for k, r in zip(mine, local)]
+    payload = [(k, type(r)(r.w_img.cpu(), r.w_proto.cpu(), r.losses, r.query_accuracy,
+                           None if r.prototypes is None else r.prototypes.cpu())) for k, r in zip(mine, local)]
     return _gather_ordered(payload, len(episodes), group, dst)
 
 

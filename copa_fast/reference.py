@@ -166,18 +166,51 @@ def with_autograd(loop: _Loop) -> _Loop:
     return cast(_Loop, run)
 
 
+def adapted_scores(query: torch.Tensor, w_img: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """(M, C) cosines of the adapted query rows (``query @ w_img.T``) to the adapted prototypes:
+    what an episode's query accuracy takes its argmax of."""
+    z = F.normalize(query.to(w_img.dtype) @ w_img.t(), dim=-1, eps=NORM_EPS)
+    return z @ F.normalize(prototypes.to(w_img.dtype), dim=-1, eps=NORM_EPS).t()
+
+
 @dataclass
 class AdaptResult:
     """Outcome of one episode's adaptation.
 
     w_img, w_proto: (D, D) adapted maps; losses: one float per step (the loss at the start of
-    that step); query_accuracy: None without a query set.
+    that step); query_accuracy: None without a query set; prototypes: (C, D) the adapted class
+    prototypes (the support's class means through the adapted prototype map), against which
+    ``scores`` and ``predict`` classify new query rows — the very computation ``query_accuracy``
+    counted.
     """
 
     w_img: torch.Tensor
     w_proto: torch.Tensor
     losses: list = field(default_factory=list)
     query_accuracy: Optional[float] = None
+    prototypes: Optional[torch.Tensor] = None
+
+    def scores(self, query: torch.Tensor) -> torch.Tensor:
+        """(M, C) cosine similarities of the adapted rows of ``query`` (M, D) to the adapted
+        prototypes (the loss's logits are these times exp(tau)). ``query`` may be of any floating
+        dtype (computed in the adapters' dtype) and must be on the adapters' device."""
+        from . import _validate as V   # here, not at import: the oracle's module stays plain
+
+        if self.prototypes is None:
+            raise ValueError("prototypes: this AdaptResult holds no prototypes (made by hand?); "
+                             "scores and predict need the adapted class prototypes")
+        V.tensor("query", query, 2)
+        V.same_device("query", query, "w_img", self.w_img)
+        if query.shape[1] != self.w_img.shape[1]:
+            raise ValueError(f"query: expected {self.w_img.shape[1]} columns (as w_img), got shape {tuple(query.shape)}")
+        V.finite("query", query)   # a NaN row would still be given a class
+        with torch.no_grad():
+            return adapted_scores(query, self.w_img, self.prototypes)
+
+    def predict(self, query: torch.Tensor) -> torch.Tensor:
+        """(M,) class index of each row of ``query`` (M, D): its most cosine-similar adapted
+        prototype, as ``query_accuracy`` counts them."""
+        return self.scores(query).argmax(dim=1)
 
 
 @with_autograd
@@ -203,9 +236,10 @@ def adapt(support, support_labels, query=None, query_labels=None, *, steps=50, l
         losses.append(loss.item())
     acc = None
     with torch.no_grad():
+        adapted = protos @ w_proto.t()
         if query is not None:
-            acc = accuracy(query @ w_img.t(), protos @ w_proto.t(), query_labels)
-    return AdaptResult(w_img.detach(), w_proto.detach(), losses, acc)
+            acc = fraction_correct(adapted_scores(query, w_img, adapted).argmax(dim=1), query_labels)
+    return AdaptResult(w_img.detach(), w_proto.detach(), losses, acc, adapted)
 
 
 @with_autograd
@@ -231,10 +265,10 @@ def adapt_pa(support, support_labels, query=None, query_labels=None, *, steps=40
         losses.append(loss.item())
     acc = None
     with torch.no_grad():
+        adapted = class_prototypes(support @ w.t(), support_labels)
         if query is not None:
-            z = support @ w.t()
-            acc = accuracy(query @ w.t(), class_prototypes(z, support_labels), query_labels)
-    return AdaptResult(w.detach(), w.detach(), losses, acc)
+            acc = fraction_correct(adapted_scores(query, w, adapted).argmax(dim=1), query_labels)
+    return AdaptResult(w.detach(), w.detach(), losses, acc, adapted)
 
 
 def ncc_accuracy(support, support_labels, query, query_labels) -> float:

@@ -102,4 +102,4 @@ def run_adapt_many(case):
     res = cfd.adapt_many(eps, steps=case["steps"], backend=case.get("backend"))
     if res is None:
         return None
-    return [(r.w_img, r.w_proto, r.losses, r.query_accuracy) for r in res]
+    return [(r.w_img, r.w_proto, r.losses, r.query_accuracy, r.prototypes) for r in res]

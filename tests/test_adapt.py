@@ -43,6 +43,10 @@ def test_adapt_float64_follows_reference_trajectory(backend):
     assert got.losses == pytest.approx(want.losses, rel=1e-9)
     assert got.query_accuracy == want.query_accuracy
     assert got.losses[-1] < got.losses[0]  # it adapts
+    # the adapted prototypes and the query classification they give, as the reference loop's
+    assert got.prototypes.shape == (6, 24) and rel_err(got.prototypes, want.prototypes) < 1e-9
+    assert rel_err(got.scores(xq.to(dev)), want.scores(xq)) < 1e-9
+    assert ref.fraction_correct(got.predict(xq.to(dev)), yq.to(dev)) == got.query_accuracy
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -213,6 +217,55 @@ def test_adapt_without_query_and_presets():
     assert rel_err(out.w_img, want.w_img) < 1e-9
 
 
+@pytest.mark.parametrize("backend", ["reference"] + CPU_KERNELS)
+def test_adapt_result_classifies_new_query_rows(backend):
+    """An episode adapted without its query set classifies the query afterwards: the same
+    predictions that an adaptation given the query counted, the scores as the float64 formula
+    gives them (the adapted rows' cosines to the adapted class means), for rows of any dtype."""
+    dev = device_for(backend)
+    xs, ys, xq, yq = (t.to(dev) for t in _split(50, 30, 5, 16, seed=9))
+    xs, xq = xs.float(), xq.float()
+    steps = 3 if backend == "triton" else 10
+    blind = copa_fast.adapt(xs, ys, steps=steps, backend=backend)
+    seen = copa_fast.adapt(xs, ys, xq, yq, steps=steps, backend=backend)
+    assert blind.query_accuracy is None and torch.equal(blind.prototypes, seen.prototypes)
+    pred = blind.predict(xq)
+    assert pred.shape == yq.shape and pred.dtype == torch.int64
+    assert ref.fraction_correct(pred, yq) == seen.query_accuracy
+    w_img, protos = blind.w_img.double(), blind.prototypes.double()
+    want = torch.nn.functional.normalize(xq.double() @ w_img.t(), dim=1) @ \
+        torch.nn.functional.normalize(protos, dim=1).t()
+    got = blind.scores(xq)
+    assert got.shape == (30, 5) and got.dtype == torch.float32 and rel_err(got, want) < 1e-6
+    assert rel_err(ref.class_prototypes(xs.double(), ys) @ blind.w_proto.double().t(), protos) < 1e-6
+    assert torch.equal(blind.predict(xq.half()), blind.scores(xq.half()).argmax(1))
+    assert not got.requires_grad
+
+
+def test_adapt_result_prediction_checks_its_query():
+    xs, ys, xq, _ = _split(30, 10, 5, 16, seed=10)
+    res = copa_fast.adapt(xs, ys, steps=2)
+    cases = [(TypeError, "query: expected a torch.Tensor", xq.numpy()),
+             (TypeError, "query: expected a floating tensor", xq.long()),
+             (ValueError, "query: expected a 2-D tensor", xq[0]),
+             (ValueError, "query: expected 16 columns \\(as w_img\\)", xq[:, :8]),
+             (ValueError, "query: expected at least one row", xq[:0]),
+             (ValueError, "query: expected finite values", xq.masked_fill(xq > 1.5, math.inf))]
+    for err, match, bad in cases:
+        for method in (res.scores, res.predict):
+            with pytest.raises(err, match=match):
+                method(bad)
+    with pytest.raises(ValueError, match="prototypes: this AdaptResult holds no prototypes"):
+        ref.AdaptResult(res.w_img, res.w_proto).predict(xq)
+
+
+def test_pa_baseline_result_classifies_as_its_accuracy():
+    xs, ys, xq, yq = _split(60, 50, 5, 16, seed=5)
+    pa = ref.adapt_pa(xs, ys, xq, yq, steps=5)
+    assert pa.prototypes.shape == (5, 16)
+    assert ref.fraction_correct(pa.predict(xq), yq) == pa.query_accuracy
+
+
 def test_head_predict_and_training_step():
     xs, ys, xq, yq = _split(80, 40, 5, 32, seed=4)
     head = copa_fast.CoPAHead(32, learn_tau=True).double()
@@ -281,6 +334,7 @@ def test_adapt_many_equals_adapt_per_episode():
         assert r.w_img.dtype == ep.support.dtype
         assert torch.equal(r.w_img, one.w_img) and torch.equal(r.w_proto, one.w_proto)
         assert r.losses == one.losses and r.query_accuracy == one.query_accuracy
+        assert torch.equal(r.prototypes, one.prototypes)
     with pytest.raises(ValueError, match="episodes\\[0\\]"):
         copa_fast.adapt_many([(eps[0].support, eps[0].support_labels)])
 

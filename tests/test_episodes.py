@@ -189,6 +189,10 @@ def test_adapt_many_batched_equals_adapt_per_episode():
         assert g.losses == pytest.approx(want.losses, rel=1e-5)
         assert g.query_accuracy == want.query_accuracy
         assert g.losses[-1] < g.losses[0]
+        # each episode's own adapted prototypes (C of its own, not the group's padded count)
+        assert g.prototypes.shape == want.prototypes.shape == (int(e.support_labels.max()) + 1, 20)
+        assert rel_err(g.prototypes, want.prototypes) < 1e-5
+        assert ref.fraction_correct(g.predict(e.query), e.query_labels) == g.query_accuracy
 
 
 @needs_triton
@@ -206,9 +210,12 @@ def test_adapt_many_batched_query_sets_of_every_kind():
     eps = [tuple(None if t is None else t.to(DEVICE) for t in e) for e in eps]
     got = copa_fast.adapt_many(eps, steps=3, backend="triton")
     assert got[1].query_accuracy is None
+    assert got[1].prototypes.shape == (3, 12)   # classes its query-less rows can still be given
+    assert got[1].predict(x1).shape == (18,)
     for k in (0, 2):
         want = copa_fast.adapt(*eps[k], steps=3, backend="triton")
         assert got[k].query_accuracy == want.query_accuracy and 0 < want.query_accuracy <= 1
+        assert ref.fraction_correct(got[k].predict(eps[k][2]), eps[k][3]) == got[k].query_accuracy
 
 
 @needs_triton
@@ -223,6 +230,8 @@ def test_adapt_many_batched_float64_follows_reference():
         want = ref.adapt(xs.cpu(), ys.cpu(), xq.cpu(), yq.cpu(), steps=3)
         assert rel_err(g.w_img, want.w_img) < 1e-9 and rel_err(g.w_proto, want.w_proto) < 1e-9
         assert g.query_accuracy == want.query_accuracy
+        assert rel_err(g.prototypes, want.prototypes) < 1e-9
+        assert rel_err(g.scores(xq), want.scores(xq.cpu())) < 1e-9
 
 
 def test_adapt_many_group_size_validated():
@@ -408,6 +417,8 @@ def test_adapt_many_on_the_cuda_backend_equals_adapt():
     for g, e in zip(got, eps):
         want = copa_fast.adapt(e.support, e.support_labels, e.query, e.query_labels, steps=5, backend="cuda")
         assert rel_err(g.w_img, want.w_img) < 1e-5 and g.query_accuracy == want.query_accuracy
+        assert rel_err(g.prototypes, want.prototypes) < 1e-5
+        assert ref.fraction_correct(g.predict(e.query), e.query_labels) == g.query_accuracy
 
 
 @pytest.mark.skipif(not (HAS_TRITON and copa_fast.backends.triton_interpreted()),
