@@ -555,7 +555,6 @@ def _adam(params, lr: float, weight_decay: float):
 _FUSED_ADAM_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-@reference.with_autograd
 def adapt_many(episodes, *, steps: int = 50, lr: float = 1e-3, weight_decay: float = 0.1, tau: float = 2.0,
                backend: Optional[str] = None, group_size: int = 128) -> list:
     """CoPA adaptation of a list of ragged episodes: ``(support, support_labels, query, query_labels)``
@@ -570,6 +569,22 @@ def adapt_many(episodes, *, steps: int = 50, lr: float = 1e-3, weight_decay: flo
     by size (at most ``group_size`` per group) to bound padding and memory. Other backends run
     the episodes one after another through ``adapt``.
     """
+    items = _episode_items(episodes)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size: expected a positive int, got {group_size!r}")
+    if not items:
+        return []
+    _check_hparams(steps, lr, weight_decay, tau)
+    b = _backends.resolve(backend, items[0][0].device, batched=True)
+    # every episode checked before any is adapted: a bad one fails fast, named by its index
+    classes = _check_episodes(enumerate(items))
+    return _adapt_checked(items, classes, steps=steps, lr=lr, weight_decay=weight_decay, tau=tau, backend=b,
+                          group_size=group_size)
+
+
+def _episode_items(episodes) -> list:
+    """Each episode as its (support, support_labels, query, query_labels) tuple, the supports of
+    one shared D (read from the shapes alone); an error names the episode by its index."""
     if isinstance(episodes, torch.Tensor) or (isinstance(episodes, tuple) and episodes
                                                and isinstance(episodes[0], torch.Tensor)):
         raise TypeError("episodes: expected a list of (support, support_labels, query, query_labels) tuples, "
@@ -589,15 +604,16 @@ def adapt_many(episodes, *, steps: int = 50, lr: float = 1e-3, weight_decay: flo
         for k, parts in enumerate(items):
             if not isinstance(parts[0], torch.Tensor) or parts[0].dim() != 2 or parts[0].shape[1] != d:
                 raise ValueError(f"episodes[{k}]: expected support of shape (N, {d}) (D shared by all episodes)")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size: expected a positive int, got {group_size!r}")
-    if not items:
-        return []
-    _check_hparams(steps, lr, weight_decay, tau)
+    return items
+
+
+@reference.with_autograd
+def _adapt_checked(items: list, classes: list, *, steps: int, lr: float, weight_decay: float, tau: float,
+                   backend: Optional[str], group_size: int = 128) -> list:
+    """adapt_many's work on episodes that passed ``_check_episodes`` (``classes``: each one's C) and
+    hyper-parameters that passed ``_check_hparams``: batched on triton / cuda, else ``adapt`` each."""
     device = items[0][0].device
     b = _backends.resolve(backend, device, batched=True)
-    # every episode checked before any is adapted: a bad one fails fast, named by its index
-    classes = _check_episodes(enumerate(items))
     batched = (b in ("triton", "cuda") and all(p[0].device == device and p[0].dtype == items[0][0].dtype for p in items)
                and items[0][0].dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16))
     if not batched:

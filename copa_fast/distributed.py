@@ -34,10 +34,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import _validate as V
-from .api import _check_episodes, _check_hparams
+from .api import _adapt_checked, _check_episodes, _check_hparams, _episode_items
 from .api import _tau_tensor as _api_tau_tensor
 from .api import _working_dtype
-from .api import adapt_many as _local_adapt_many
 from .reference import NORM_EPS
 
 __all__ = ["symmetric_ce", "copa_loss", "adapt_many", "communication_volume", "CommLog"]
@@ -370,13 +369,6 @@ def communication_volume(n: int, c: int, d: int, world_size: int, *, dtype_bytes
     return {"copa_fast": ours, "all_gather": gather}
 
 
-def _episode_parts(k: int, ep):
-    parts = (ep.support, ep.support_labels, ep.query, ep.query_labels) if hasattr(ep, "support") else tuple(ep)
-    if len(parts) != 4:
-        raise ValueError(f"episodes[{k}]: expected (support, support_labels, query, query_labels), got {len(parts)} items")
-    return parts
-
-
 def shard_indices(count: int, group=None) -> list:
     """The episode indices this rank handles: round-robin over the ranks (k % world == rank)."""
     world = _world(group)
@@ -392,18 +384,22 @@ def adapt_many(episodes, *, steps: int = 50, lr: float = 1e-3, weight_decay: flo
     """
     episodes = list(episodes)
     mine = shard_indices(len(episodes), group)
-    # this rank's episodes checked first, and every rank told: one bad episode makes every rank raise
-    # here, rather than leave the others waiting in the gather below
-    err, parts = None, []
+    # this rank's episodes checked first (the list's form and shared D on every rank, the data of its
+    # own share), and every rank told: one bad episode makes every rank raise here, rather than leave
+    # the others waiting in the gather below; the checked episodes are then adapted as adapt_many
+    # adapts them, without checking them again
+    err, parts, classes = None, [], []
     try:
         _check_hparams(steps, lr, weight_decay, tau)
-        parts = [_episode_parts(k, episodes[k]) for k in mine]
-        _check_episodes(zip(mine, parts))
+        items = _episode_items(episodes)
+        parts = [items[k] for k in mine]
+        classes = _check_episodes(zip(mine, parts))
     except (TypeError, ValueError) as exc:
         err = exc
     nccl = dist.get_backend(group) == "nccl"   # its collectives take CUDA tensors only; a rank may hold no episode
     _agree(group, torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu", err, [])
-    local = _local_adapt_many(parts, steps=steps, lr=lr, weight_decay=weight_decay, tau=tau, backend=backend)
+    local = _adapt_checked(parts, classes, steps=steps, lr=lr, weight_decay=weight_decay, tau=tau,
+                           backend=backend) if parts else []
     payload = [(k, type(r)(r.w_img.cpu(), r.w_proto.cpu(), r.losses, r.query_accuracy,
                            None if r.prototypes is None else r.prototypes.cpu())) for k, r in zip(mine, local)]
     return _gather_ordered(payload, len(episodes), group, dst)

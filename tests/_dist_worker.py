@@ -99,6 +99,10 @@ def run_adapt_many(case):
     eps = sample_episodes(feats, labels, case["episodes"], seed=case["seed"], max_ways=8, max_support=60)
     if "nan_query" in case:
         eps[case["nan_query"]].query[0, 0] = float("nan")
+    if "wide_support" in case:   # one episode whose support has a column more than the others'
+        e = eps[case["wide_support"]]
+        eps[case["wide_support"]] = (torch.cat([e.support, e.support[:, :1]], 1), e.support_labels, e.query,
+                                     e.query_labels)
     res = cfd.adapt_many(eps, steps=case["steps"], backend=case.get("backend"))
     if res is None:
         return None

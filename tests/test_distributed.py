@@ -44,6 +44,8 @@ def _cases(world):
     cases["tau_differs"] = dict(fn="symmetric_ce", dtype="float32", n=N, c=C, d=D, seed=9, tau_per_rank=True)
     cases["adapt_many"] = dict(fn="adapt_many", d=16, seed=10, episodes=5, steps=3, backend="cpu")
     cases["adapt_many_bad"] = dict(fn="adapt_many", d=16, seed=10, episodes=5, steps=3, backend="cpu", nan_query=3)
+    cases["adapt_many_wide"] = dict(fn="adapt_many", d=16, seed=10, episodes=5, steps=3, backend="cpu",
+                                    wide_support=2)
     return cases
 
 
@@ -184,6 +186,14 @@ def test_bad_episode_on_one_rank_raises_on_every_rank(run):
     for r in range(world):
         if r != owner:
             assert f"invalid input on rank(s) [{owner}]" in results[r]["adapt_many_bad"]["error"]
+
+
+def test_episodes_of_another_dimension_raise_on_every_rank(run):
+    """Episode 2's support has D + 1 columns: every rank names it (D is read from every episode's
+    shape on every rank, as adapt_many reads it in one process), none is left waiting."""
+    world, _, results = run
+    for r in range(world):
+        assert "episodes[2]: expected support of shape (N, 16)" in results[r]["adapt_many_wide"]["error"]
 
 
 def test_errors_without_process_group():
