@@ -192,7 +192,7 @@ class AdaptResult:
 
     def scores(self, query: torch.Tensor) -> torch.Tensor:
         """(M, C) cosine similarities of the adapted rows of ``query`` (M, D) to the adapted
-        prototypes (the loss's logits are these times exp(tau)). ``query`` may be of any floating
+        prototypes (CoPA's logits are these times exp(tau)). ``query`` may be of any floating
         dtype (computed in the adapters' dtype) and must be on the adapters' device."""
         from . import _validate as V   # here, not at import: the oracle's module stays plain
 
