@@ -15,6 +15,24 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _cuda_toolkit(torch, cpp_extension):
+    """The CUDA toolkit's root: torch's own pick (CUDA_HOME, else nvcc's location) when it holds
+    the runtime headers, else /usr/local/cuda or /usr/local/cuda-<torch's CUDA version>; None when
+    none does. torch guesses from the nvcc on PATH, and a wrapper script there (``exec
+    /usr/local/cuda-13.0/bin/nvcc``) makes it guess ``/usr/local``, whose include/ lacks the CUDA
+    headers: the build then failed deep in a compile. The root found is given to torch's builder."""
+    picks = [cpp_extension.CUDA_HOME, "/usr/local/cuda", f"/usr/local/cuda-{torch.version.cuda}"]
+    for root in picks:
+        if root and os.path.isfile(os.path.join(root, "include", "cuda_runtime_api.h")) and \
+                os.path.isfile(os.path.join(root, "bin", "nvcc")):
+            if root != cpp_extension.CUDA_HOME:
+                print(f"copa_fast: CUDA toolkit at {root} (torch's pick, {cpp_extension.CUDA_HOME}, has no CUDA "
+                      "headers; set CUDA_HOME to choose another)", file=sys.stderr)
+                cpp_extension.CUDA_HOME = root   # where torch's builder reads it (include dirs, nvcc)
+            return root
+    return None
+
+
 def _extensions():
     try:
         import torch
@@ -33,9 +51,11 @@ def _extensions():
     # kept). The C++ standard is torch's choice.
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
     want = os.environ.get("COPA_FAST_CUDA", "auto")
-    have_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    toolkit = _cuda_toolkit(torch, cpp_extension) if want != "0" and torch.version.cuda is not None else None
+    have_cuda = toolkit is not None
     if want == "1" and not have_cuda:
-        raise RuntimeError("COPA_FAST_CUDA=1 but torch has no CUDA or nvcc was not found")
+        raise RuntimeError("COPA_FAST_CUDA=1 but torch has no CUDA or no CUDA toolkit (nvcc and "
+                           "include/cuda_runtime_api.h) was found: set CUDA_HOME to the toolkit's root")
     if want != "0" and have_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         # the kernels and their one ATen binding (host_check.cpp is the host-emulation test driver)
@@ -48,7 +68,7 @@ def _extensions():
             extra_link_args=["-fopenmp"])
     else:
         if want != "0":
-            print("copa_fast: no CUDA torch or nvcc found; building the CPU extension only", file=sys.stderr)
+            print("copa_fast: no CUDA torch or CUDA toolkit found; building the CPU extension only", file=sys.stderr)
         ext = cpp_extension.CppExtension("copa_fast._C", sources, extra_compile_args={"cxx": cxx},
                                          extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
