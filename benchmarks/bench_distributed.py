@@ -84,7 +84,7 @@ def main():
         res = torch.load(out)
     print(f"one global step, N={args.n} C={args.c} D={args.d} fp32, {args.ranks} gloo ranks on CPU "
           f"({os.cpu_count()} cores), median of {args.reps}")
-    print(f"| design | ms per step | bytes per rank per step |\n|---|---|---|")
+    print("| design | ms per step | bytes per rank per step |\n|---|---|---|")
     for name, (sec, nbytes) in res.items():
         print(f"| {name} | {1e3 * sec:.1f} | {nbytes:,} |")
     print("\ncommunication per rank per step, N=32768 C=1000 D=1024 fp32, 8 ranks (communication_volume):")

@@ -107,7 +107,7 @@ def _cases():
 
     def episodes(sizes, d, dtype, fused, precision="ieee"):
         def run():
-            zs, qs, ys = zip(*(problem(n, c, d, dtype) for n, c in sizes))
+            zs, qs, ys = zip(*(problem(n, c, d, dtype) for n, c in sizes), strict=True)
             rows, cls, s_off, s_total = episode_layout([n for n, _ in sizes], [c for _, c in sizes], "cpu")
             K.episodes_sce(torch.cat(zs), torch.cat(qs), torch.cat(ys), rows, cls, s_off, s_total,
                            torch.full((len(sizes),), 2.0, dtype=dtype), fused, precision)

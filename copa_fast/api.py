@@ -624,7 +624,7 @@ def _adapt_checked(items: list, classes: list, *, steps: int, lr: float, weight_
         group = order[g0:g0 + group_size]
         results = _adapt_group([items[k] for k in group], [classes[k] for k in group], steps, lr, weight_decay, tau,
                                _ops.episodes_call(b))
-        for k, r in zip(group, results):
+        for k, r in zip(group, results, strict=True):
             out[k] = r
     return out
 
@@ -646,7 +646,7 @@ def _group_query_hits(items, classes, adapted, w_img, work) -> dict:
         pred = scores.masked_fill(absent[:, None, :], -math.inf).argmax(2)
         labels = pad([items[k][3].long() for k in with_query], batch_first=True, padding_value=-1)
         hits = pred.eq(labels).sum(1).tolist()
-    return dict(zip(with_query, hits))
+    return dict(zip(with_query, hits, strict=True))
 
 
 def _adapt_group(items, classes, steps, lr, weight_decay, tau, op):

@@ -219,7 +219,7 @@ def sweep(device: torch.device, sizes, d: int = D_DEFAULT, *, impls: Optional[li
             steps.append(here[name])
             log(f"N={n:<6} C={c:<5} {name:<18} {_fmt(records[-1]['median_s']):>10}")
     # memory last: pinning malloc's mmap threshold (CPU) slows every later step down
-    for rec, step in zip(records, steps):
+    for rec, step in zip(records, steps, strict=True):
         rec["peak_extra_mib"] = peak_extra_mib(step, device)
     return records
 
@@ -262,10 +262,10 @@ def plot(records: list, machine: dict, path: str) -> bool:
         axes[0].plot(ns, [r["median_s"] * 1e3 for r in rows], style, marker="o", label=name)
         mem = [(r["N"], r["peak_extra_mib"]) for r in rows if r["peak_extra_mib"]]
         if mem:
-            axes[1].plot(*zip(*mem), style, marker="o", label=name)
+            axes[1].plot(*zip(*mem, strict=True), style, marker="o", label=name)
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    for ax, ylabel in zip(axes, ("ms per step (forward + backward)", "peak extra memory (MiB)")):
+    for ax, ylabel in zip(axes, ("ms per step (forward + backward)", "peak extra memory (MiB)"), strict=True):
         ax.set_xscale("log")
         ax.set_yscale("log")
         for axis in (ax.xaxis, ax.yaxis):

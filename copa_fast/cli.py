@@ -160,8 +160,8 @@ def _eval_methods(args, methods, episodes, device, backend, source, lr, wd, rank
         # runs: the adapters kept for the float64 check only (2 MiB an episode at D = 512)
         if method == "copa" and backend in BATCHED_BACKENDS:   # all of this rank's episodes together
             batch = adapt_many([episodes[k] for k in mine], steps=args.steps, lr=lr, weight_decay=wd, backend=backend)
-            accs = [(k, r.query_accuracy) for k, r in zip(mine, batch)]
-            runs = {k: r for k, r in zip(mine, batch) if k < args.check_episodes}
+            accs = [(k, r.query_accuracy) for k, r in zip(mine, batch, strict=True)]
+            runs = {k: r for k, r in zip(mine, batch, strict=True) if k < args.check_episodes}
             del batch
         else:
             for k in _progress(mine, len(mine), method, show):

@@ -31,7 +31,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from . import _validate as V
 from .api import _adapt_checked, _check_episodes, _check_hparams, _episode_items
@@ -393,7 +392,7 @@ def adapt_many(episodes, *, steps: int = 50, lr: float = 1e-3, weight_decay: flo
         _check_hparams(steps, lr, weight_decay, tau)
         items = _episode_items(episodes)
         parts = [items[k] for k in mine]
-        classes = _check_episodes(zip(mine, parts))
+        classes = _check_episodes(zip(mine, parts, strict=True))
     except (TypeError, ValueError) as exc:
         err = exc
     nccl = dist.get_backend(group) == "nccl"   # its collectives take CUDA tensors only; a rank may hold no episode
@@ -401,7 +400,8 @@ def adapt_many(episodes, *, steps: int = 50, lr: float = 1e-3, weight_decay: flo
     local = _adapt_checked(parts, classes, steps=steps, lr=lr, weight_decay=weight_decay, tau=tau,
                            backend=backend) if parts else []
     payload = [(k, type(r)(r.w_img.cpu(), r.w_proto.cpu(), r.losses, r.query_accuracy,
-                           None if r.prototypes is None else r.prototypes.cpu())) for k, r in zip(mine, local)]
+                           None if r.prototypes is None else r.prototypes.cpu()))
+               for k, r in zip(mine, local, strict=True)]
     return _gather_ordered(payload, len(episodes), group, dst)
 
 

@@ -116,11 +116,11 @@ def test_direct_fused_adam_is_torch_optim_adam_bit_for_bit(device, dtype):
         mine.zero_grad(set_to_none=True)
         ref_opt.zero_grad(set_to_none=True)
         assert all(p.grad is None for p in ours)
-        for p, q, gr in zip(ours, theirs, grads):
+        for p, q, gr in zip(ours, theirs, grads, strict=True):
             p.grad, q.grad = gr.to(device), gr.to(device)
         mine.step()
         ref_opt.step()
-        for p, q in zip(ours, theirs):
+        for p, q in zip(ours, theirs, strict=True):
             assert torch.equal(p, q), f"step {step}: {(p - q).abs().max().item():.3e}"
     assert not torch.equal(ours[0].detach().cpu(), init[0])   # the maps moved
 
@@ -329,7 +329,7 @@ def test_adapt_many_equals_adapt_per_episode():
     eps = [eps[0], e64, eps[2], eps[0]]
     many = copa_fast.adapt_many(eps, steps=4)
     assert len(many) == 4
-    for ep, r in zip(eps, many):
+    for ep, r in zip(eps, many, strict=True):
         one = copa_fast.adapt(ep.support, ep.support_labels, ep.query, ep.query_labels, steps=4)
         assert r.w_img.dtype == ep.support.dtype
         assert torch.equal(r.w_img, one.w_img) and torch.equal(r.w_proto, one.w_proto)
@@ -371,7 +371,7 @@ def test_episode_sampler_is_seeded_and_shaped_like_meta_dataset():
     feats, labels = synthetic_features(n_classes=60, per_class=40, dim=16, seed=0)
     a = sample_episodes(feats, labels, 20, seed=5)
     b = sample_episodes(feats, labels, 20, seed=5)
-    for e, f in zip(a, b):
+    for e, f in zip(a, b, strict=True):
         assert torch.equal(e.support, f.support) and torch.equal(e.query_labels, f.query_labels)
     for e in a:
         ways = e.ways

@@ -484,7 +484,7 @@ def test_kernels_have_no_data_race(host_check_tsan, tmp_path, case):
         rows, cls, s_off = [[0, 30], [30, 7]], [[0, 4], [4, 1]], [0, 120]
         y = torch.cat([make_episode(30, 4, 45, seed=5)[1], torch.zeros(7, dtype=torch.int64)])
         out = _run(host_check_tsan, tmp_path, x, p, y, [2.0, 1.0], episodes=(rows, cls, s_off, 127))
-        for k, ((r0, n), (c0, cc)) in enumerate(zip(rows, cls)):
+        for k, ((r0, n), (c0, cc)) in enumerate(zip(rows, cls, strict=True)):
             loss = _want(x[r0:r0 + n], p[c0:c0 + cc], y[r0:r0 + n], [2.0, 1.0][k])[0]
             assert_rel(out["loss"][k], loss, TOL[torch.float32]["loss"], f"episode {k} loss")
         return

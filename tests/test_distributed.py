@@ -172,7 +172,7 @@ def test_adapt_many_split_over_ranks_equals_single_process(run):
     eps = sample_episodes(feats, labels, case["episodes"], seed=case["seed"], max_ways=8, max_support=60)
     want = copa_fast.adapt_many(eps, steps=case["steps"], backend=case["backend"])
     assert len(got) == len(want)
-    for (wi, wp, losses, acc, protos), w in zip(got, want):
+    for (wi, wp, losses, acc, protos), w in zip(got, want, strict=True):
         assert torch.equal(wi, w.w_img) and torch.equal(wp, w.w_proto) and torch.equal(protos, w.prototypes)
         assert losses == w.losses and acc == w.query_accuracy
 

@@ -70,7 +70,7 @@ def test_episodes_kernel_matches_reference_per_episode(backend, dtype, pad):
     weights = torch.rand(len(eps), dtype=dtype, device=dev) + 0.5
     (loss * weights).sum().backward()
     tol = TOL[dtype]
-    for k, ((x, p, lab), (r0, n), (c0, c)) in enumerate(zip(eps, rows.tolist(), cls.tolist())):
+    for k, ((x, p, lab), (r0, n), (c0, c)) in enumerate(zip(eps, rows.tolist(), cls.tolist(), strict=True)):
         xr, pr = x.clone().requires_grad_(True), p.clone().requires_grad_(True)
         tr = torch.tensor(taus[k].item(), dtype=torch.float64, requires_grad=True)
         want = ref.symmetric_ce(xr, pr, lab, tr)
@@ -157,7 +157,7 @@ def test_episodes_kernel_is_deterministic_and_forward_only_mode(backend):
     tau = torch.full((len(eps),), 2.0, device=dev)
     a = ops.episodes_op(backend)(*args, tau, True)
     b = ops.episodes_op(backend)(*args, tau, True)
-    for u, v in zip(a, b):
+    for u, v in zip(a, b, strict=True):
         assert torch.equal(u, v)
     f = ops.episodes_op(backend)(*args, tau, False)
     assert torch.equal(f[0], a[0]) and f[3].numel() == 0
@@ -183,7 +183,7 @@ def test_adapt_many_batched_equals_adapt_per_episode():
     eps = [e.to(DEVICE) for e in sample_episodes(feats, labels, 5, seed=1, max_ways=8, max_support=60)]
     steps = 4
     got = copa_fast.adapt_many(eps, steps=steps, backend="triton", group_size=2)   # three groups
-    for g, e in zip(got, eps):
+    for g, e in zip(got, eps, strict=True):
         want = copa_fast.adapt(e.support, e.support_labels, e.query, e.query_labels, steps=steps, backend="triton")
         assert rel_err(g.w_img, want.w_img) < 1e-5 and rel_err(g.w_proto, want.w_proto) < 1e-5
         assert g.losses == pytest.approx(want.losses, rel=1e-5)
@@ -226,7 +226,7 @@ def test_adapt_many_batched_float64_follows_reference():
         xq = x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
         eps.append((x.to(DEVICE), y.to(DEVICE), xq.to(DEVICE), y.to(DEVICE)))
     got = copa_fast.adapt_many(eps, steps=3, backend="triton")
-    for g, (xs, ys, xq, yq) in zip(got, eps):
+    for g, (xs, ys, xq, yq) in zip(got, eps, strict=True):
         want = ref.adapt(xs.cpu(), ys.cpu(), xq.cpu(), yq.cpu(), steps=3)
         assert rel_err(g.w_img, want.w_img) < 1e-9 and rel_err(g.w_proto, want.w_proto) < 1e-9
         assert g.query_accuracy == want.query_accuracy
@@ -371,7 +371,7 @@ def test_cpp_ops_take_a_precision_argument():
     for op, args in ((torch.ops.copa_fast.symmetric_ce, (x, x[:4], y, tau, None, True)),
                      (torch.ops.copa_fast.copa_loss, (x, y, w, w, x, 4, tau, None, True))):
         ieee, tf32, default = op(*args, "ieee"), op(*args, "tf32"), op(*args)
-        for a, b, c in zip(ieee, tf32, default):
+        for a, b, c in zip(ieee, tf32, default, strict=True):
             assert torch.equal(a, b) and torch.equal(a, c)
         with pytest.raises(ValueError, match="precision: expected 'ieee' or 'tf32', got 'fp16'"):
             op(*args, "fp16")
@@ -414,7 +414,7 @@ def test_adapt_many_on_the_cuda_backend_equals_adapt():
     feats, labels = synthetic_features(n_classes=12, per_class=30, dim=32, seed=2)
     eps = [e.to("cuda") for e in sample_episodes(feats, labels, 4, seed=2, max_ways=8, max_support=60)]
     got = copa_fast.adapt_many(eps, steps=5, backend="cuda")
-    for g, e in zip(got, eps):
+    for g, e in zip(got, eps, strict=True):
         want = copa_fast.adapt(e.support, e.support_labels, e.query, e.query_labels, steps=5, backend="cuda")
         assert rel_err(g.w_img, want.w_img) < 1e-5 and g.query_accuracy == want.query_accuracy
         assert rel_err(g.prototypes, want.prototypes) < 1e-5

@@ -70,7 +70,7 @@ def test_maml_second_order_step_matches_reference(backend, device):
     got = _maml_outer_grad(ours, x, y, xq, yq, wi, wp, lr, True)
     want = _maml_outer_grad(ref.copa_loss, x, y, xq, yq, wi, wp, lr, True)
     first_order = _maml_outer_grad(ref.copa_loss, x, y, xq, yq, wi, wp, lr, False)
-    for a, b, f in zip(got, want, first_order):
+    for a, b, f in zip(got, want, first_order, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
         # the second-order term is large enough here that dropping it could not pass
         assert (b - f).norm() > 1e-3 * b.norm()
@@ -90,7 +90,7 @@ def test_gradient_penalty_matches_reference(backend, device):
 
     got = total(lambda *a: copa_fast.copa_loss(*a, backend=backend))
     want = total(ref.copa_loss)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
@@ -140,7 +140,7 @@ def test_batched_grad_outputs(backend, device):
     loss = copa_fast.copa_loss(x, y, wi, wp, tau, backend=backend)
     got = torch.autograd.grad(loss, [wi, wp, tau], grad_outputs=scales, is_grads_batched=True)
     want = torch.autograd.grad(ref.copa_loss(x, y, wi, wp, tau), [wi, wp, tau])
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, scales.reshape(-1, *[1] * w.dim()) * w, rtol=1e-9, atol=1e-12)
     # per-sample losses: the batch of one-hot grad_outputs is the Jacobian
     z, q = x @ wi.t(), x[:4] @ wp.t()
@@ -150,7 +150,7 @@ def test_batched_grad_outputs(backend, device):
     want = torch.autograd.functional.jacobian(
         lambda u, v: ref.symmetric_ce(x @ u.t(), x[:4] @ v.t(), y, tau.detach(), reduction="none"),
         (wi.detach(), wp.detach()))
-    for g, w in zip(jac, want):
+    for g, w in zip(jac, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
 
 
@@ -215,7 +215,7 @@ def test_create_graph_backward_is_deterministic_and_safe_on_bad_labels(backend, 
         return loss, g, torch.autograd.grad(g.pow(2).sum(), w)[0]
 
     first, again = second_order(y), second_order(y)
-    for a, b in zip(first, again):
+    for a, b in zip(first, again, strict=True):
         assert torch.equal(a, b)
     if backend == "reference":
         return   # the oracle indexes with the labels: it is not the memory-safe path
@@ -243,7 +243,7 @@ def test_create_graph_gradient_equals_the_plain_one(backend, device):
     for fn, args in cases:
         plain = torch.autograd.grad(fn(*args), args)
         graphed = torch.autograd.grad(fn(*args), args, create_graph=True)
-        for a, b in zip(graphed, plain):
+        for a, b in zip(graphed, plain, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     u = wi.clone().requires_grad_(True)
     want = torch.autograd.grad(ref.copa_loss(x, y, u, u), u)[0]

@@ -119,7 +119,7 @@ def test_episodes_op_matches_reference(backend, eps):
     starts = lambda sizes: torch.tensor([0] + sizes[:-1]).cumsum(0)  # noqa: E731
     rows = torch.stack([starts(ns), torch.tensor(ns)], 1)
     cls = torch.stack([starts(cs), torch.tensor(cs)], 1)
-    sizes = [a * b for a, b in zip(ns, cs)]
+    sizes = [a * b for a, b in zip(ns, cs, strict=True)]
     z = torch.cat([e[0] for e in eps]).to(dev).requires_grad_(True)
     q = torch.cat([e[1] for e in eps]).to(dev).requires_grad_(True)
     tau = torch.tensor([e[3] for e in eps], dtype=torch.float64, device=dev)
@@ -184,7 +184,7 @@ def test_copa_loss_matches_reference(backend, prob):
     ratio = max(((x.norm(dim=1) + wi.norm()) / (x @ wi.t()).norm(dim=1).clamp_min(1e-300)).max().item(),
                 ((p0.norm(dim=1) + wp.norm()) / (p0 @ wp.t()).norm(dim=1).clamp_min(1e-300)).max().item())
     scale = math.exp(tau) * ratio * (x.shape[0] if reduction == "sum" else 1)
-    for got, exp in zip(torch.autograd.grad(out, wrt), torch.autograd.grad(expect, wrt64)):
+    for got, exp in zip(torch.autograd.grad(out, wrt), torch.autograd.grad(expect, wrt64), strict=True):
         got = got.cpu()
         assert torch.isfinite(got).all()
         assert (got - exp).norm() <= 1e-8 * max(exp.norm().item(), scale)

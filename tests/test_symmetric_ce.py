@@ -73,7 +73,7 @@ def test_symmetric_ce_matches_reference(backend, device, shape, dtype, reduction
     g = torch.rand(expect.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(device) + 0.5
     got = torch.autograd.grad(out, (x, p, tau), g.to(dtype=dtype))
     want = torch.autograd.grad(expect, (x64, p64, t64), g)
-    for name, a, b in zip(("embeddings", "prototypes", "tau"), got, want):
+    for name, a, b in zip(("embeddings", "prototypes", "tau"), got, want, strict=True):
         assert_rel(a, b, TOL[dtype]["grad"], f"d{name}")
 
 
@@ -118,7 +118,7 @@ def test_scores_at_minus_scale_around_the_shift_switch(backend, device, dtype, t
         assert_rel(losses, expect, TOL[dtype]["loss"], f"losses at tau={tau}")
         got = torch.autograd.grad(losses.mean(), (xs, ps))
         want = torch.autograd.grad(expect.mean(), (x64, p64))
-        for name, a, b in zip(("dembeddings", "dprototypes"), got, want):
+        for name, a, b in zip(("dembeddings", "dprototypes"), got, want, strict=True):
             assert torch.isfinite(a).all(), f"tau={tau}: non-finite {name}"
             assert_rel(a, b, TOL[dtype]["grad"], f"{name} at tau={tau}")
 
@@ -216,7 +216,8 @@ def test_copa_loss_matches_reference(backend, device, shape, separate_protos):
     wrt64 = leaves64 + ([pf64] if pf64 is not None else [])
     got = torch.autograd.grad(out, wrt)
     want = torch.autograd.grad(expect, wrt64)
-    for name, a, b in zip(("features", "w_img", "w_proto", "tau", "prototype_features"), got, want):
+    names = ("features", "w_img", "w_proto", "tau", "prototype_features")[:len(got)]
+    for name, a, b in zip(names, got, want, strict=True):
         assert_rel(a, b, TOL[torch.float32]["grad"], f"d{name}")
 
 
@@ -260,7 +261,7 @@ def test_deterministic(backend, device):
         loss = copa_fast.symmetric_ce(a, b, y, backend=backend)
         loss.backward()
         outs.append((loss.detach(), a.grad, b.grad))
-    for u, v in zip(*outs):
+    for u, v in zip(*outs, strict=True):
         assert torch.equal(u, v)
 
 
@@ -307,12 +308,12 @@ def test_cpu_row_kernel_copies_give_the_same_bits(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         outs[isa] = torch.load(tmp_path / f"{isa}.pt")
         half = len(outs[isa]) // 2
-        for k, (a, b) in enumerate(zip(outs[isa][:half], outs[isa][half:])):
-            for name, u, v in zip(_STEP_OUTPUTS, a, b):
+        for k, (a, b) in enumerate(zip(outs[isa][:half], outs[isa][half:], strict=True)):
+            for name, u, v in zip(_STEP_OUTPUTS, a, b, strict=True):
                 assert torch.equal(u, v), f"problem {k}, {name}: the {isa} copy's first call differs from its second"
     for isa in ("avx2", "native"):
-        for k, (a, b) in enumerate(zip(outs["baseline"], outs[isa])):
-            for name, u, v in zip(_STEP_OUTPUTS, a, b):
+        for k, (a, b) in enumerate(zip(outs["baseline"], outs[isa], strict=True)):
+            for name, u, v in zip(_STEP_OUTPUTS, a, b, strict=True):
                 assert torch.equal(u, v), f"problem {k}, {name}: {isa} copy differs from the baseline copy"
 
 
@@ -338,8 +339,8 @@ def test_cpu_kernel_passes_do_not_depend_on_the_thread_count():
             outs[threads] = runs
     finally:
         torch.set_num_threads(before)
-    for k, (a, b) in enumerate(zip(outs[1], outs[2])):
-        for name, u, v in zip(_STEP_OUTPUTS, a, b):
+    for k, (a, b) in enumerate(zip(outs[1], outs[2], strict=True)):
+        for name, u, v in zip(_STEP_OUTPUTS, a, b, strict=True):
             if name != "dq":
                 assert torch.equal(u, v), f"problem {k}, {name}: one thread and two differ"
 
@@ -356,7 +357,7 @@ def test_copa_loss_deterministic(backend, device):
         loss = head(feats, y)
         loss.backward()
         outs.append((loss.detach(), feats.grad, head.w_img.grad, head.w_proto.grad))
-    for u, v in zip(*outs):
+    for u, v in zip(*outs, strict=True):
         assert torch.equal(u, v)
 
 
@@ -388,7 +389,7 @@ def test_calls_from_several_threads_give_the_same_bits(backend, device):
         try:
             for _ in range(5):
                 for k in ks:
-                    for u, v in zip(run(k), alone[k]):
+                    for u, v in zip(run(k), alone[k], strict=True):
                         if not torch.equal(u, v):
                             failures.append(f"problem {k}: bits differ from the call alone")
         except Exception as e:   # noqa: BLE001 — reported below with the problem
@@ -438,7 +439,7 @@ def test_torch_compile_without_num_classes(backend, device):
     compiled = torch.compile(head, backend=counter)
     out = compiled(x, y)
     torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
-    for u, v in zip(torch.autograd.grad(out, [head.w_img, head.w_proto, head.tau]), want):
+    for u, v in zip(torch.autograd.grad(out, [head.w_img, head.w_proto, head.tau]), want, strict=True):
         torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
     assert counter.frame_count >= 1   # the step after the break was compiled, not run in eager
     bad = y.clone()
@@ -491,7 +492,7 @@ def test_torch_compile_dynamic_shapes(backend, device, learn_tau):
         grads = torch.autograd.grad(out, wanted)
         eager = step(x, y, w_img, w_proto, tau, c)
         torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
-        for u, v in zip(grads, torch.autograd.grad(eager, wanted)):
+        for u, v in zip(grads, torch.autograd.grad(eager, wanted), strict=True):
             torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-6)
     assert counter.frame_count == first, "a new episode shape recompiled the step"
     if backend != "reference":   # the kernels' policy for a label out of range, in the compiled graph too
@@ -579,7 +580,7 @@ def test_cuda_large_problem_path_matches_reference(dtype):
     want = ref.symmetric_ce_nxc(x64, p64, y, t64)
     want_grads = torch.autograd.grad(want, (x64, p64, t64))
     assert_rel(loss, want, TOL[dtype]["loss"], "loss")
-    for name, a, b in zip(("dembeddings", "dprototypes", "dtau"), grads, want_grads):
+    for name, a, b in zip(("dembeddings", "dprototypes", "dtau"), grads, want_grads, strict=True):
         assert_rel(a, b, TOL[dtype]["grad"], name)
 
 
@@ -608,7 +609,7 @@ def test_cuda_large_copa_step_matches_reference_within_its_memory_budget():
     want = ref.symmetric_ce_nxc(x64 @ w64[0].t(), ref.class_prototypes(x64, y, c) @ w64[1].t(), y, 2.0)
     want_grads = torch.autograd.grad(want, w64)
     assert_rel(loss, want, TOL[torch.float32]["loss"], "loss")
-    for name, a, b in zip(("dw_img", "dw_proto"), (gi, gp), want_grads):
+    for name, a, b in zip(("dw_img", "dw_proto"), (gi, gp), want_grads, strict=True):
         assert_rel(a, b, TOL[torch.float32]["grad"], name)
 
 
@@ -624,11 +625,11 @@ def test_cuda_ops_take_tau_from_the_cpu():
     for tau in (torch.tensor(2.5), torch.tensor([2.5], dtype=torch.float64)):
         got = torch.ops.copa_fast.symmetric_ce(x, p, y, tau, None, True)
         want = torch.ops.copa_fast.symmetric_ce(x, p, y, tau.cuda().float().reshape(()), None, True)
-        for a, b in zip(got, want):
+        for a, b in zip(got, want, strict=True):
             assert torch.equal(a, b)
         got = torch.ops.copa_fast.copa_loss(x, y, w, w, x, 6, tau, None, True)
         want = torch.ops.copa_fast.copa_loss(x, y, w, w, x, 6, tau.cuda().float().reshape(()), None, True)
-        for a, b in zip(got, want):
+        for a, b in zip(got, want, strict=True):
             assert torch.equal(a, b)
     expect = ref.copa_loss(x.double(), y, w.double(), w.double(), 2.5)
     assert_rel(got[0], expect, TOL[torch.float32]["loss"], "loss")
@@ -730,9 +731,9 @@ def test_fused_step_matches_reference(backend, device, e, reduction, frozen_feat
     wrt = [t for t in leaves if t.requires_grad]
     got = torch.autograd.grad(out, wrt)
     want = torch.autograd.grad(expect, [t for t in leaves64 if t.requires_grad])
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert_rel(a, b, TOL[torch.float32]["grad"], "grad")
-    for a, b in zip(leaves, inputs):   # the step normalises its own adapted rows in place, never an input
+    for a, b in zip(leaves, inputs, strict=True):   # the step normalises its own adapted rows in place, never an input
         assert torch.equal(a.detach(), b)
 
 
@@ -770,7 +771,7 @@ def test_triton_step_takes_the_precision(backend, device):
     leaves = [t.detach().float().requires_grad_(True) for t in leaves64]
     out = copa_fast.copa_loss(x.float(), y, *leaves, 3.0, backend=backend, precision="tf32x3")
     assert_rel(out, expect, TOL[torch.float32]["loss"], "loss")
-    for a, b in zip(torch.autograd.grad(out, leaves), want):
+    for a, b in zip(torch.autograd.grad(out, leaves), want, strict=True):
         assert_rel(a, b, TOL[torch.float32]["grad"], "grad")
     with pytest.raises(ValueError, match="precision: expected one of"):
         _step_op(backend)(x.float(), y, *leaves, x.float(), 5, torch.tensor(3.0, device=device), None, True, "fp8")
@@ -831,7 +832,7 @@ def test_fused_step_scales_by_grad_output(backend, device, g):
     tau64 = tau.detach().clone().requires_grad_(True)
     want = torch.autograd.grad(ref.copa_loss(leaves64[0], y, leaves64[1], leaves64[2], tau64) * g,
                                leaves64 + [tau64])
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert_rel(a, b, 1e-10, "grad")
 
 

@@ -80,7 +80,7 @@ def differentiable_grads(fn, args, wanted, row_w: torch.Tensor):
     out = [None] * len(args)
     if wanted:
         grads = torch.autograd.grad(fn(*args), [args[i] for i in wanted], row_w, create_graph=True, allow_unused=True)
-        for i, g in zip(wanted, grads):
+        for i, g in zip(wanted, grads, strict=True):
             out[i] = g
     return out
 

@@ -283,7 +283,7 @@ def episode_layout(rows_per_episode, classes_per_episode, device, *, row_stride=
             return torch.arange(len(counts), dtype=torch.int64) * stride
         return torch.tensor([0] + counts[:-1], dtype=torch.int64).cumsum(0)
 
-    sizes = [n * c for n, c in zip(ns, cs)]
+    sizes = [n * c for n, c in zip(ns, cs, strict=True)]
     rows = torch.stack([starts(ns, row_stride), torch.tensor(ns, dtype=torch.int64)], 1).to(device)
     classes = torch.stack([starts(cs, class_stride), torch.tensor(cs, dtype=torch.int64)], 1).to(device)
     return rows, classes, starts(sizes, None).to(device), sum(sizes)
