@@ -78,7 +78,7 @@ def sample_episodes(features, labels, n_episodes: int, *, seed: int = 0, min_way
         share = share / share.sum()
         shots = np.minimum(np.floor(share * (budget - ways)).astype(int) + 1, avail)
         s_idx, s_lab, q_idx, q_lab = [], [], [], []
-        for k, (p, n) in enumerate(zip(perms, shots)):
+        for k, (p, n) in enumerate(zip(perms, shots, strict=True)):
             q_idx.append(p[:query_per_class])
             s_idx.append(p[query_per_class:query_per_class + n])
             q_lab.append(np.full(query_per_class, k))
