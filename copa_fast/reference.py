@@ -173,7 +173,14 @@ def adapted_scores(query: torch.Tensor, w_img: torch.Tensor, prototypes: torch.T
     return z @ F.normalize(prototypes.to(w_img.dtype), dim=-1, eps=NORM_EPS).t()
 
 
-@dataclass
+def _tensor_summary(t: Optional[torch.Tensor]) -> str:
+    if t is None:
+        return "None"
+    device = "" if t.device.type == "cpu" else f", {t.device}"
+    return f"<{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}{device}>"
+
+
+@dataclass(repr=False)
 class AdaptResult:
     """Outcome of one episode's adaptation.
 
@@ -189,6 +196,12 @@ class AdaptResult:
     losses: list = field(default_factory=list)
     query_accuracy: Optional[float] = None
     prototypes: Optional[torch.Tensor] = None
+
+    def __repr__(self) -> str:   # the matrices by shape: a printed result stays one line
+        losses = f"[{len(self.losses)} steps: {self.losses[0]:.4g} -> {self.losses[-1]:.4g}]" if self.losses else "[]"
+        return (f"AdaptResult(w_img={_tensor_summary(self.w_img)}, w_proto={_tensor_summary(self.w_proto)}, "
+                f"losses={losses}, query_accuracy={self.query_accuracy!r}, "
+                f"prototypes={_tensor_summary(self.prototypes)})")
 
     def scores(self, query: torch.Tensor) -> torch.Tensor:
         """(M, C) cosine similarities of the adapted rows of ``query`` (M, D) to the adapted

@@ -259,6 +259,16 @@ def test_adapt_result_prediction_checks_its_query():
         ref.AdaptResult(res.w_img, res.w_proto).predict(xq)
 
 
+def test_adapt_result_prints_on_one_line():
+    xs, ys, xq, yq = _split(30, 10, 5, 16, seed=11)
+    res = copa_fast.adapt(xs, ys, xq, yq, steps=3)
+    text = repr(res)
+    assert "\n" not in text and "tensor(" not in text
+    assert text.startswith("AdaptResult(w_img=<(16, 16) float64>, w_proto=<(16, 16) float64>, losses=[3 steps: ")
+    assert text.endswith(f"query_accuracy={res.query_accuracy!r}, prototypes=<(5, 16) float64>)")
+    assert repr(ref.AdaptResult(res.w_img, res.w_proto)).endswith("losses=[], query_accuracy=None, prototypes=None)")
+
+
 def test_pa_baseline_result_classifies_as_its_accuracy():
     xs, ys, xq, yq = _split(60, 50, 5, 16, seed=5)
     pa = ref.adapt_pa(xs, ys, xq, yq, steps=5)
