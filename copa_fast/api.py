@@ -356,15 +356,8 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: Optio
     return means + torch.where(((y < 0) | (y >= c)).any(), math.nan, 0.0).to(means.dtype)
 
 
-def _cosine_scores(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Cosines of the rows of z against the rows of q ((M, D) x (C, D), or batched (E, M, D) x (E, C, D))."""
-    zn = torch.nn.functional.normalize(z, dim=-1, eps=reference.NORM_EPS)
-    qn = torch.nn.functional.normalize(q, dim=-1, eps=reference.NORM_EPS)
-    return zn @ qn.transpose(-1, -2)
-
-
 def _cosine_predict(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    return _cosine_scores(z, q).argmax(dim=-1)
+    return reference.cosine_scores(z, q).argmax(dim=-1)
 
 
 class CoPAHead(nn.Module):
@@ -640,7 +633,7 @@ def _group_query_hits(items, classes, adapted, w_img, work) -> dict:
     sel = torch.tensor(with_query, device=dev)
     with torch.no_grad():
         zq = torch.bmm(pad([items[k][2].to(work) for k in with_query], batch_first=True), w_img[sel].transpose(1, 2))
-        scores = _cosine_scores(zq, adapted[sel])   # (E', M, C): classes past an episode's own masked off
+        scores = reference.cosine_scores(zq, adapted[sel])   # (E', M, C): classes past an episode's own masked off
         absent = torch.arange(adapted.shape[1], device=dev)[None, :] >= torch.tensor(
             [classes[k] for k in with_query], device=dev)[:, None]
         pred = scores.masked_fill(absent[:, None, :], -math.inf).argmax(2)

@@ -99,11 +99,14 @@ def fraction_correct(pred: torch.Tensor, labels: torch.Tensor) -> float:
     return int(pred.eq(labels).sum()) / n if n else float("nan")
 
 
+def cosine_scores(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Cosines of the rows of z against the rows of q ((M, D) x (C, D), or batched (E, M, D) x (E, C, D))."""
+    return F.normalize(z, dim=-1, eps=NORM_EPS) @ F.normalize(q, dim=-1, eps=NORM_EPS).transpose(-1, -2)
+
+
 def accuracy(embeddings: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of rows whose most cosine-similar prototype is their label."""
-    z = F.normalize(embeddings, dim=-1, eps=NORM_EPS)
-    q = F.normalize(prototypes, dim=-1, eps=NORM_EPS)
-    return fraction_correct((z @ q.t()).argmax(dim=1), labels)
+    return fraction_correct(cosine_scores(embeddings, prototypes).argmax(dim=1), labels)
 
 
 def symmetric_ce_with_stats(embeddings, prototypes, labels, tau=2.0):
@@ -169,8 +172,7 @@ def with_autograd(loop: _Loop) -> _Loop:
 def adapted_scores(query: torch.Tensor, w_img: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """(M, C) cosines of the adapted query rows (``query @ w_img.T``) to the adapted prototypes:
     what an episode's query accuracy takes its argmax of."""
-    z = F.normalize(query.to(w_img.dtype) @ w_img.t(), dim=-1, eps=NORM_EPS)
-    return z @ F.normalize(prototypes.to(w_img.dtype), dim=-1, eps=NORM_EPS).t()
+    return cosine_scores(query.to(w_img.dtype) @ w_img.t(), prototypes.to(w_img.dtype))
 
 
 def _tensor_summary(t: Optional[torch.Tensor]) -> str:
