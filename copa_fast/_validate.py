@@ -52,9 +52,13 @@ def sce_inputs(embeddings, prototypes, *, allow_empty: bool = False) -> None:
     tensor("prototypes", prototypes, 2)
     same_dtype("prototypes", prototypes, "embeddings", embeddings)
     same_device("prototypes", prototypes, "embeddings", embeddings)
-    if prototypes.shape[1] != embeddings.shape[1]:
-        raise ValueError(f"prototypes: expected {embeddings.shape[1]} columns (as embeddings), "
-                         f"got shape {tuple(prototypes.shape)}")
+    columns("prototypes", prototypes, embeddings.shape[1], "embeddings")
+
+
+def columns(name: str, t: torch.Tensor, d: int, ref_name: str) -> None:
+    """A 2-D ``t`` with the ``d`` columns of ``ref_name``."""
+    if t.shape[1] != d:
+        raise ValueError(f"{name}: expected {d} columns (as {ref_name}), got shape {tuple(t.shape)}")
 
 
 def copa_inputs(features, prototype_features, w_img, w_proto, *, allow_empty: bool = False):

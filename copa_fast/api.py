@@ -394,8 +394,7 @@ class CoPAHead(nn.Module):
         V.tensor("query", query, 2)
         V.tensor("support", support, 2)
         for name, t in (("query", query), ("support", support)):
-            if t.shape[1] != self.w_img.shape[1]:
-                raise ValueError(f"{name}: expected {self.w_img.shape[1]} columns, got shape {tuple(t.shape)}")
+            V.columns(name, t, self.w_img.shape[1], "w_img")
         c = V.labels("support_labels", support_labels, support.shape[0], support, None, check_values=True)
         V.finite("support", support)   # NaN rows would still give predictions, silently wrong
         V.finite("query", query)
@@ -413,8 +412,7 @@ def _check_episode(support, support_labels, query, query_labels):
     if query is not None:
         V.tensor("query", query, 2)
         V.same_device("query", query, "support", support)
-        if query.shape[1] != support.shape[1]:
-            raise ValueError(f"query: expected {support.shape[1]} columns (as support), got shape {tuple(query.shape)}")
+        V.columns("query", query, support.shape[1], "support")
         V.finite("query", query)   # a NaN row's cosines would still give a prediction, counted in the accuracy
         V.labels("query_labels", query_labels, query.shape[0], query, c, check_values=False)
         if int(query_labels.min()) < 0 or int(query_labels.max()) >= c:

@@ -216,8 +216,7 @@ class AdaptResult:
                              "scores and predict need the adapted class prototypes")
         V.tensor("query", query, 2)
         V.same_device("query", query, "w_img", self.w_img)
-        if query.shape[1] != self.w_img.shape[1]:
-            raise ValueError(f"query: expected {self.w_img.shape[1]} columns (as w_img), got shape {tuple(query.shape)}")
+        V.columns("query", query, self.w_img.shape[1], "w_img")
         V.finite("query", query)   # a NaN row would still be given a class
         with torch.no_grad():
             return adapted_scores(query, self.w_img, self.prototypes)
