@@ -107,6 +107,14 @@ def _ci95(values):
     return float(v.mean()), float(half)
 
 
+def _backend_arg(name, device: torch.device) -> str:
+    """--backend resolved for the device; the reason it cannot be, as the flag's one-line error."""
+    try:
+        return _backends.resolve(name, device)
+    except ValueError as exc:
+        raise CliError(f"--backend: {str(exc).removeprefix('backend: ')}") from None
+
+
 def run_eval(args) -> dict:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
@@ -115,10 +123,7 @@ def run_eval(args) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CliError("--device: cuda requested but no GPU is visible")
-    try:
-        backend = _backends.resolve(args.backend, device)
-    except ValueError as exc:
-        raise CliError(f"--backend: {str(exc).removeprefix('backend: ')}") from None
+    backend = _backend_arg(args.backend, device)
     if args.features:
         feats, labels = load_features(args.features)
         source = args.features
@@ -246,10 +251,7 @@ def print_eval(res: dict) -> None:
 
 
 def run_demo(args) -> None:
-    try:
-        backend = _backends.resolve(args.backend, torch.device("cpu"))
-    except ValueError as exc:
-        raise CliError(f"--backend: {str(exc).removeprefix('backend: ')}") from None
+    backend = _backend_arg(args.backend, torch.device("cpu"))
     feats, labels = synthetic_features(seed=args.seed)
     episodes = sample_episodes(feats, labels, args.episodes, seed=args.seed)
     print(f"copa-fast demo: {len(episodes)} synthetic Meta-Dataset-shaped episodes (D=512), "
