@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 
 import copa_fast
 from copa_fast import distributed as cfd
+from copa_fast.cli import _end_worker
 
 
 def _allgather_loss(x, labels, wi, wp, c):
@@ -67,7 +68,7 @@ def _worker(rank, world, init, args, out):
         volume["all-gather features"] = cfd.communication_volume(args.n, args.c, args.d, world)["all_gather"]
         torch.save({k: (statistics.median(v), volume[k]) for k, v in times.items()}, out)
     dist.destroy_process_group()
-    os._exit(0)   # no interpreter teardown beside gloo's live threads (copa_fast.cli._end_worker)
+    _end_worker(0)   # no interpreter teardown beside gloo's live threads
 
 
 def main():

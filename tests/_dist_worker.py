@@ -7,13 +7,13 @@ can check that every rank raised.
 """
 
 import os
-import sys
 import traceback
 
 import torch
 import torch.distributed as dist
 
 from copa_fast import distributed as cfd
+from copa_fast.cli import _end_worker
 
 
 def global_batch(case):
@@ -91,11 +91,7 @@ def worker(rank, world, init_file, out_dir, cases):
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
-    # as copa_fast.cli._end_worker: no interpreter teardown while a gloo thread may still be releasing
-    # the last collective's tensors (an abort at exit otherwise, now and then)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    _end_worker(0)   # no interpreter teardown beside gloo's live threads (an abort at exit, now and then)
 
 
 def run_adapt_many(case):
