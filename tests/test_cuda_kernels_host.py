@@ -49,11 +49,12 @@ def host_check_tsan(tmp_path_factory):
 
 
 def _run(exe, tmp_path, z, q, y, tau, *, fused=True, w=None, blocks=1, episodes=None, phased=False,
-         in_place=False, splits=(1, 1)):
+         in_place=False, splits=(1, 1), carved=False):
     """episodes: (rows (E, 2), cls (E, 2), s_off (E,), s_total) for the one-block-per-episode kernel;
     phased: the large-problem path (one phase a launch, the products as the vendor GEMM forms them);
     in_place: the normalised rows written over z (the copa_loss op's arrangement, no zn buffer);
-    splits: (ksplit_s, ksplit_q) of the one-launch kernel's split products."""
+    splits: (ksplit_s, ksplit_q) of the one-launch kernel's split products;
+    carved: the scratch in one NaN-filled workspace laid out as the binding lays it out."""
     dt = np.float64 if z.dtype == torch.float64 else np.float32
     r, d = z.shape
     k = q.shape[0]
@@ -62,7 +63,7 @@ def _run(exe, tmp_path, z, q, y, tau, *, fused=True, w=None, blocks=1, episodes=
     mode = 1 if episodes is not None else (2 if phased else 0)
     s_total = r * k if episodes is None else episodes[3]
     header = [np.dtype(dt).itemsize, mode, r, k, d, int(fused), int(w is not None), blocks, e, s_total,
-              int(in_place), *splits]
+              int(in_place), *splits, int(carved)]
     src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
     with open(src, "wb") as f:
         f.write(struct.pack(f"{len(header)}q", *header))
@@ -94,7 +95,7 @@ def _class_means(exe, tmp_path, x, y, c, blocks):
     """copa_class_means on the host: the class means of x's rows by y into c classes (c x D)."""
     dt = np.float64 if x.dtype == torch.float64 else np.float32
     r, d = x.shape
-    header = [np.dtype(dt).itemsize, 3, r, c, d, 0, 0, blocks, 1, 0, 0, 1, 1]
+    header = [np.dtype(dt).itemsize, 3, r, c, d, 0, 0, blocks, 1, 0, 0, 1, 1, 0]
     src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
     with open(src, "wb") as f:
         f.write(struct.pack(f"{len(header)}q", *header))
@@ -300,7 +301,7 @@ def test_episodes_kernel_refuses_a_layout_outside_its_buffers(host_check, tmp_pa
     assert torch.equal(out["losses"][12:], torch.zeros(18, dtype=torch.float64))
 
 
-def _check_episodes(host_check, tmp_path, sizes, d, pad, taus):
+def _check_episodes(host_check, tmp_path, sizes, d, pad, taus, carved=False):
     zs, qs, ys, rows, cls, s_off = [], [], [], [], [], []
     r = c = s = 0
     eps = []
@@ -318,7 +319,7 @@ def _check_episodes(host_check, tmp_path, sizes, d, pad, taus):
         r += n + pad
         c += cc + pad
     out = _run(host_check, tmp_path, torch.cat(zs), torch.cat(qs), torch.cat(ys), taus,
-               episodes=(rows, cls, s_off, s))
+               episodes=(rows, cls, s_off, s), carved=carved)
     for k, (x, p, y) in enumerate(eps):
         loss, per, dx, dp, dtau = _want(x, p, y, taus[k])
         r0, n = rows[k]
@@ -327,6 +328,7 @@ def _check_episodes(host_check, tmp_path, sizes, d, pad, taus):
         assert_rel(out["dz"][r0:r0 + n], dx, 1e-9, f"episode {k} dz")
         assert_rel(out["dq"][c0:c0 + cc], dp, 1e-9, f"episode {k} dq")
         assert_rel(out["dtau"][k], dtau, 1e-9, f"episode {k} dtau")
+    return out
 
 
 _EXP_MASK = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80, torch.float32: 0x7F800000,
@@ -341,7 +343,7 @@ def _summary(exe, tmp_path, x, y, k, blocks, tau=None, transposed=False):
     r, d = x.shape
     es = x.element_size()
     header = [es, 5, r, k, d, _EXP_MASK[x.dtype], int(y.dtype == torch.int32), blocks, int(tau is not None), 0,
-              int(transposed), 0, 0]
+              int(transposed), 0, 0, 0]
     src, dst = tmp_path / "in.bin", tmp_path / "out.bin"
     buf = (x.t() if transposed else x).contiguous()   # the d x R buffer of a transposed view
     with open(src, "wb") as f:
@@ -438,7 +440,7 @@ def test_split_products_match_reference(host_check, tmp_path, dtype, splits):
 
 def _plan(exe, tmp_path, n, c, d, blocks):
     """plan_splits(n, c, d, blocks) of sce_problem.h: (ksplit_s, ksplit_q)."""
-    header = [4, 4, n, c, d, 0, 0, blocks, 0, 0, 0, 1, 1]
+    header = [4, 4, n, c, d, 0, 0, blocks, 0, 0, 0, 1, 1, 0]
     src, dst = tmp_path / "plan.bin", tmp_path / "plan.out"
     src.write_bytes(struct.pack(f"{len(header)}q", *header))
     res = subprocess.run([exe, str(src), str(dst)], capture_output=True, text=True, timeout=60)
@@ -460,6 +462,97 @@ def test_split_plan(host_check, tmp_path):
     for n, c, d in ((33, 1, 17), (1024, 128, 1024), (25, 5, 512)):
         ks, kq = _plan(host_check, tmp_path, n, c, d, 1056)
         assert 1 <= ks <= -(-d // 32) and 1 <= kq <= -(-n // 32)
+
+
+_WS_FIELDS = ("zn", "qn", "znorm", "qnorm", "cnt", "wsum", "S", "R", "L", "row_dtau", "wloss", "Spart", "dqpart",
+              "Lpart")
+
+
+def _layout(exe, tmp_path, n, c, d, s_entries, zn_separate, spart, dqpart, lpart):
+    """workspace_layout of sce_problem.h: ({buffer: offset or -1}, total entries)."""
+    header = [4, 6, n, c, d, 0, 0, 1, 0, s_entries, int(zn_separate), spart, dqpart, lpart]
+    src, dst = tmp_path / "layout.bin", tmp_path / "layout.out"
+    src.write_bytes(struct.pack(f"{len(header)}q", *header))
+    res = subprocess.run([exe, str(src), str(dst)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = struct.unpack("15q", dst.read_bytes())
+    return dict(zip(_WS_FIELDS, got[:14], strict=True)), got[14]
+
+
+@pytest.mark.parametrize("n,c,d,s_entries,zn_separate,spart,dqpart,lpart", [
+    (500, 50, 512, 25000, True, 16 * 25000, 8 * 50 * 512, 0),      # symmetric_ce at N = 500, split products
+    (500, 50, 512, 25000, False, 0, 0, 0),                         # copa_loss's step: zn over z, unsplit
+    (16384, 1000, 512, 16384000, False, 0, 0, 2 * 32 * 1000),      # the phased path's column tiles
+    (37, 5, 45, 120, True, 0, 0, 0),                               # episodes: S is s_total long
+    (7, 1, 3, 0, True, 0, 0, 0),                                   # no score entries: S still one
+    (0, 0, 16, 0, True, 0, 0, 0),                                  # nothing at all
+], ids=["split", "in-place", "phased", "episodes", "no-scores", "empty"])
+def test_workspace_layout(host_check, tmp_path, n, c, d, s_entries, zn_separate, spart, dqpart, lpart):
+    """The cuda binding's scratch in one allocation: every buffer the call has at an offset aligned
+    to 64 entries (256 B in float32), as long as the kernels need, disjoint from every other and
+    inside the total, which wastes nothing but the alignment; zn only when the rows are not
+    normalised over z, the partials' buffers only when there are partials."""
+    sizes = {"zn": n * d if zn_separate else 0, "qn": c * d, "znorm": n, "qnorm": c, "cnt": c, "wsum": c,
+             "S": max(s_entries, 1), "R": 2 * n, "L": 2 * c, "row_dtau": n, "wloss": n, "Spart": spart,
+             "dqpart": dqpart, "Lpart": lpart}
+    off, total = _layout(host_check, tmp_path, n, c, d, s_entries, zn_separate, spart, dqpart, lpart)
+    absent = {"zn": not zn_separate, "Spart": spart == 0, "dqpart": dqpart == 0, "Lpart": lpart == 0}
+    spans = []
+    for name, size in sizes.items():
+        if absent.get(name, False):
+            assert off[name] == -1, name
+            continue
+        assert off[name] >= 0 and off[name] % 64 == 0 and off[name] + size <= total, name
+        spans.append((off[name], off[name] + size, name))
+    spans.sort()
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):
+        assert end <= start, (a, b)
+    assert total == max(1, sum(-(-size // 64) * 64 for _, _, size in ((0, 0, e - s) for s, e, _ in spans)))
+
+
+CARVED = {   # (rows, classes, D, tau, run options, a bad label)
+    "one-launch": (53, 7, 41, 3.0, dict(blocks=3), False),
+    "split": (45, 7, 70, 3.0, dict(blocks=3, splits=(3, 2)), False),
+    "split-bad-label": (45, 7, 70, 3.0, dict(blocks=2, splits=(2, 2), in_place=True), True),
+    "in-place": (53, 7, 41, 3.0, dict(blocks=2, in_place=True), False),
+    "forward-only": (53, 7, 41, 3.0, dict(blocks=2, fused=False), False),
+    "phased": (1100, 40, 16, 5.0, dict(blocks=3, phased=True), False),
+    "phased-in-place": (70, 9, 64, 2.0, dict(blocks=2, phased=True, in_place=True), False),
+}
+
+
+@pytest.mark.parametrize("case", list(CARVED))
+def test_carved_workspace_gives_the_same_bits(host_check, tmp_path, case):
+    """The binding allocates a call's scratch as one workspace carved by workspace_layout and never
+    initialises it. Run so, over a workspace filled with NaN, every output equals, bit for bit, the
+    run over separate exact-size (zeroed) buffers, and matches float64: no two buffers of the layout
+    overlap, and no kernel reads scratch it has not written first."""
+    n, c, d, tau, kw, bad = CARVED[case]
+    x, y = make_episode(n, c, d, seed=n + d, dtype=torch.float32, one_shot=1)
+    p = torch.randn(c, d, generator=torch.Generator().manual_seed(4))
+    w = None if kw.get("phased") else torch.rand(n, generator=torch.Generator().manual_seed(3))
+    if bad:
+        y = y.clone()
+        y[4] = c + 2
+    a = _run(host_check, tmp_path, x, p, y, tau, w=w, **kw)
+    b = _run(host_check, tmp_path, x, p, y, tau, w=w, carved=True, **kw)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, equal_nan=True, msg=key)
+    if bad:
+        assert torch.isnan(b["losses"][4]) and torch.isnan(b["loss"][0])
+    elif kw.get("fused", True):
+        _check_against_reference(b, x, p, y, tau, TOL[torch.float32], w)
+
+
+@pytest.mark.parametrize("pad", [0, 3], ids=["packed", "padded"])
+def test_carved_workspace_episodes(host_check, tmp_path, pad):
+    """The episodes kernel over the carved, NaN-filled workspace (S s_total long): the same bits as
+    over separate buffers."""
+    sizes, d, taus = [(7, 3), (5, 1), (40, 9)], 19, [2.0, 0.0, 5.0]
+    a = _check_episodes(host_check, tmp_path, sizes, d, pad, taus)
+    b = _check_episodes(host_check, tmp_path, sizes, d, pad, taus, carved=True)
+    for key in a:
+        assert torch.equal(b[key], a[key]), key
 
 
 @pytest.mark.parametrize("case", ["one-launch", "split", "in-place", "phased", "episodes", "class-means",

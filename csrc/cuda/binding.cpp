@@ -17,28 +17,17 @@ namespace {
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// What a call hands back, and its scratch (cuda::Workspace) in one allocation.
 struct Buffers {
-  at::Tensor zn, qn, znorm, qnorm, cnt, wsum, S, R, L, row_dtau, wloss, losses, pred, dz, dq, loss, dtau;
-  at::Tensor Spart, dqpart;   // the one-launch kernel's split products (undefined: not split)
+  at::Tensor losses, pred, dz, dq, loss, dtau;
+  at::Tensor ws;
+  cuda::Workspace layout;
 };
 
-// zn_over_z: the normalised rows are written over z (z is the caller's scratch, read by phase 1 only).
-Buffers allocate(const at::Tensor& z, const at::Tensor& q, int64_t s_entries, int64_t episodes, bool fused,
-                 bool zn_over_z = false) {
+Buffers allocate_outputs(const at::Tensor& z, const at::Tensor& q, int64_t episodes, bool fused) {
   const auto opt = z.options();
-  const int64_t n = z.size(0), c = q.size(0);
+  const int64_t n = z.size(0);
   Buffers b;
-  b.zn = zn_over_z ? z : at::empty_like(z);
-  b.qn = at::empty_like(q);
-  b.znorm = at::empty({n}, opt);
-  b.qnorm = at::empty({c}, opt);
-  b.cnt = at::empty({c}, opt);
-  b.wsum = at::empty({c}, opt);
-  b.S = at::empty({std::max<int64_t>(s_entries, 1)}, opt);
-  b.R = at::empty({2 * n}, opt);   // (max, log sum) pairs
-  b.L = at::empty({2 * c}, opt);
-  b.row_dtau = at::empty({n}, opt);
-  b.wloss = at::empty({n}, opt);
   b.losses = episodes ? at::zeros({n}, opt) : at::empty({n}, opt);
   b.pred = episodes ? at::zeros({n}, opt.dtype(at::kLong)) : at::empty({n}, opt.dtype(at::kLong));
   // episodes: rows no episode owns keep zero gradients
@@ -49,9 +38,11 @@ Buffers allocate(const at::Tensor& z, const at::Tensor& q, int64_t s_entries, in
   return b;
 }
 
+// The problem's inputs and outputs, and its scratch allocated as `layout` (zn: z itself where the layout
+// has no zn, i.e. the rows are normalised over z, the call's own buffer).
 template <typename T>
 cuda::SceProblem<T> problem(const at::Tensor& z, const at::Tensor& q, const at::Tensor& y, const at::Tensor* w,
-                            const at::Tensor& tau, bool fused, Buffers& b) {
+                            const at::Tensor& tau, bool fused, Buffers& b, const cuda::Workspace& layout) {
   cuda::SceProblem<T> p{};
   p.z = z.data_ptr<T>();
   p.q = q.data_ptr<T>();
@@ -62,17 +53,10 @@ cuda::SceProblem<T> problem(const at::Tensor& z, const at::Tensor& q, const at::
   p.c = static_cast<int>(q.size(0));
   p.d = static_cast<int>(z.size(1));
   p.fused = fused;
-  p.zn = b.zn.data_ptr<T>();
-  p.qn = b.qn.data_ptr<T>();
-  p.znorm = b.znorm.data_ptr<T>();
-  p.qnorm = b.qnorm.data_ptr<T>();
-  p.cnt = b.cnt.data_ptr<T>();
-  p.wsum = b.wsum.data_ptr<T>();
-  p.S = b.S.data_ptr<T>();
-  p.R = b.R.data_ptr<T>();
-  p.L = b.L.data_ptr<T>();
-  p.row_dtau = b.row_dtau.data_ptr<T>();
-  p.wloss = b.wloss.data_ptr<T>();
+  b.layout = layout;
+  b.ws = at::empty({layout.total}, z.options());
+  p.zn = z.data_ptr<T>();   // replaced by place_workspace where the layout has a zn of its own
+  cuda::place_workspace<T>(p, b.ws.data_ptr<T>(), layout);
   p.losses = b.losses.data_ptr<T>();
   p.pred = b.pred.data_ptr<int64_t>();
   p.dz = fused ? b.dz.data_ptr<T>() : nullptr;
@@ -80,24 +64,12 @@ cuda::SceProblem<T> problem(const at::Tensor& z, const at::Tensor& q, const at::
   p.loss = b.loss.data_ptr<T>();
   p.dtau = fused ? b.dtau.data_ptr<T>() : nullptr;
   p.ksplit_s = p.ksplit_q = 1;
-  p.Spart = p.dqpart = nullptr;
   return p;
 }
 
-// The one-launch kernel's split products (plan_single): workspace of their size, set on p.
-template <typename T>
-void split_products(cuda::SceProblem<T>& p, Buffers& b, const at::Tensor& like) {
-  const cuda::SingleSplits k = cuda::plan_single<T>(p.n, p.c, p.d);
-  if (k.scores > 1) {
-    b.Spart = at::empty({int64_t(k.scores) * p.n * p.c}, like.options());
-    p.Spart = b.Spart.data_ptr<T>();
-    p.ksplit_s = k.scores;
-  }
-  if (p.fused && k.dq > 1) {
-    b.dqpart = at::empty({int64_t(k.dq) * p.c * p.d}, like.options());
-    p.dqpart = b.dqpart.data_ptr<T>();
-    p.ksplit_q = k.dq;
-  }
+// A rows x cols view of the workspace from `offset` (the phased path's operands of the vendor GEMM).
+at::Tensor ws_view(const Buffers& b, long offset, int64_t rows, int64_t cols) {
+  return b.ws.narrow(0, offset, rows * cols).view({rows, cols});
 }
 
 void check_size(const at::Tensor& t, const char* name) {
@@ -119,25 +91,22 @@ struct CublasTF32 {
 // vendor GEMM, which runs them several times faster than the kernel's tiles, in stream order. Same
 // buffers, same fixed-order reductions (the GEMM is deterministic for a given device and shape).
 template <typename T>
-void run_phased(const cuda::SceProblem<T>& problem, Buffers& b, const at::Tensor& tau, bool fused, bool tf32,
-                cudaStream_t stream) {
+void run_phased(const cuda::SceProblem<T>& p, const at::Tensor& z, Buffers& b, const at::Tensor& tau, bool fused,
+                bool tf32, cudaStream_t stream) {
   const CublasTF32 products(tf32);
-  const int64_t n = problem.n, c = problem.c;
-  cuda::SceProblem<T> p = problem;   // with the column tiles' pairs (phases 7 and 8)
-  p.col_ranges = cuda::range_count(problem.n);
-  const at::Tensor lpart = at::empty({2 * p.col_ranges * c}, b.S.options());
-  p.Lpart = lpart.data_ptr<T>();
+  const int64_t n = p.n, c = p.c, d = p.d;
+  const at::Tensor zn = b.layout.zn >= 0 ? ws_view(b, b.layout.zn, n, d) : z;
   C10_CUDA_CHECK(cuda::launch_phase<T>(p, 1, stream));
-  const at::Tensor scale = tau.exp();        // (1,), on the device: no sync
-  const at::Tensor qs = b.qn.mul(scale);     // exp(tau) qn: the scale rides on the small operand
-  at::Tensor S = b.S.narrow(0, 0, n * c).view({n, c});
-  at::mm_out(S, b.zn, qs.t());
+  const at::Tensor scale = tau.exp();                                // (1,), on the device: no sync
+  const at::Tensor qs = ws_view(b, b.layout.qn, c, d).mul(scale);   // exp(tau) qn: the scale rides on the small operand
+  at::Tensor S = ws_view(b, b.layout.S, n, c);
+  at::mm_out(S, zn, qs.t());
   C10_CUDA_CHECK(cuda::launch_phase<T>(p, 7, stream));   // P3: rows by warps, columns by tiles
   C10_CUDA_CHECK(cuda::launch_phase<T>(p, 8, stream));   // ... the tiles' pairs combined
   C10_CUDA_CHECK(cuda::launch_phase<T>(p, 4, stream));
   if (fused) {
     at::mm_out(b.dz, S, qs);
-    at::mm_out(b.dq, S.t(), b.zn);
+    at::mm_out(b.dq, S.t(), zn);
     b.dq.mul_(scale);
   }
   C10_CUDA_CHECK(cuda::launch_phase<T>(p, 6, stream));
@@ -158,17 +127,25 @@ Outputs sce_cuda(const at::Tensor& z_in, const at::Tensor& q_in, const at::Tenso
   at::Tensor w;
   if (weights.has_value()) w = weights->to(z.scalar_type()).contiguous();
   check_size(z, "z");
-  CHECK_ARG(z.size(0) * q.size(0) < (int64_t(1) << 31), "z, q: N x C must stay below 2^31, got ", z.size(0), " x ",
-            q.size(0));
-  Buffers b = allocate(z, q, z.size(0) * q.size(0), 0, fused_grad, z_is_scratch || !z.is_same(z_in));
+  const int64_t n = z.size(0), c = q.size(0), d = z.size(1);
+  CHECK_ARG(n * c < (int64_t(1) << 31), "z, q: N x C must stay below 2^31, got ", n, " x ", c);
+  const bool zn_separate = !(z_is_scratch || !z.is_same(z_in));
+  Buffers b = allocate_outputs(z, q, 0, fused_grad);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const bool phased = z.size(0) * q.size(0) >= cuda::kPhasedMinScores;
+  const bool phased = n * c >= cuda::kPhasedMinScores;
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "copa_fast_symmetric_ce_cuda", [&] {
-    auto p = problem<scalar_t>(z, q, y, weights.has_value() ? &w : nullptr, tau, fused_grad, b);
+    // the one-launch kernel's split products (plan_single), or the phased path's column tiles
+    const cuda::SingleSplits k = phased ? cuda::SingleSplits{1, 1} : cuda::plan_single<scalar_t>(n, c, d);
+    const int ks = k.scores, kq = fused_grad ? k.dq : 1, col_ranges = phased ? cuda::range_count(n) : 0;
+    const cuda::Workspace layout = cuda::workspace_layout(n, c, d, n * c, zn_separate, ks > 1 ? ks * n * c : 0,
+                                                          kq > 1 ? kq * c * d : 0, 2L * col_ranges * c);
+    auto p = problem<scalar_t>(z, q, y, weights.has_value() ? &w : nullptr, tau, fused_grad, b, layout);
+    p.ksplit_s = ks;
+    p.ksplit_q = kq;
+    p.col_ranges = col_ranges;
     if (phased) {
-      run_phased<scalar_t>(p, b, tau, fused_grad, precision == "tf32", stream);
+      run_phased<scalar_t>(p, z, b, tau, fused_grad, precision == "tf32", stream);
     } else {
-      split_products<scalar_t>(p, b, z);
       C10_CUDA_CHECK(cuda::launch_single<scalar_t>(p, stream));
     }
   });
@@ -192,11 +169,13 @@ Outputs episodes_sce_cuda(const at::Tensor& z_in, const at::Tensor& q_in, const 
   auto tau = tau_in.to(z.scalar_type()).contiguous();
   check_size(z, "z");
   const int64_t E = rows.size(0);
-  Buffers b = allocate(z, q, s_total, E, fused_grad);
+  Buffers b = allocate_outputs(z, q, E, fused_grad);
+  const cuda::Workspace layout =
+      cuda::workspace_layout(z.size(0), q.size(0), z.size(1), s_total, /*zn_separate=*/true, 0, 0, 0);
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto rr = rows.contiguous(), cc = classes.contiguous(), so = s_off.contiguous();
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "copa_fast_episodes_sce_cuda", [&] {
-    auto p = problem<scalar_t>(z, q, y, nullptr, tau, fused_grad, b);
+    auto p = problem<scalar_t>(z, q, y, nullptr, tau, fused_grad, b, layout);
     C10_CUDA_CHECK(cuda::launch_episodes<scalar_t>(p, rr.data_ptr<int64_t>(), cc.data_ptr<int64_t>(),
                                                     so.data_ptr<int64_t>(), static_cast<long>(s_total),
                                                     static_cast<int>(E), stream));

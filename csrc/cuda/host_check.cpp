@@ -2,22 +2,27 @@
 // problem from a binary file, launches copa_sce_single (a cooperative grid of `blocks` blocks),
 // copa_sce_episodes (one block per episode), the phased path (copa_sce_phase, `blocks` blocks a
 // phase, the products on the host) or copa_class_means, writes the outputs. Every buffer is its own
-// heap allocation of the exact size, so AddressSanitizer flags any out-of-bounds access.
+// heap allocation of the exact size, so AddressSanitizer flags any out-of-bounds access (or, asked for,
+// the scratch is carved out of one workspace as the binding has it).
 //
 // Input (native endianness): int64 header [dtype_bytes, mode (0 single, 1 episodes, 2 phased, 3 class
 // means), R, K, d, fused, has_w, blocks, E, s_total, in_place (zn written over z, as binding.cpp's
-// copa_loss op has it), ksplit_s, ksplit_q (the single kernel's split products; 1: none)], then z (R*d), q (K*d) in dtype, y (R) int64, w (R, if has_w) and tau (E) in
-// dtype, then for episodes rows (2E), cls (2E), s_off (E) int64.
+// copa_loss op has it), ksplit_s, ksplit_q (the single kernel's split products; 1: none), carved (the scratch
+// in one workspace laid out as the binding lays it out, workspace_layout, instead of one allocation a buffer)],
+// then z (R*d), q (K*d) in dtype, y (R) int64, w (R, if has_w) and tau (E) in dtype, then for episodes rows
+// (2E), cls (2E), s_off (E) int64.
 // Output: loss (E), dtau (E), losses (R) in dtype, pred (R) int64, dz (R*d), dq (K*d) in dtype; for class
 // means p0 (K*d) in dtype. Mode 4 runs nothing: the split products plan_splits gives R x K x d on
 // `blocks` co-resident blocks, as two int64 (ksplit_s, ksplit_q). Mode 5: the value checks' summary
-// kernels (run_summary below).
+// kernels (run_summary below). Mode 6 runs nothing: workspace_layout(R, K, d, s_total, zn_separate = h[10],
+// spart = h[11], dqpart = h[12], lpart = h[13]) as 15 int64 (the offsets in field order, then total).
 #define COPA_SIMT_HOST 1
 #include "sce_kernels.cuh"
 
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <string>
 
 namespace {
@@ -28,10 +33,10 @@ namespace {
 template <typename T>
 void run_phased(const copa_fast::cuda::SceProblem<T>& problem, int blocks) {
   using copa_fast::cuda::copa_sce_phase;
-  copa_fast::cuda::SceProblem<T> p = problem;   // with the column tiles' pairs, exactly sized
+  copa_fast::cuda::SceProblem<T> p = problem;   // with the column tiles' pairs, exactly sized (unless carved)
   p.col_ranges = copa_fast::cuda::range_count(p.n);
-  std::vector<T> lpart(2L * p.col_ranges * p.c);
-  p.Lpart = lpart.data();
+  std::vector<T> lpart(p.Lpart ? 0 : 2L * p.col_ranges * p.c);
+  if (!p.Lpart) p.Lpart = lpart.data();
   auto phase = [&](int ph) {
     // phase 7 (P3 of the phased path): `blocks` for the rows, then one block a column tile
     const int grid = ph == 7 ? blocks + copa_fast::cuda::tile_blocks(p.n, p.c) : blocks;
@@ -87,7 +92,14 @@ template <typename T>
 int run(FILE* in, FILE* out, const int64_t* h) {
   using copa_fast::cuda::SceProblem;
   const int64_t mode = h[1], R = h[2], K = h[3], d = h[4], fused = h[5], has_w = h[6], blocks = h[7], E = h[8],
-                s_total = h[9], in_place = h[10], ksplit_s = h[11], ksplit_q = h[12];
+                s_total = h[9], in_place = h[10], ksplit_s = h[11], ksplit_q = h[12], carved = h[13];
+  if (mode == 6) {
+    const copa_fast::cuda::Workspace w =
+        copa_fast::cuda::workspace_layout(R, K, d, s_total, h[10] != 0, h[11], h[12], h[13]);
+    write(out, std::vector<int64_t>{w.zn, w.qn, w.znorm, w.qnorm, w.cnt, w.wsum, w.S, w.R, w.L, w.row_dtau, w.wloss,
+                                    w.Spart, w.dqpart, w.Lpart, w.total});
+    return 0;
+  }
   if (mode == 4) {
     const copa_fast::cuda::SingleSplits k = copa_fast::cuda::plan_splits(R, K, d, blocks);
     write(out, std::vector<int64_t>{k.scores, k.dq});
@@ -110,19 +122,28 @@ int run(FILE* in, FILE* out, const int64_t* h) {
     write(out, p0);
     return 0;
   }
-  std::vector<T> zn(in_place ? 0 : R * d), qn(K * d), znorm(R), qnorm(K), cnt(K), wsum(K),
-      S(mode == 1 ? s_total : R * K), Rr(2 * R), L(2 * K), row_dtau(R), wloss(R), losses(R, T(0)),
-      dz(fused ? R * d : 0, T(0)), dq(fused ? K * d : 0, T(0)), loss(E), dtau(E, T(0));
+  std::vector<T> losses(R, T(0)), dz(fused ? R * d : 0, T(0)), dq(fused ? K * d : 0, T(0)), loss(E), dtau(E, T(0));
   std::vector<int64_t> pred(R, 0);
-  // the split products' shares, exactly sized (none unless the single kernel splits)
-  std::vector<T> Spart(mode == 0 && ksplit_s > 1 ? ksplit_s * R * K : 0),
-      dqpart(mode == 0 && fused && ksplit_q > 1 ? ksplit_q * K * d : 0);
+  const bool split_s = mode == 0 && ksplit_s > 1, split_q = mode == 0 && fused && ksplit_q > 1;
+  const long s_entries = mode == 1 ? s_total : R * K;
+  // The scratch: each buffer its own exact-size allocation (out-of-bounds accesses reach ASan), or, carved,
+  // the binding's one workspace laid out by workspace_layout, filled with NaN as uninitialised memory stands in
+  std::vector<T> zn(in_place || carved ? 0 : R * d), qn(K * d), znorm(R), qnorm(K), cnt(K), wsum(K), S(s_entries),
+      Rr(2 * R), L(2 * K), row_dtau(R), wloss(R), Spart(split_s ? ksplit_s * R * K : 0),
+      dqpart(split_q ? ksplit_q * K * d : 0), ws;
   SceProblem<T> p{z.data(), q.data(), y.data(), has_w ? w.data() : nullptr, tau.data(), (int)R, (int)K, (int)d,
                   fused != 0, in_place ? z.data() : zn.data(), qn.data(), znorm.data(), qnorm.data(), cnt.data(),
                   wsum.data(), S.data(), Rr.data(), L.data(), row_dtau.data(), wloss.data(), losses.data(), pred.data(),
                   fused ? dz.data() : nullptr, fused ? dq.data() : nullptr, loss.data(), dtau.data(),
-                  Spart.empty() ? 1 : (int)ksplit_s, dqpart.empty() ? 1 : (int)ksplit_q,
-                  Spart.empty() ? nullptr : Spart.data(), dqpart.empty() ? nullptr : dqpart.data()};
+                  split_s ? (int)ksplit_s : 1, split_q ? (int)ksplit_q : 1,
+                  split_s ? Spart.data() : nullptr, split_q ? dqpart.data() : nullptr};
+  if (carved) {
+    const long lpart = mode == 2 ? 2L * copa_fast::cuda::range_count((int)R) * K : 0;
+    const copa_fast::cuda::Workspace layout = copa_fast::cuda::workspace_layout(
+        R, K, d, s_entries, !in_place, split_s ? ksplit_s * R * K : 0, split_q ? ksplit_q * K * d : 0, lpart);
+    ws.assign(layout.total, std::numeric_limits<T>::quiet_NaN());
+    copa_fast::cuda::place_workspace<T>(p, ws.data(), layout);
+  }
   if (mode == 0) {
     simt::launch((int)blocks, copa_fast::cuda::kThreads, [&] { copa_fast::cuda::copa_sce_single<T>(p); });
   } else if (mode == 2) {
@@ -142,7 +163,7 @@ int run(FILE* in, FILE* out, const int64_t* h) {
 }
 
 // Mode 5, the value checks' summary: header [elem_bytes (2, 4, 8), 5, R, k, d, exponent mask,
-// int32 labels, blocks of the counting launch, has_tau, 0, transposed, 0, 0], then the R x d
+// int32 labels, blocks of the counting launch, has_tau, 0, transposed, 0, 0, 0], then the R x d
 // values as raw bits (transposed: the d x R buffer viewed as R x d), R labels (int64 or int32),
 // tau (one double, if has_tau). Output: the 5 doubles of copa_label_summary.
 template <typename U>
@@ -191,7 +212,7 @@ int main(int argc, char** argv) {
     fprintf(stderr, "host_check: cannot open files\n");
     return 2;
   }
-  auto h = read<int64_t>(in, 13);
+  auto h = read<int64_t>(in, 14);
   int rc = 0;
   if (h[1] == 5) {
     rc = h[0] == 2 ? run_summary<uint16_t>(in, out, h.data())

@@ -71,6 +71,69 @@ COPA_HOST_DEVICE int strip_count(int c) { return (c + kStripCols - 1) / kStripCo
 COPA_HOST_DEVICE int range_count(int n) { return (n + kStripRows - 1) / kStripRows; }
 COPA_HOST_DEVICE int tile_blocks(int n, int c) { return strip_count(c) * range_count(n); }
 
+// The scratch of one call (everything the kernels write that the caller does not get back) in ONE
+// allocation: its buffers' offsets in elements of T, each a multiple of kWorkspaceAlign (256 B in
+// float32, as cudaMalloc aligns its own), -1 for a buffer the call does not have. One allocation
+// instead of up to fourteen: each is a trip through the framework's allocator on the host, and a
+// small step's time on a GPU is mostly host work. Shared by the binding (csrc/cuda/binding.cpp) and
+// the host runner of the tests (host_check.cpp), which runs the kernels over this very layout.
+struct Workspace {
+  long zn, qn, znorm, qnorm, cnt, wsum, S, R, L, row_dtau, wloss, Spart, dqpart, Lpart;
+  long total;   // elements to allocate (at least 1)
+};
+constexpr long kWorkspaceAlign = 64;
+
+// zn_separate: false when the normalised rows go over z (the caller's own buffer). s_entries: S's
+// entries (N x C, or the episodes' s_total). spart, dqpart, lpart: entries of the split products'
+// and the column tiles' partials, 0 for none.
+inline Workspace workspace_layout(long n, long c, long d, long s_entries, bool zn_separate, long spart, long dqpart,
+                                  long lpart) {
+  long at = 0;
+  const auto take = [&at](long count) {   // a buffer of `count` entries (0 entries: a valid, unread address)
+    const long off = at;
+    at += (count + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign;
+    return off;
+  };
+  const auto maybe = [&take](long count) { return count > 0 ? take(count) : -1L; };
+  Workspace w{};
+  w.zn = zn_separate ? take(n * d) : -1;
+  w.qn = take(c * d);
+  w.znorm = take(n);
+  w.qnorm = take(c);
+  w.cnt = take(c);
+  w.wsum = take(c);
+  w.S = take(s_entries > 0 ? s_entries : 1);
+  w.R = take(2 * n);   // (max, log sum) pairs
+  w.L = take(2 * c);
+  w.row_dtau = take(n);
+  w.wloss = take(n);
+  w.Spart = maybe(spart);
+  w.dqpart = maybe(dqpart);
+  w.Lpart = maybe(lpart);
+  w.total = at > 0 ? at : 1;
+  return w;
+}
+
+// Points p's scratch at `base` laid out as w (zn only when w has it: else the caller points it at z).
+template <typename T>
+void place_workspace(SceProblem<T>& p, T* base, const Workspace& w) {
+  const auto at = [base](long off) { return off < 0 ? nullptr : base + off; };
+  if (w.zn >= 0) p.zn = base + w.zn;
+  p.qn = at(w.qn);
+  p.znorm = at(w.znorm);
+  p.qnorm = at(w.qnorm);
+  p.cnt = at(w.cnt);
+  p.wsum = at(w.wsum);
+  p.S = at(w.S);
+  p.R = at(w.R);
+  p.L = at(w.L);
+  p.row_dtau = at(w.row_dtau);
+  p.wloss = at(w.wloss);
+  p.Spart = at(w.Spart);
+  p.dqpart = at(w.dqpart);
+  p.Lpart = at(w.Lpart);
+}
+
 struct SingleSplits {
   int scores;   // ksplit_s
   int dq;       // ksplit_q
