@@ -227,6 +227,11 @@ class AdaptResult:
         return self.scores(query).argmax(dim=1)
 
 
+# Results saved with torch.save load back with torch.load's default weights_only=True once copa_fast is
+# imported: a result holds only tensors, floats, a list of floats and None, which that unpickler takes.
+torch.serialization.add_safe_globals([AdaptResult])
+
+
 @with_autograd
 def adapt(support, support_labels, query=None, query_labels=None, *, steps=50, lr=1e-3,
           weight_decay=0.1, tau=2.0) -> AdaptResult:

@@ -269,6 +269,30 @@ def test_adapt_result_prints_on_one_line():
     assert repr(ref.AdaptResult(res.w_img, res.w_proto)).endswith("losses=[], query_accuracy=None, prototypes=None)")
 
 
+def test_saved_results_load_with_weights_only(tmp_path):
+    """Results saved with torch.save (a list from adapt_many, one with no query set, the PA
+    baseline's) load in a fresh process with torch.load(weights_only=True), the default since torch
+    2.6, once copa_fast is imported; they classify there as here."""
+    import subprocess
+    import sys
+
+    xs, ys, xq, yq = _split(40, 20, 4, 16, seed=12)
+    results = copa_fast.adapt_many([(xs, ys, xq, yq), (xs, ys, None, None)], steps=3)
+    results.append(ref.adapt_pa(xs, ys, xq, yq, steps=2))
+    torch.save({"results": results, "query": xq}, tmp_path / "results.pt")
+    expect = [r.predict(xq).tolist() for r in results]
+    code = ("import sys, torch, copa_fast\n"
+            "saved = torch.load(sys.argv[1], weights_only=True)\n"
+            "print([r.predict(saved['query']).tolist() for r in saved['results']])\n"
+            "print([r.query_accuracy for r in saved['results']], [len(r.losses) for r in saved['results']])")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "results.pt")], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == str(expect)
+    assert lines[1] == f"{[r.query_accuracy for r in results]} {[len(r.losses) for r in results]}"
+
+
 def test_pa_baseline_result_classifies_as_its_accuracy():
     xs, ys, xq, yq = _split(60, 50, 5, 16, seed=5)
     pa = ref.adapt_pa(xs, ys, xq, yq, steps=5)
