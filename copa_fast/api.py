@@ -549,7 +549,9 @@ _FUSED_ADAM_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat1
 def adapt_many(episodes, *, steps: int = 50, lr: float = 1e-3, weight_decay: float = 0.1, tau: float = 2.0,
                backend: Optional[str] = None, group_size: int = 128) -> list:
     """CoPA adaptation of a list of ragged episodes: ``(support, support_labels, query, query_labels)``
-    tuples (or ``copa_fast.episodes.Episode``), different N and C per episode, D shared.
+    tuples (or ``copa_fast.episodes.Episode``), different N and C per episode, D shared. An
+    episode's query and query_labels may both be None: its result then has no query_accuracy, and
+    its ``predict`` classifies query rows later.
 
     Returns one AdaptResult per episode, equal to ``adapt`` on that episode (adapters within fp32
     rounding, the same accuracies). With the ``cuda`` or ``triton`` backend (on CUDA tensors the default
