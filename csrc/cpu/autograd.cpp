@@ -68,11 +68,14 @@ double free_value(const at::Tensor& g) {
   return g.item<double>();
 }
 
-// a @ b scaled by the 0-d grad_output g
+// a @ b scaled by the 0-d grad_output g. A g whose value cannot be read for free scales the fresh product
+// in place (on CUDA: no second D x D buffer), unless g is batched or traced (a vmapped backward's g, a
+// fake tensor), whose product with the plain r is a tensor of another kind: that takes the out-of-place
+// product.
 at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& g) {
   at::Tensor r = at::mm(a, b);
   const double v = free_value(g);
-  if (std::isnan(v)) return r * g;
+  if (std::isnan(v)) return at::isTensorSubclassLike(g) ? r * g : r.mul_(g);
   if (v != 1.0) r.mul_(v);
   return r;
 }
