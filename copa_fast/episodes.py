@@ -15,15 +15,26 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .reference import _tensor_summary
 
-@dataclass
+
+@dataclass(repr=False, eq=False)
 class Episode:
-    """support (N, D), support_labels (N,), query (M, D), query_labels (M,); labels in 0..C-1."""
+    """support (N, D), support_labels (N,), query (M, D), query_labels (M,); labels in 0..C-1.
+
+    Prints on one line (shapes, not values); compares and hashes by identity, as AdaptResult does;
+    saved with torch.save, loads with torch.load's default weights_only=True once copa_fast is
+    imported."""
 
     support: torch.Tensor
     support_labels: torch.Tensor
     query: torch.Tensor
     query_labels: torch.Tensor
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={_tensor_summary(getattr(self, name))}"
+                           for name in ("support", "support_labels", "query", "query_labels"))
+        return f"Episode({fields}, ways={self.ways})"
 
     @property
     def ways(self) -> int:
@@ -32,6 +43,9 @@ class Episode:
     def to(self, device) -> "Episode":
         return Episode(*(t.to(device) for t in (self.support, self.support_labels, self.query,
                                                  self.query_labels)))
+
+
+torch.serialization.add_safe_globals([Episode])
 
 
 def sample_episodes(features, labels, n_episodes: int, *, seed: int = 0, min_ways: int = 5, max_ways: int = 50,

@@ -182,7 +182,7 @@ def _tensor_summary(t: Optional[torch.Tensor]) -> str:
     return f"<{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}{device}>"
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)
 class AdaptResult:
     """Outcome of one episode's adaptation.
 
@@ -191,6 +191,10 @@ class AdaptResult:
     prototypes (the support's class means through the adapted prototype map), against which
     ``scores`` and ``predict`` classify new query rows — the very computation ``query_accuracy``
     counted.
+
+    Results compare and hash by identity, as modules and tensors do: a field-by-field ``==`` would
+    ask a tensor comparison for one truth value and raise (``result in results`` did), and left
+    results unhashable. Compare the fields with torch.equal / torch.allclose.
     """
 
     w_img: torch.Tensor

@@ -259,6 +259,16 @@ def test_adapt_result_prediction_checks_its_query():
         ref.AdaptResult(res.w_img, res.w_proto).predict(xq)
 
 
+def test_adapt_results_compare_and_hash_by_identity():
+    """A list of results supports `in`, index and sets (a field-wise == raised: a tensor comparison
+    asked for one truth value); two results of the same episode are equal in their fields only."""
+    xs, ys, _, _ = _split(30, 10, 5, 16, seed=13)
+    a, b = copa_fast.adapt_many([(xs, ys, None, None), (xs, ys, None, None)], steps=2)
+    assert torch.equal(a.w_img, b.w_img) and a != b and a == a
+    assert b in [a, b] and a not in [b] and [a, b].index(b) == 1
+    assert len({a, b, a}) == 2 and {a: 1}[a] == 1
+
+
 def test_adapt_result_prints_on_one_line():
     xs, ys, xq, yq = _split(30, 10, 5, 16, seed=11)
     res = copa_fast.adapt(xs, ys, xq, yq, steps=3)
@@ -271,26 +281,34 @@ def test_adapt_result_prints_on_one_line():
 
 def test_saved_results_load_with_weights_only(tmp_path):
     """Results saved with torch.save (a list from adapt_many, one with no query set, the PA
-    baseline's) load in a fresh process with torch.load(weights_only=True), the default since torch
-    2.6, once copa_fast is imported; they classify there as here."""
+    baseline's) and sampled episodes load in a fresh process with torch.load(weights_only=True), the
+    default since torch 2.6, once copa_fast is imported; the results classify there as here."""
     import subprocess
     import sys
+
+    from copa_fast.episodes import sample_episodes
 
     xs, ys, xq, yq = _split(40, 20, 4, 16, seed=12)
     results = copa_fast.adapt_many([(xs, ys, xq, yq), (xs, ys, None, None)], steps=3)
     results.append(ref.adapt_pa(xs, ys, xq, yq, steps=2))
-    torch.save({"results": results, "query": xq}, tmp_path / "results.pt")
+    episodes = sample_episodes(torch.cat([xs, xq]).float(), torch.cat([ys, yq]), 2, min_ways=3, max_ways=4,
+                               query_per_class=2)
+    torch.save({"results": results, "query": xq, "episodes": episodes}, tmp_path / "results.pt")
     expect = [r.predict(xq).tolist() for r in results]
     code = ("import sys, torch, copa_fast\n"
             "saved = torch.load(sys.argv[1], weights_only=True)\n"
             "print([r.predict(saved['query']).tolist() for r in saved['results']])\n"
-            "print([r.query_accuracy for r in saved['results']], [len(r.losses) for r in saved['results']])")
+            "print([r.query_accuracy for r in saved['results']], [len(r.losses) for r in saved['results']])\n"
+            "print([[t.sum().item() for t in (e.support, e.support_labels, e.query, e.query_labels)]\n"
+            "       for e in saved['episodes']])")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "results.pt")], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
     assert lines[0] == str(expect)
     assert lines[1] == f"{[r.query_accuracy for r in results]} {[len(r.losses) for r in results]}"
+    assert lines[2] == str([[t.sum().item() for t in (e.support, e.support_labels, e.query, e.query_labels)]
+                            for e in episodes])
 
 
 def test_pa_baseline_result_classifies_as_its_accuracy():
@@ -416,6 +434,19 @@ def test_episode_sampler_is_seeded_and_shaped_like_meta_dataset():
         sample_episodes(feats[:30], labels[:30], 1)
     for e in sample_episodes(feats, labels, 20, seed=6, max_ways=40, max_support=12):   # ways capped by the support
         assert 5 <= e.ways <= 12 and len(e.support_labels) <= 12
+
+
+def test_episodes_print_on_one_line_and_compare_by_identity():
+    from copa_fast.episodes import sample_episodes, synthetic_features
+
+    feats, labels = synthetic_features(n_classes=12, per_class=20, dim=8, seed=0)
+    a, b = sample_episodes(feats, labels, 2, seed=1, max_ways=6)
+    text = repr(a)
+    assert "\n" not in text and "tensor(" not in text
+    assert text == (f"Episode(support=<({len(a.support_labels)}, 8) float32>, support_labels=<"
+                    f"({len(a.support_labels)},) int64>, query=<({len(a.query_labels)}, 8) float32>, "
+                    f"query_labels=<({len(a.query_labels)},) int64>, ways={a.ways})")
+    assert b in [a, b] and a not in [b] and len({a, b, a}) == 2 and a != b
 
 
 @pytest.mark.parametrize("kwargs,name", [
