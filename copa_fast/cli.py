@@ -1,4 +1,4 @@
-"""Command line: ``copa-fast eval | demo`` (also ``python -m copa_fast ...``).
+"""Command line: ``copa-fast eval | bench | demo`` (also ``python -m copa_fast ...``).
 
 eval  CoPA vs its baselines (PA, nearest centroid) on Meta-Dataset-style episodes sampled from a
       feature file (.npz / .pt with ``features`` [M, D] and ``labels`` [M]) or, without one, from
@@ -115,14 +115,20 @@ def _backend_arg(name, device: torch.device) -> str:
         raise CliError(f"--backend: {str(exc).removeprefix('backend: ')}") from None
 
 
+def _device_arg(text: str) -> torch.device:
+    """--device as a device this process can use; the reason it cannot, as the flag's one-line error."""
+    device = torch.device(text)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device: cuda requested but no GPU is visible")
+    return device
+
+
 def run_eval(args) -> dict:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise CliError(f"--methods: expected a comma-separated subset of {','.join(METHODS)}, got {args.methods!r}")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device: cuda requested but no GPU is visible")
+    device = _device_arg(args.device)
     backend = _backend_arg(args.backend, device)
     if args.features:
         feats, labels = load_features(args.features)
@@ -251,10 +257,11 @@ def print_eval(res: dict) -> None:
 
 
 def run_demo(args) -> None:
-    backend = _backend_arg(args.backend, torch.device("cpu"))
+    device = _device_arg(args.device)
+    backend = _backend_arg(args.backend, device)
     feats, labels = synthetic_features(seed=args.seed)
-    episodes = sample_episodes(feats, labels, args.episodes, seed=args.seed)
-    print(f"copa-fast demo: {len(episodes)} synthetic Meta-Dataset-shaped episodes (D=512), "
+    episodes = [e.to(device) for e in sample_episodes(feats, labels, args.episodes, seed=args.seed)]
+    print(f"copa-fast demo: {len(episodes)} synthetic Meta-Dataset-shaped episodes (D=512) on {device}, "
           f"backend {backend!r} vs the published loop (reference, float32)")
     print(f"{'ep':>3}{'ways':>6}{'support':>9}{'acc ours':>10}{'acc ref':>9}{'ms ours':>9}{'ms ref':>9}"
           f"{'speed-up':>10}{'max |dW|':>11}")
@@ -284,9 +291,7 @@ def run_demo(args) -> None:
 def run_bench(args) -> None:
     from . import bench
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device: cuda requested but no GPU is visible")
+    device = _device_arg(args.device)
     table = bench.GPU_SIZES if device.type == "cuda" else bench.CPU_SIZES
     sizes = [(n, c) for n, c in table if n <= args.max_n]
     if not sizes:
@@ -327,16 +332,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("eval", help="CoPA vs PA vs nearest centroid on sampled episodes")
     e.add_argument("--features", help=".npz or .pt with 'features' [M, D] and 'labels' [M] (default: embedded digits)")
-    e.add_argument("--episodes", type=int, default=600)
-    e.add_argument("--steps", type=int, default=50)
+    e.add_argument("--episodes", type=int, default=600, help="episodes sampled (default: 600)")
+    e.add_argument("--steps", type=int, default=50, help="CoPA's Adam steps per episode (default: 50)")
     e.add_argument("--backend", default=None, help=f"one of {', '.join(_backends.BACKENDS)} (default: fastest)")
-    e.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:K")
-    e.add_argument("--methods", default="copa,pa,ncc")
+    e.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:K (default: cpu)")
+    e.add_argument("--methods", default="copa,pa,ncc", help="comma-separated subset of copa,pa,ncc (default: all)")
     e.add_argument("--dataset", default="default", choices=sorted(ref.DATASET_PRESETS),
                    help="published lr / weight-decay preset")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=0, help="episode sampling seed (default: 0)")
     e.add_argument("--check-episodes", type=int, default=2,
-                   help="episodes re-adapted with the float64 reference to report the deviation")
+                   help="episodes re-adapted with the float64 reference to report the deviation (default: 2)")
     e.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the table")
     b = sub.add_parser("bench", help="time and memory of one CoPA step vs N: markdown, JSON and PNG")
     b.add_argument("--out", default="copa-fast-bench", help="output folder (default: ./copa-fast-bench)")
@@ -347,9 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--impls", default=None, help="comma-separated subset of the implementations")
     b.add_argument("--budget", type=float, default=1.0, help="seconds of repetitions per case (at least 3)")
     d = sub.add_parser("demo", help="synthetic episodes: fastest backend vs the reference loop")
-    d.add_argument("--episodes", type=int, default=8)
-    d.add_argument("--backend", default=None)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--episodes", type=int, default=8, help="episodes sampled (default: 8)")
+    d.add_argument("--backend", default=None, help=f"one of {', '.join(_backends.BACKENDS)} (default: fastest)")
+    d.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:K (default: cpu)")
+    d.add_argument("--seed", type=int, default=0, help="episode sampling seed (default: 0)")
     return p
 
 

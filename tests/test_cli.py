@@ -186,9 +186,31 @@ def test_cli_argument_errors_name_the_flag(capsys, argv, fragment):
     assert len(err.splitlines()) == 1 and fragment in err
 
 
-@pytest.mark.parametrize("command", ["eval", "bench"])
+@pytest.mark.parametrize("command", ["eval", "bench", "demo"])
 def test_cli_device_flag_is_parsed_not_a_traceback(capsys, command):
     with pytest.raises(SystemExit) as exc:
         cli.main([command, "--device", "tpu"])
     assert exc.value.code == 2 and "--device: expected cpu, cuda or cuda:K, got 'tpu'" in capsys.readouterr().err
     assert cli.build_parser().parse_args([command, "--device", "cuda:1"]).device == "cuda:1"
+
+
+def test_demo_runs_and_reports(capsys):
+    """The demo's whole path on one small episode: the table row and the summary, the kernels'
+    adapters within float32 rounding of the published loop's, on the device asked for."""
+    import re
+
+    assert cli.main(["demo", "--episodes", "1", "--seed", "3", "--device", "cpu", "--backend", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "1 synthetic Meta-Dataset-shaped episodes (D=512) on cpu, backend 'cpu'" in out
+    summary = re.search(r"mean accuracy: ours ([\d.]+)%, reference ([\d.]+)%; .* largest adapter deviation (\S+)$",
+                        out.strip().splitlines()[-1])
+    assert summary, out
+    assert abs(float(summary[1]) - float(summary[2])) <= 1.0 and float(summary[3]) < 1e-3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+@pytest.mark.parametrize("command", ["eval", "demo", "bench"])
+def test_cuda_device_without_a_gpu_is_one_line(capsys, command):
+    assert cli.main([command, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "copa-fast: error: --device: cuda requested but no GPU is visible"
