@@ -34,7 +34,8 @@ class Episode:
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={_tensor_summary(getattr(self, name))}"
                            for name in ("support", "support_labels", "query", "query_labels"))
-        return f"Episode({fields}, ways={self.ways})"
+        ways = self.ways if self.support_labels.numel() else 0   # a repr never raises, even on an empty one
+        return f"Episode({fields}, ways={ways})"
 
     @property
     def ways(self) -> int:

@@ -437,7 +437,7 @@ def test_episode_sampler_is_seeded_and_shaped_like_meta_dataset():
 
 
 def test_episodes_print_on_one_line_and_compare_by_identity():
-    from copa_fast.episodes import sample_episodes, synthetic_features
+    from copa_fast.episodes import Episode, sample_episodes, synthetic_features
 
     feats, labels = synthetic_features(n_classes=12, per_class=20, dim=8, seed=0)
     a, b = sample_episodes(feats, labels, 2, seed=1, max_ways=6)
@@ -447,6 +447,8 @@ def test_episodes_print_on_one_line_and_compare_by_identity():
                     f"({len(a.support_labels)},) int64>, query=<({len(a.query_labels)}, 8) float32>, "
                     f"query_labels=<({len(a.query_labels)},) int64>, ways={a.ways})")
     assert b in [a, b] and a not in [b] and len({a, b, a}) == 2 and a != b
+    empty = Episode(a.support[:0], a.support_labels[:0], a.query[:0], a.query_labels[:0])
+    assert repr(empty).endswith("query_labels=<(0,) int64>, ways=0)")
 
 
 @pytest.mark.parametrize("kwargs,name", [
