@@ -128,9 +128,10 @@ int run(FILE* in, FILE* out, const int64_t* h) {
   const long s_entries = mode == 1 ? s_total : R * K;
   // The scratch: each buffer its own exact-size allocation (out-of-bounds accesses reach ASan), or, carved,
   // the binding's one workspace laid out by workspace_layout, filled with NaN as uninitialised memory stands in
-  std::vector<T> zn(in_place || carved ? 0 : R * d), qn(K * d), znorm(R), qnorm(K), cnt(K), wsum(K), S(s_entries),
-      Rr(2 * R), L(2 * K), row_dtau(R), wloss(R), Spart(split_s ? ksplit_s * R * K : 0),
-      dqpart(split_q ? ksplit_q * K * d : 0), ws;
+  const auto own = [carved](long count) { return carved ? 0 : count; };   // carved: none of their own
+  std::vector<T> zn(own(in_place ? 0 : R * d)), qn(own(K * d)), znorm(own(R)), qnorm(own(K)), cnt(own(K)),
+      wsum(own(K)), S(own(s_entries)), Rr(own(2 * R)), L(own(2 * K)), row_dtau(own(R)), wloss(own(R)),
+      Spart(own(split_s ? ksplit_s * R * K : 0)), dqpart(own(split_q ? ksplit_q * K * d : 0)), ws;
   SceProblem<T> p{z.data(), q.data(), y.data(), has_w ? w.data() : nullptr, tau.data(), (int)R, (int)K, (int)d,
                   fused != 0, in_place ? z.data() : zn.data(), qn.data(), znorm.data(), qnorm.data(), cnt.data(),
                   wsum.data(), S.data(), Rr.data(), L.data(), row_dtau.data(), wloss.data(), losses.data(), pred.data(),
