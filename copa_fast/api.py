@@ -457,7 +457,16 @@ def adapt(support: torch.Tensor, support_labels: torch.Tensor, query: Optional[t
     """
     c = _check_episode(support, support_labels, query, query_labels)
     _check_hparams(steps, lr, weight_decay, tau)
-    b = _backends.resolve(backend, support.device)
+    return _adapt_one(support, support_labels, query, query_labels, c, steps=steps, lr=lr,
+                      weight_decay=weight_decay, tau=tau, backend=_backends.resolve(backend, support.device))
+
+
+def _adapt_one(support, support_labels, query, query_labels, c: int, *, steps: int, lr: float,
+               weight_decay: float, tau: float, backend: str) -> AdaptResult:
+    """``adapt``'s work on an episode that passed ``_check_episode`` (``c``: its number of classes),
+    hyper-parameters that passed ``_check_hparams`` and a resolved ``backend`` (called under
+    ``with_autograd``, by ``adapt`` and by adapt_many's per-episode path)."""
+    b = backend
     work = _working_dtype(support.dtype)
     if b == "reference":   # in the working dtype too: Adam on float16 adapters divides by an eps that underflows
         return reference.adapt(support.to(work), support_labels, None if query is None else query.to(work),
@@ -609,8 +618,9 @@ def _adapt_checked(items: list, classes: list, *, steps: int, lr: float, weight_
     b = _backends.resolve(backend, device, batched=True)
     batched = (b in ("triton", "cuda") and all(p[0].device == device and p[0].dtype == items[0][0].dtype for p in items)
                and items[0][0].dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16))
-    if not batched:
-        return [adapt(*parts, steps=steps, lr=lr, weight_decay=weight_decay, tau=tau, backend=b) for parts in items]
+    if not batched:   # each episode as adapt runs it, without checking it a second time
+        return [_adapt_one(sup, lab, qry, qlab, c, steps=steps, lr=lr, weight_decay=weight_decay, tau=tau, backend=b)
+                for (sup, lab, qry, qlab), c in zip(items, classes, strict=True)]
     order = sorted(range(len(items)), key=lambda k: -items[k][0].shape[0])   # similar sizes share a group
     out = [None] * len(items)
     for g0 in range(0, len(order), group_size):

@@ -400,7 +400,7 @@ def test_adapt_many_checks_every_episode_before_adapting_any(monkeypatch):
            for e in sample_episodes(feats, labels, 3, seed=2, max_ways=8, max_support=60)]
     sup, lab, qry, qlab = eps[2]
     calls = []
-    monkeypatch.setattr(copa_fast.api, "adapt", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(copa_fast.api, "_adapt_one", lambda *a, **k: calls.append(a))
     bad_cases = [
         (ValueError, "episodes\\[2\\]: support_labels", (sup, lab + 1, qry, qlab)),   # class 0 empty
         (ValueError, "episodes\\[2\\]: query_labels", (sup, lab, qry, qlab + 100)),
@@ -413,6 +413,13 @@ def test_adapt_many_checks_every_episode_before_adapting_any(monkeypatch):
     assert calls == []
     with pytest.raises(TypeError, match="episodes: expected a list"):
         copa_fast.adapt_many(eps[0], steps=2)
+    # the good list: each episode checked once (here), then adapted as adapt adapts it, unchecked there
+    checked = []
+    real_check = copa_fast.api._check_episode
+    monkeypatch.setattr(copa_fast.api, "_check_episode", lambda *a: checked.append(a[0]) or real_check(*a))
+    copa_fast.adapt_many(eps, steps=2, backend="cpu")
+    assert len(calls) == 3 and [c[4] for c in calls] == [int(e[1].max()) + 1 for e in eps]
+    assert [id(t) for t in checked] == [id(e[0]) for e in eps]
     with pytest.raises(TypeError, match="episodes\\[1\\]: expected a .* tuple, got a Tensor"):
         copa_fast.adapt_many([eps[0], sup], steps=2)
 
