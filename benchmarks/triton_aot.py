@@ -113,8 +113,17 @@ def _cases():
                            torch.full((len(sizes),), 2.0, dtype=dtype), fused, precision)
         return run
 
+    def step(n, c, d, dtype):   # copa_loss: the one-launch class means, then symmetric_ce's launches
+        def run():
+            x, _, y = problem(n, c, d, dtype)
+            w = torch.eye(d, dtype=dtype)
+            K.copa_loss(x, y, w, w, x, c, torch.tensor(2.0, dtype=dtype), None, True)
+        return run
+
     f32, f64 = torch.float32, torch.float64
     return [
+        ("step 500x50x512 fp32 (class means)", step(500, 50, 512, f32)),
+        ("step 500x50x512 fp64 (class means)", step(500, 50, 512, f64)),
         ("single 500x50x512 fp32 fused", single(500, 50, 512, f32, True)),
         ("single 500x50x512 fp32 forward", single(500, 50, 512, f32, False)),
         ("single 500x50x512 fp32 fused tf32", single(500, 50, 512, f32, True, precision="tf32")),
@@ -136,7 +145,7 @@ def _cases():
 # The cases each architecture compiles under --core-after-first: the default float32 kernels of one
 # problem at both plans (few and many row blocks), tf32x3 (its tiles were chosen for sm_80's
 # registers) and the batched episodes: every kernel, at the specialisations where spills showed.
-CORE = {"single 500x50x512 fp32 fused", "single 16384x1000x1024 fp32 fused", "single 500x50x512 fp32 fused tf32x3",
+CORE = {"step 500x50x512 fp32 (class means)", "single 500x50x512 fp32 fused", "single 16384x1000x1024 fp32 fused", "single 500x50x512 fp32 fused tf32x3",
         "episodes 3 ragged x512 fp32 fused"}
 
 

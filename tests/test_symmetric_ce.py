@@ -862,6 +862,66 @@ TRITON_DEVICES = [p.values[1] for p in PAIRS if p.values[0] == "triton"]
 
 
 @pytest.mark.skipif(not TRITON_DEVICES, reason="triton needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("n,c,d", [(61, 7, 23), (130, 33, 70), (17, 1, 5), (40, 40, 64), (9, 12, 3)],
+                         ids=lambda v: str(v))
+def test_triton_class_means_kernel(dtype, n, c, d):
+    """The Triton step's one-launch class means against float64: ragged tails of every tile (rows,
+    classes, columns), C = 1, C = N, classes without a row (C > N: their means are 0), strided
+    features (a transposed view) and strided int32 labels, labels outside 0..C-1 clamped as the
+    composite clamps them; the same bits on a second call."""
+    from copa_fast.ops.composite import class_means as composite_means
+    from copa_fast.triton import symmetric_ce as kernels
+
+    device = TRITON_DEVICES[0]
+    g = torch.Generator().manual_seed(n * 131 + c)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randint(0, c, (n,), generator=g)
+    y[: min(n, c)] = torch.arange(min(n, c))
+    y_bad = y.clone()
+    y_bad[0], y_bad[-1] = -3, c + 4
+    x_t = x.t().contiguous().t()                             # strides (1, n)
+    y32 = torch.stack([y, y]).t().reshape(-1).int()[::2]     # int32, stride 2
+    for feats, labels in ((x, y), (x_t, y32), (x, y_bad)):
+        got = kernels.class_means(feats.to(device, dtype), labels.to(device), c)
+        want = composite_means(feats, labels.long(), c)
+        assert got.shape == (c, d) and got.dtype == dtype
+        assert_rel(got, want, 4 * torch.finfo(dtype).eps, "class means")
+        empty = torch.ones(c, dtype=torch.bool)
+        empty[labels.long().clamp(0, c - 1)] = False
+        if c > n:
+            assert empty.any()
+        assert torch.equal(got[empty].cpu(), torch.zeros(int(empty.sum()), d, dtype=dtype))
+        assert torch.equal(kernels.class_means(feats.to(device, dtype), labels.to(device), c), got)
+
+
+@pytest.mark.skipif(not TRITON_DEVICES, reason="triton needs a GPU or TRITON_INTERPRET=1")
+def test_triton_class_means_above_the_kernel_bound_take_the_composite(monkeypatch):
+    """Past MEANS_KERNEL_MAX products the step's class means are the composite's (vendor one-hot
+    GEMM), without a launch of the one-launch kernel; below it, the kernel."""
+    from copa_fast.triton import symmetric_ce as kernels
+
+    device = TRITON_DEVICES[0]
+    launches = []
+    real = kernels._class_means
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(kernels, "_class_means", Spy())
+    x, y = make_episode(50, 5, 16, seed=8, dtype=torch.float32)
+    x, y = x.to(device), y.to(device)
+    small = kernels.class_means(x, y, 5)
+    assert len(launches) == 1
+    monkeypatch.setattr(kernels, "MEANS_KERNEL_MAX", 50 * 5 * 16 - 1)
+    large = kernels.class_means(x, y, 5)
+    assert len(launches) == 1
+    assert_rel(large, small, 4 * torch.finfo(torch.float32).eps, "class means")
+
+
+@pytest.mark.skipif(not TRITON_DEVICES, reason="triton needs a GPU or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("splits", [1, 2, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_triton_class_gradient_split_over_row_ranges(monkeypatch, splits, dtype):

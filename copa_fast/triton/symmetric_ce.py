@@ -97,6 +97,35 @@ def _count_block(y_ptr, w_ptr, cnt_ptr, wsum_ptr, blk, N, C, HAS_W: tl.constexpr
 
 
 @triton.jit
+def _class_means(x_ptr, y_ptr, p0_ptr, N, C, D, sxn, sxd, sy, BI: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr,
+                 ACC: tl.constexpr):
+    """p0 = the class means of x's rows (the step's prototypes before w_proto): labels clamped into
+    0..C-1 (a label outside it still turns the loss NaN in ``_prep``'s counts), a class without a row
+    0 — what ``composite.class_means`` computes. A program per (class block, column block) runs over
+    every row tile in order: sums as a one-hot tile times the rows (IEEE products, exact: each is a
+    row entry or 0), counts as the one-hot's row sums. One launch, no atomics, deterministic; N x C
+    x D products, so the launcher takes it for episode-sized problems only."""
+    nbd = tl.cdiv(D, BD)
+    cls = (tl.program_id(0) // nbd) * BC + tl.arange(0, BC)
+    cols = (tl.program_id(0) % nbd) * BD + tl.arange(0, BD)
+    dmask = cols < D
+    acc = tl.zeros((BC, BD), dtype=ACC)
+    cnt = tl.zeros((BC,), dtype=ACC)
+    for i0 in range(0, N, BI):
+        idx = i0 + tl.arange(0, BI)
+        imask = idx < N
+        y = tl.load(y_ptr + idx.to(tl.int64) * sy, mask=imask, other=0)
+        y = tl.minimum(tl.maximum(y, 0), C - 1)
+        one = tl.where((cls[:, None] == y[None, :]) & imask[None, :], 1.0, 0.0).to(ACC)   # (BC, BI)
+        rows = tl.load(x_ptr + idx[:, None].to(tl.int64) * sxn + cols[None, :].to(tl.int64) * sxd,
+                       mask=imask[:, None] & dmask[None, :], other=0.0).to(ACC)
+        acc += tl.dot(one, rows, input_precision="ieee", out_dtype=ACC)
+        cnt += tl.sum(one, axis=1)
+    tl.store(p0_ptr + cls[:, None] * D + cols[None, :], acc / tl.maximum(cnt, 1.0)[:, None],
+             mask=(cls[:, None] < C) & dmask[None, :])
+
+
+@triton.jit
 def _prep(z_ptr, q_ptr, zn_ptr, qn_ptr, znorm_ptr, qnorm_ptr, y_ptr, w_ptr, cnt_ptr, wsum_ptr, ticket_ptr,
           N, C, D, HAS_W: tl.constexpr, NBZ, NBQ, NT,
           BR: tl.constexpr, BD: tl.constexpr, BI: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
@@ -878,15 +907,38 @@ def _check_step(x, labels, w_img, w_proto, pf, num_classes, tau, weights):
                          f"{weights.device}")
 
 
+# The one-launch class means take N x C x D products (a one-hot tile times the rows): up to the
+# largest episode (N = 1024, C = 128, D = 1024, ~2^27) they replace the composite's ~10 small ops and
+# allocations a step; above it the composite's vendor one-hot GEMM is the faster of the two.
+MEANS_KERNEL_MAX = 1 << 27
+
+
+def class_means(pf, labels, num_classes):
+    """(C, D) class means of pf's rows for the step: ``_class_means`` in one launch for
+    episode-sized problems, else ``composite.class_means`` (the same values: labels clamped, a class
+    without a row 0)."""
+    n, d = pf.shape
+    if n * num_classes * d > MEANS_KERNEL_MAX or d == 0:
+        from ..ops.composite import class_means as composite_means
+
+        return composite_means(pf, labels, num_classes)
+    p0 = torch.empty(num_classes, d, device=pf.device, dtype=pf.dtype)
+    bi, bc, bd = (32, 16, 64) if pf.dtype == torch.float64 else (64, 32, 64)
+    acc = tl.float64 if pf.dtype == torch.float64 else tl.float32
+    grid = (_cdiv(num_classes, bc) * _cdiv(d, bd),)
+    with _LAUNCHES:
+        _class_means[grid](pf, labels, p0, n, num_classes, d, pf.stride(0), pf.stride(1), labels.stride(0),
+                           BI=bi, BC=bc, BD=bd, ACC=acc, num_warps=8)
+    return p0
+
+
 def copa_loss(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_grad, precision="ieee"):
     """One CoPA step with the schema of copa_fast::copa_loss_triton (that of copa_fast::copa_loss):
-    class means p0 of pf, the adapters z = x w_img^T and q = p0 w_proto^T (vendor GEMMs, which
-    follow torch's TF32 setting), then the four launches of ``symmetric_ce`` on z and q — this
-    call's own, so the normalised rows are written over them (one N x E buffer fewer at the peak:
-    ~32 MiB at N = 16384, E = 512). Returns (loss, losses, pred, dz, dq, p0, dtau). Labels outside
+    class means p0 of pf (``class_means``: one launch at episode sizes), the adapters z = x w_img^T
+    and q = p0 w_proto^T (vendor GEMMs, which follow torch's TF32 setting), then the four launches
+    of ``symmetric_ce`` on z and q — this call's own, so the normalised rows are written over them
+    (one N x E buffer fewer at the peak: ~32 MiB at N = 16384, E = 512). Returns (loss, losses, pred, dz, dq, p0, dtau). Labels outside
     0..C-1 are clamped for the means and reach the kernels as they are, which makes the loss NaN."""
-    from ..ops.composite import class_means
-
     _check_step(x, labels, w_img, w_proto, pf, num_classes, tau, weights)
     with torch.autocast(x.device.type, enabled=False):   # in x's dtype whatever region the step runs in
         p0 = class_means(pf, labels, int(num_classes))
