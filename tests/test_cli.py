@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from copa_fast import cli
-from conftest import device_for
+from copa_fast.backends import default_backend
+from conftest import DEVICES, device_for
 
 
 def test_eval_embedded_default_json(capsys):
@@ -194,14 +195,17 @@ def test_cli_device_flag_is_parsed_not_a_traceback(capsys, command):
     assert cli.build_parser().parse_args([command, "--device", "cuda:1"]).device == "cuda:1"
 
 
-def test_demo_runs_and_reports(capsys):
+@pytest.mark.parametrize("device", DEVICES)
+def test_demo_runs_and_reports(capsys, device):
     """The demo's whole path on one small episode: the table row and the summary, the kernels'
-    adapters within float32 rounding of the published loop's, on the device asked for."""
+    adapters within float32 rounding of the published loop's, on the device asked for (on a GPU
+    with the device's default backend)."""
     import re
 
-    assert cli.main(["demo", "--episodes", "1", "--seed", "3", "--device", "cpu", "--backend", "cpu"]) == 0
+    want = default_backend(torch.device(device))   # what the demo picks when --backend is not given
+    assert cli.main(["demo", "--episodes", "1", "--seed", "3", "--device", device]) == 0
     out = capsys.readouterr().out
-    assert "1 synthetic Meta-Dataset-shaped episodes (D=512) on cpu, backend 'cpu'" in out
+    assert f"1 synthetic Meta-Dataset-shaped episodes (D=512) on {device}, backend '{want}'" in out
     summary = re.search(r"mean accuracy: ours ([\d.]+)%, reference ([\d.]+)%; .* largest adapter deviation (\S+)$",
                         out.strip().splitlines()[-1])
     assert summary, out
