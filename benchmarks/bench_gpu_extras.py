@@ -12,7 +12,9 @@
 4. the Triton kernels under each candidate launch configuration (tiles, warps): the default (no
    register spills, see benchmarks/triton_aot.py) against the tiles it replaced, and the class
    gradient split over row ranges (the default) against one program per class block; and the
-   kernels at each precision ("ieee", "tf32x3", "tf32").
+   kernels at each precision ("ieee", "tf32x3", "tf32");
+5. the Triton step's class means in one launch against the composite's torch ops, on both sides of
+   the size bound that picks between them.
 
     python benchmarks/bench_gpu_extras.py [--small]    # --small: tiny sizes (a CPU dry run)
 
@@ -316,6 +318,32 @@ def triton_precisions(device, n, d, reps, large):
         print(f"| {prec} | {_fmt(small)} | {_fmt(big)} |")
 
 
+def class_means_paths(device, sizes, reps):
+    """The Triton step's class means both ways, side by side: the one-launch kernel (``_class_means``,
+    taken up to MEANS_KERNEL_MAX = 2^27 N x C x D products) against the composite's torch ops (the
+    vendor one-hot GEMM; taken above), at sizes on both sides of the bound — what the bound is for."""
+    if "triton" not in copa_fast.available_backends():
+        return
+    from copa_fast.ops.composite import class_means as composite_means
+    from copa_fast.triton import symmetric_ce as kernels
+
+    print(f"\n### Triton step's class means, fp32: one launch against the composite (bound 2^27 = "
+          f"{kernels.MEANS_KERNEL_MAX:,} products)\n")
+    print("| N x C x D | one launch | composite | the step takes |\n|---|---|---|---|")
+    timer = _timer(device)
+    bound = kernels.MEANS_KERNEL_MAX
+    try:
+        kernels.MEANS_KERNEL_MAX = 1 << 62   # the kernel at every size, for the comparison
+        for n, c, d in sizes:
+            x, y, _, _ = bench.problem(n, c, d, device)
+            one = timer(lambda: kernels.class_means(x, y, c), reps)
+            comp = timer(lambda: composite_means(x, y, c), reps)
+            takes = "one launch" if n * c * d <= bound else "composite"
+            print(f"| {n} x {c} x {d} | {_fmt(one)} | {_fmt(comp)} | {takes} |")
+    finally:
+        kernels.MEANS_KERNEL_MAX = bound
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--small", action="store_true", help="tiny sizes, for a CPU dry run")
@@ -331,6 +359,7 @@ def main():
         adapt_many_split(device, 4, 2, 32)
         triton_configs(device, 60, 32, 3, 2, large=(120, 12))
         triton_precisions(device, 60, 32, 2, large=(120, 12))
+        class_means_paths(device, [(60, 6, 32), (120, 12, 64)], 2)
     else:
         graph_replay(device, 500, 50, 512, 50)
         host_split(device, 500, 50, 512, 20)
@@ -340,6 +369,7 @@ def main():
         adapt_many_split(device, 600, 10, 512)
         triton_configs(device, 500, 512, 132, 20, large=(16384, 1000))
         triton_precisions(device, 500, 512, 20, large=(16384, 1000))
+        class_means_paths(device, [(500, 50, 512), (1024, 128, 1024), (4096, 100, 512), (16384, 1000, 512)], 20)
 
 
 if __name__ == "__main__":
