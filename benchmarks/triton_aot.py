@@ -149,6 +149,47 @@ CORE = {"step 500x50x512 fp32 (class means)", "single 500x50x512 fp32 fused", "s
         "episodes 3 ragged x512 fp32 fused"}
 
 
+def count_variants(arch: int = 90) -> dict:
+    """Compiled variants (specialisation keys) each kernel takes over problems of varied N and C: the
+    step op (``copa_loss``, as ``adapt`` runs it) on twelve episode shapes — N and C each divisible
+    by 16 or not — and the episodes kernel on three stacked groups. Counted, not compiled: Triton's
+    compile step is replaced by a record of its key."""
+    keys: dict = {}
+    original_run, original_compile = JITFunction.run, JITFunction._do_compile
+
+    def record(self, key, signature, device, constexprs, options, attrs, warmup):
+        keys.setdefault(self.fn.__name__, set()).add(key)
+        cache = self.device_caches[device][0]
+        cache[key] = object()
+        return cache[key]
+
+    gpu_config, gpu_slots, device_check = K._launch_config, K._slots, K._check_device
+    JITFunction.run = lambda self, *a, grid, warmup, **kw: original_run(self, *a, grid=grid, warmup=True, **kw)
+    JITFunction._do_compile = record
+    K._launch_config = lambda interpreted, *a, **kw: gpu_config(False, *a, **kw)
+    K._check_device = lambda name, t: None
+    K._slots = lambda device: 2 * SMS.get(arch, 132)
+    try:
+        _driver.set_active(_TargetOnly(arch))
+        g = torch.Generator().manual_seed(0)
+        d, tau = 64, torch.tensor(2.0)
+        for n, c in ((25, 5), (32, 5), (48, 16), (100, 10), (112, 7), (160, 32), (200, 20), (333, 33), (400, 40),
+                     (480, 48), (500, 50), (512, 50)):
+            y = torch.cat([torch.arange(c), torch.randint(0, c, (n - c,), generator=g)])
+            x, w = torch.randn(n, d, generator=g), torch.eye(d)
+            K.copa_loss(x, y, w, w, x, c, tau, None, True)
+        for ns, cs in (([500, 333, 100], [50, 33, 10]), ([48, 32], [16, 5]), ([25] * 7, [5] * 7)):
+            e, nm, cm = len(ns), max(ns), max(cs)
+            rows, cls, s_off, s_total = episode_layout(ns, cs, "cpu", row_stride=nm, class_stride=cm)
+            K.episodes_sce(torch.zeros(e * nm, d), torch.zeros(e * cm, d), torch.zeros(e * nm, dtype=torch.long),
+                           rows, cls, s_off, s_total, torch.full((e,), 2.0), True)
+    finally:
+        JITFunction.run, JITFunction._do_compile = original_run, original_compile
+        K._launch_config, K._slots, K._check_device = gpu_config, gpu_slots, device_check
+        _driver._active = None
+    return {name: len(k) for name, k in sorted(keys.items())}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities, e.g. 90 80")
@@ -157,7 +198,12 @@ def main(argv=None) -> int:
     ap.add_argument("--core-after-first", action="store_true",
                     help="every case for the first architecture, only the core ones (CORE) for the others: "
                          "CI's run, which takes about a third less time")
+    ap.add_argument("--variants", action="store_true",
+                    help="only count each kernel's compiled variants over problems of varied N and C (JSON)")
     args = ap.parse_args(argv)
+    if args.variants:
+        print(json.dumps(count_variants(args.arch[0])))
+        return 0
 
     compiled = []
     original_run = JITFunction.run

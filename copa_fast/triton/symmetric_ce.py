@@ -41,6 +41,17 @@ import triton.language as tl
 
 NORM_EPS = tl.constexpr(1e-12)
 
+# Triton compiles a kernel once per specialisation of its integer arguments (each one's divisibility
+# by 16, and the value 1): over 100 sampled episodes of varied N and C the step's five kernels made
+# 25 compiled variants, 26-27 s of compilation on a first run (sm_90, the project's CPU machine).
+# The sizes and counts that only bound loops and masks (N, C, block and group counts, ticket
+# offsets) are not specialised: 15 variants, 19-20 s; adapt_many's 600 episodes compile the episodes
+# kernel once instead of twice (3.2 against 5.9 s). D and the column chunks stay specialised (their
+# divisibility makes the row loads vectorised; the PTX's vector loads and stores are unchanged), and
+# so does C in ``_scores`` and N and C in ``_grads``: without them their large-problem variants
+# spilled 8 to 32 more bytes a thread, and at C = 1 with an odd D 128 and 356.
+# ``benchmarks/triton_aot.py --variants`` counts the variants.
+
 
 @triton.jit
 def _normalize_block(src, dst, nrm_out, blk, rows_total, D, BR: tl.constexpr, BD: tl.constexpr,
@@ -96,7 +107,7 @@ def _count_block(y_ptr, w_ptr, cnt_ptr, wsum_ptr, blk, N, C, HAS_W: tl.constexpr
     tl.store(wsum_ptr + cls, ws, mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "C"])
 def _class_means(x_ptr, y_ptr, p0_ptr, N, C, D, sxn, sxd, sy, BI: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr,
                  ACC: tl.constexpr):
     """p0 = the class means of x's rows (the step's prototypes before w_proto): labels clamped into
@@ -125,7 +136,7 @@ def _class_means(x_ptr, y_ptr, p0_ptr, N, C, D, sxn, sxd, sy, BI: tl.constexpr, 
              mask=(cls[:, None] < C) & dmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "C", "NBZ", "NBQ", "NT"])
 def _prep(z_ptr, q_ptr, zn_ptr, qn_ptr, znorm_ptr, qnorm_ptr, y_ptr, w_ptr, cnt_ptr, wsum_ptr, ticket_ptr,
           N, C, D, HAS_W: tl.constexpr, NBZ, NBQ, NT,
           BR: tl.constexpr, BD: tl.constexpr, BI: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
@@ -142,7 +153,7 @@ def _prep(z_ptr, q_ptr, zn_ptr, qn_ptr, znorm_ptr, qnorm_ptr, y_ptr, w_ptr, cnt_
         _count_block(y_ptr, w_ptr, cnt_ptr, wsum_ptr, pid - NBZ - NBQ, N, C, HAS_W, BI, BC, ACC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "SG"])
 def _scores(zn_ptr, qn_ptr, cnt_ptr, tau_ptr, S_ptr, R_ptr, pred_ptr, part_ptr, N, C, D, SG, SCOLS,
             GROUPED: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr, ACC: tl.constexpr,
             PREC: tl.constexpr):
@@ -237,7 +248,7 @@ def _parts_sum(part_ptr, at, mask, SG, N, C, BN: tl.constexpr, BC: tl.constexpr,
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T0", "N", "C", "CS", "SG", "NBR"])
 def _colstats(S_ptr, L_ptr, part_ptr, ticket_ptr, T0, N, C, CS, CROWS, tau_ptr, cnt_ptr, R_ptr, pred_ptr, spart_ptr,
               SG, NBR, SUMMED: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
     """SUMMED (the scores came as SG groups' partial products in spart): first NBR row programs
@@ -518,7 +529,7 @@ def _cls_split(zn_ptr, qn_ptr, qnorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr
         _norm_backward(dq_ptr, qn_ptr, qnorm_ptr, cls, cmask, dot, D, BD, ACC, False)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NBZ", "ROW_T0"])
 def _grads(zn_ptr, qn_ptr, znorm_ptr, qnorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, wsum_ptr, y_ptr, w_ptr,
            tau_ptr, losses_ptr, ploss_ptr, pdtau_ptr, ticket_ptr, loss_ptr, dtau_ptr, dz_ptr, dq_ptr, part_ptr,
            pdot_ptr, N, C, D, NBZ, ROWS_PER, RG, RCOLS, CG, CCOLS, ROW_T0, HAS_W: tl.constexpr, FUSED: tl.constexpr,
@@ -573,7 +584,7 @@ def _grads(zn_ptr, qn_ptr, znorm_ptr, qnorm_ptr, S_ptr, R_ptr, L_ptr, cnt_ptr, w
                        k, N, C, D, HAS_W, BN, BC, BD, ACC, PREC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N_ALL", "C_ALL", "S_ALL"])
 def _episodes(z_ptr, q_ptr, y_ptr, row_off_ptr, cls_off_ptr, s_off_ptr, tau_ptr, zn_ptr, qn_ptr, znorm_ptr,
               qnorm_ptr, cnt_ptr, wsum_ptr, S_ptr, R_ptr, L_ptr, pred_ptr, losses_ptr, loss_ptr, dtau_ptr,
               dz_ptr, dq_ptr, D, N_ALL, C_ALL, S_ALL, FUSED: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
