@@ -918,9 +918,10 @@ def _check_step(x, labels, w_img, w_proto, pf, num_classes, tau, weights):
                          f"{weights.device}")
 
 
-# The one-launch class means take N x C x D products (a one-hot tile times the rows): up to the
-# largest episode (N = 1024, C = 128, D = 1024, ~2^27) they replace the composite's ~10 small ops and
-# allocations a step; above it the composite's vendor one-hot GEMM is the faster of the two.
+# The one-launch class means take N x C x D products (a one-hot tile times the rows, IEEE FMA): up
+# to the largest episode (N = 1024, C = 128, D = 1024, 2^27) they replace the composite's 10 small
+# kernels and ~9 allocations a step; above it the composite's vendor one-hot GEMM takes the products
+# (expected the faster there; not yet timed on a GPU: bench_gpu_extras.py times both sides).
 MEANS_KERNEL_MAX = 1 << 27
 
 
@@ -948,8 +949,9 @@ def copa_loss(x, labels, w_img, w_proto, pf, num_classes, tau, weights, fused_gr
     class means p0 of pf (``class_means``: one launch at episode sizes), the adapters z = x w_img^T
     and q = p0 w_proto^T (vendor GEMMs, which follow torch's TF32 setting), then the four launches
     of ``symmetric_ce`` on z and q — this call's own, so the normalised rows are written over them
-    (one N x E buffer fewer at the peak: ~32 MiB at N = 16384, E = 512). Returns (loss, losses, pred, dz, dq, p0, dtau). Labels outside
-    0..C-1 are clamped for the means and reach the kernels as they are, which makes the loss NaN."""
+    (one N x E buffer fewer at the peak: ~32 MiB at N = 16384, E = 512). Returns (loss, losses, pred,
+    dz, dq, p0, dtau). Labels outside 0..C-1 are clamped for the means and reach the kernels as they
+    are, which makes the loss NaN."""
     _check_step(x, labels, w_img, w_proto, pf, num_classes, tau, weights)
     with torch.autocast(x.device.type, enabled=False):   # in x's dtype whatever region the step runs in
         p0 = class_means(pf, labels, int(num_classes))
