@@ -130,6 +130,11 @@ def _cases():
         ("single 500x50x512 fp32 fused weights", single(500, 50, 512, f32, True, weights=True)),
         ("single 500x50x512 fp64 fused", single(500, 50, 512, f64, True)),
         ("single 33x1x17 fp32 fused (C = 1, odd D)", single(33, 1, 17, f32, True)),
+        ("single 33x5x17 fp32 fused (odd D)", single(33, 5, 17, f32, True)),
+        ("single 500x50x100 fp32 fused (D not a multiple of 16)", single(500, 50, 100, f32, True)),
+        ("single 4096x100x1000 fp32 fused (D not a multiple of 16)", single(4096, 100, 1000, f32, True)),
+        ("single 500x50x100 fp32 fused tf32x3 (D not a multiple of 16)", single(500, 50, 100, f32, True,
+                                                                               precision="tf32x3")),
         ("single 16384x1000x1024 fp32 fused", single(16384, 1000, 1024, f32, True)),
         ("single 16384x1000x1024 fp32 fused tf32", single(16384, 1000, 1024, f32, True, precision="tf32")),
         ("single 4096x100x512 fp32 fused (medium splits)", single(4096, 100, 512, f32, True)),
@@ -139,15 +144,19 @@ def _cases():
         ("episodes 3 ragged x512 fp32 forward", episodes([(25, 5), (100, 10), (500, 50)], 512, f32, False)),
         ("episodes 2 ragged x512 fp32 fused tf32", episodes([(25, 5), (40, 8)], 512, f32, True, "tf32")),
         ("episodes 2 ragged x512 fp64 fused", episodes([(25, 5), (40, 8)], 512, f64, True)),
+        ("episodes 3 ragged x100 fp32 fused (D not a multiple of 16)",
+         episodes([(25, 5), (100, 10), (500, 50)], 100, f32, True)),
     ]
 
 
 # The cases each architecture compiles under --core-after-first: the step's class means, the default
 # float32 kernels of one problem at both plans (few and many row blocks), tf32x3 (its tiles were
-# chosen for sm_80's registers) and the batched episodes: every kernel, at the specialisations where
-# spills showed.
+# chosen for sm_80's registers), the batched episodes, and a D that is not a multiple of 16 (its own
+# tiles): every kernel, at the specialisations where spills showed.
 CORE = {"step 500x50x512 fp32 (class means)", "single 500x50x512 fp32 fused", "single 16384x1000x1024 fp32 fused",
-        "single 500x50x512 fp32 fused tf32x3", "episodes 3 ragged x512 fp32 fused"}
+        "single 500x50x512 fp32 fused tf32x3", "episodes 3 ragged x512 fp32 fused",
+        "single 500x50x100 fp32 fused (D not a multiple of 16)",
+        "episodes 3 ragged x100 fp32 fused (D not a multiple of 16)"}
 
 
 def count_variants(arch: int = 90) -> dict:

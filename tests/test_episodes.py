@@ -424,16 +424,19 @@ def test_adapt_many_on_the_cuda_backend_equals_adapt():
 @pytest.mark.skipif(not (HAS_TRITON and copa_fast.backends.triton_interpreted()),
                     reason="on a GPU every Triton test already runs the GPU tiles")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_triton_gpu_tiles_under_the_interpreter(monkeypatch, dtype):
+@pytest.mark.parametrize("odd_d", [False, True], ids=["D%16=0", "D%16!=0"])
+def test_triton_gpu_tiles_under_the_interpreter(monkeypatch, dtype, odd_d):
     """The interpreter runs its own (larger) tiles; here the kernels run with the tiles a GPU launch
-    uses for ``dtype``, at shapes with a ragged tail in every tile dimension (rows, classes, D)."""
+    uses for ``dtype`` and D (a D that is not a multiple of 16 takes narrower ones), at shapes with a
+    ragged tail in every tile dimension (rows, classes, D)."""
     from copa_fast.ops import symmetric_ce as ops
     from copa_fast.triton import symmetric_ce as kernels
 
-    gpu, gpu_batched = kernels._launch_config(False, dtype), kernels._launch_config(False, dtype, True)
-    monkeypatch.setattr(kernels, "_launch_config",
-                        lambda interpreted, dt, batched=False, precision="ieee": gpu_batched if batched else gpu)
-    n, c, d = gpu[0] + 13, gpu[1] + 5, gpu[2] + 6
+    real = kernels._launch_config
+    monkeypatch.setattr(kernels, "_launch_config", lambda interpreted, *a, **kw: real(False, *a, **kw))
+    d = real(False, dtype)[2] + (6 if odd_d else 16)
+    gpu = real(False, dtype, d=d)
+    n, c = max(gpu[0], gpu[1]) + 13, gpu[1] + 5   # every class present: N >= C
     x, y = make_episode(n, c, d, seed=41, dtype=torch.float64, one_shot=1)
     p = torch.randn(c, d, generator=torch.Generator().manual_seed(42), dtype=torch.float64)
     xs, ps = x.to(dtype, copy=True).requires_grad_(True), p.to(dtype, copy=True).requires_grad_(True)

@@ -685,7 +685,7 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
-def _launch_config(interpreted, dtype, batched=False, precision="ieee"):
+def _launch_config(interpreted, dtype, batched=False, precision="ieee", d=None):
     """(BN, BC, BD, num_warps) of a launch (``batched``: the episodes kernel). Under the interpreter
     every tile op is a numpy call: larger tiles mean fewer Python steps. On a GPU: the largest
     tiles with which every kernel compiles for sm_80 and sm_90 without local-memory spills, checked
@@ -693,11 +693,18 @@ def _launch_config(interpreted, dtype, batched=False, precision="ieee"):
     the fused gradient kernels; with 8 warps the episodes kernel still spills 140 to 232 B, the
     single-problem kernels 8 B at most; float64 needs half of each tile). Timed on an H200
     (benchmarks/RESULTS.md, 2026-11-27): 64-row tiles with 8 warps against 32-row ones, one problem
-    579 vs 665 us at N=500 and 15.4 vs 17.6 ms at N=16384, so single problems take them."""
+    579 vs 665 us at N=500 and 15.4 vs 17.6 ms at N=16384, so single problems take them — where D
+    (``d``) is a multiple of 16. With any other D the row addresses are not known to be aligned and
+    the loads go one value at a time: the gradient kernel's 64-row tiles spilled 232 to 548 B a
+    thread (D = 17, 100 and 1000, sm_90 and sm_80), 32-row ones up to 88 B (the scores kernel), the
+    episodes kernel's 32 x 32 x 64 tiles 64 to 416 B; 16-row tiles (32-column chunks for the
+    episodes kernel) spill nothing there."""
     if interpreted:
         return 32, 32, 64, 4
     if dtype == torch.float64:
         return 16, 16, 64, 8
+    if d is not None and d % 16 != 0:   # row loads one value at a time: 16-row tiles
+        return (16, 32, 32, 8) if batched else (16, 32, 64, 8)
     # three products a product hold more live tiles: 64 rows spilled 640 B a thread on sm_80
     return (32, 32, 64, 8) if batched or precision == "tf32x3" else (64, 32, 64, 8)
 
@@ -812,7 +819,7 @@ class _Setup:
         self.dev, self.dt = z.device, z.dtype
         self.acc = tl.float64 if self.dt == torch.float64 else tl.float32
         self.prec = _precision(self.dt, precision)
-        self.bn, self.bc, self.bd, self.warps = _launch_config(INTERPRETED, self.dt, batched, self.prec)
+        self.bn, self.bc, self.bd, self.warps = _launch_config(INTERPRETED, self.dt, batched, self.prec, d=self.d)
         vec = lambda k: torch.empty(k, device=self.dev, dtype=self.dt)  # noqa: E731
         # scratch: z and q are the caller's own, and the normalised rows are written over them
         self.zn, self.qn = (self.z, self.q) if scratch else (torch.empty_like(self.z), torch.empty_like(self.q))
