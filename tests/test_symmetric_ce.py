@@ -886,7 +886,9 @@ def test_triton_class_means_kernel(dtype, n, c, d):
         got = kernels.class_means(feats.to(device, dtype), labels.to(device), c)
         want = composite_means(feats, labels.long(), c)
         assert got.shape == (c, d) and got.dtype == dtype
-        assert_rel(got, want, 4 * torch.finfo(dtype).eps, "class means")
+        # a mean of k rows summed in some order, then divided: within (k + 1) roundings of the exact one
+        per_class = int(torch.bincount(labels.long().clamp(0, c - 1), minlength=c).max())
+        assert_rel(got, want, (per_class + 1) * torch.finfo(dtype).eps, "class means")
         empty = torch.ones(c, dtype=torch.bool)
         empty[labels.long().clamp(0, c - 1)] = False
         if c > n:
