@@ -920,7 +920,8 @@ def test_triton_class_means_above_the_kernel_bound_take_the_composite(monkeypatc
     monkeypatch.setattr(kernels, "MEANS_KERNEL_MAX", 50 * 5 * 16 - 1)
     large = kernels.class_means(x, y, 5)
     assert len(launches) == 1
-    assert_rel(large, small, 4 * torch.finfo(torch.float32).eps, "class means")
+    per_class = int(torch.bincount(y.cpu()).max())   # two summation orders: each within k + 1 roundings
+    assert_rel(large, small, 2 * (per_class + 1) * torch.finfo(torch.float32).eps, "class means")
 
 
 @pytest.mark.skipif(not TRITON_DEVICES, reason="triton needs a GPU or TRITON_INTERPRET=1")
