@@ -18,6 +18,7 @@ more shared memory than the architecture has, or uses TF32 tensor cores without 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -159,13 +160,45 @@ CORE = {"step 500x50x512 fp32 (class means)", "single 500x50x512 fp32 fused", "s
         "episodes 3 ragged x100 fp32 fused (D not a multiple of 16)"}
 
 
+@contextlib.contextmanager
+def _compile_only(on_compile=None):
+    """What every run here stands in for a GPU with, restored on exit: the launchers' GPU tiles, no
+    device check (CPU tensors stand in for the GPU's: nothing runs), each launch a compile (Triton's
+    warmup path; ``on_compile(kernel name, compiled kernel)`` after each). ``_target`` picks the
+    architecture."""
+    original_run = JITFunction.run
+    gpu_config, gpu_slots, device_check = K._launch_config, K._slots, K._check_device
+
+    def compile_only(self, *a, grid, warmup, **kw):
+        kernel = original_run(self, *a, grid=grid, warmup=True, **kw)
+        if on_compile is not None:
+            on_compile(self.fn.__name__, kernel)
+        return kernel
+
+    K._launch_config = lambda interpreted, *a, **kw: gpu_config(False, *a, **kw)   # the GPU tiles
+    K._check_device = lambda name, t: None
+    JITFunction.run = compile_only
+    try:
+        yield
+    finally:
+        JITFunction.run = original_run
+        K._launch_config, K._slots, K._check_device = gpu_config, gpu_slots, device_check
+        _driver._active = None   # back to whatever driver this machine has (none without a GPU)
+
+
+def _target(arch: int) -> None:
+    """Compile for sm_``arch``: its driver stand-in, and its SM count for the splits and column groups."""
+    _driver.set_active(_TargetOnly(arch))
+    K._slots = lambda device, arch=arch: 2 * SMS.get(arch, 132)
+
+
 def count_variants(arch: int = 90) -> dict:
     """Compiled variants (specialisation keys) each kernel takes over problems of varied N and C: the
     step op (``copa_loss``, as ``adapt`` runs it) on twelve episode shapes — N and C each divisible
     by 16 or not — and the episodes kernel on three stacked groups. Counted, not compiled: Triton's
     compile step is replaced by a record of its key."""
     keys: dict = {}
-    original_run, original_compile = JITFunction.run, JITFunction._do_compile
+    original_compile = JITFunction._do_compile
 
     def record(self, key, signature, device, *rest):   # the place of a compile: its key, kept as compiled
         keys.setdefault(self.fn.__name__, set()).add(key)
@@ -173,30 +206,25 @@ def count_variants(arch: int = 90) -> dict:
         cache[key] = object()
         return cache[key]
 
-    gpu_config, gpu_slots, device_check = K._launch_config, K._slots, K._check_device
-    JITFunction.run = lambda self, *a, grid, warmup, **kw: original_run(self, *a, grid=grid, warmup=True, **kw)
     JITFunction._do_compile = record
-    K._launch_config = lambda interpreted, *a, **kw: gpu_config(False, *a, **kw)
-    K._check_device = lambda name, t: None
-    K._slots = lambda device: 2 * SMS.get(arch, 132)
     try:
-        _driver.set_active(_TargetOnly(arch))
-        g = torch.Generator().manual_seed(0)
-        d, tau = 64, torch.tensor(2.0)
-        for n, c in ((25, 5), (32, 5), (48, 16), (100, 10), (112, 7), (160, 32), (200, 20), (333, 33), (400, 40),
-                     (480, 48), (500, 50), (512, 50)):
-            y = torch.cat([torch.arange(c), torch.randint(0, c, (n - c,), generator=g)])
-            x, w = torch.randn(n, d, generator=g), torch.eye(d)
-            K.copa_loss(x, y, w, w, x, c, tau, None, True)
-        for ns, cs in (([500, 333, 100], [50, 33, 10]), ([48, 32], [16, 5]), ([25] * 7, [5] * 7)):
-            e, nm, cm = len(ns), max(ns), max(cs)
-            rows, cls, s_off, s_total = episode_layout(ns, cs, "cpu", row_stride=nm, class_stride=cm)
-            K.episodes_sce(torch.zeros(e * nm, d), torch.zeros(e * cm, d), torch.zeros(e * nm, dtype=torch.long),
-                           rows, cls, s_off, s_total, torch.full((e,), 2.0), True)
+        with _compile_only():
+            _target(arch)
+            g = torch.Generator().manual_seed(0)
+            d, tau = 64, torch.tensor(2.0)
+            for n, c in ((25, 5), (32, 5), (48, 16), (100, 10), (112, 7), (160, 32), (200, 20), (333, 33),
+                         (400, 40), (480, 48), (500, 50), (512, 50)):
+                y = torch.cat([torch.arange(c), torch.randint(0, c, (n - c,), generator=g)])
+                x, w = torch.randn(n, d, generator=g), torch.eye(d)
+                K.copa_loss(x, y, w, w, x, c, tau, None, True)
+            for ns, cs in (([500, 333, 100], [50, 33, 10]), ([48, 32], [16, 5]), ([25] * 7, [5] * 7)):
+                e, nm, cm = len(ns), max(ns), max(cs)
+                rows, cls, s_off, s_total = episode_layout(ns, cs, "cpu", row_stride=nm, class_stride=cm)
+                K.episodes_sce(torch.zeros(e * nm, d), torch.zeros(e * cm, d),
+                               torch.zeros(e * nm, dtype=torch.long), rows, cls, s_off, s_total,
+                               torch.full((e,), 2.0), True)
     finally:
-        JITFunction.run, JITFunction._do_compile = original_run, original_compile
-        K._launch_config, K._slots, K._check_device = gpu_config, gpu_slots, device_check
-        _driver._active = None
+        JITFunction._do_compile = original_compile
     return {name: len(k) for name, k in sorted(keys.items())}
 
 
@@ -215,23 +243,11 @@ def main(argv=None) -> int:
         print(json.dumps(count_variants(args.arch[0])))
         return 0
 
-    compiled = []
-    original_run = JITFunction.run
-
-    def compile_only(self, *a, grid, warmup, **kw):
-        kernel = original_run(self, *a, grid=grid, warmup=True, **kw)
-        compiled.append((self.fn.__name__, kernel))
-        return kernel
-
+    compiled: list = []
     report, failures = [], 0
-    gpu_config, gpu_slots, device_check = K._launch_config, K._slots, K._check_device
-    K._launch_config = lambda interpreted, *a, **kw: gpu_config(False, *a, **kw)   # the GPU tiles
-    K._check_device = lambda name, t: None   # CPU tensors stand in for the GPU's: nothing runs
-    JITFunction.run = compile_only
-    try:
+    with _compile_only(lambda name, kernel: compiled.append((name, kernel))):
         for arch in args.arch:
-            _driver.set_active(_TargetOnly(arch))
-            K._slots = lambda device, arch=arch: 2 * SMS.get(arch, 132)   # the GPU's splits and column groups
+            _target(arch)
             for name, run in _cases():
                 if args.case not in name or (args.core_after_first and arch != args.arch[0] and name not in CORE):
                     continue
@@ -267,10 +283,6 @@ def main(argv=None) -> int:
                           f"shared {shared:6d} B  stack {res.get('stack', '?'):>3} B  "
                           f"spills {res.get('spill_stores', '?')}/{res.get('spill_loads', '?')} B  tf32 mma {tf32}"
                           + (f"  PROBLEM: {', '.join(bad)}" if bad else ""))
-    finally:
-        JITFunction.run = original_run
-        K._launch_config, K._slots, K._check_device = gpu_config, gpu_slots, device_check
-        _driver._active = None   # back to whatever driver this machine has (none without a GPU)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "torch": torch.__version__, "kernels": report}, f, indent=1)
