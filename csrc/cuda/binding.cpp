@@ -129,7 +129,7 @@ Outputs sce_cuda(const at::Tensor& z_in, const at::Tensor& q_in, const at::Tenso
   check_size(z, "z");
   const int64_t n = z.size(0), c = q.size(0), d = z.size(1);
   CHECK_ARG(n * c < (int64_t(1) << 31), "z, q: N x C must stay below 2^31, got ", n, " x ", c);
-  const bool zn_separate = !(z_is_scratch || !z.is_same(z_in));
+  const bool zn_separate = !z_is_scratch && z.is_same(z_in);   // else zn goes over z, this call's own
   Buffers b = allocate_outputs(z, q, 0, fused_grad);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool phased = n * c >= cuda::kPhasedMinScores;
