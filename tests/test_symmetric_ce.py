@@ -745,13 +745,14 @@ def test_triton_step_normalises_its_own_rows_in_place(monkeypatch, backend, devi
     from copa_fast.triton import symmetric_ce as kernels
 
     seen = []
-    real = kernels._Setup.__init__
+    real = kernels._Setup.carve
 
-    def spy(self, *args, **kwargs):
-        real(self, *args, **kwargs)
+    def spy(self, extra):
+        out = real(self, extra)
         seen.append((self.zn.data_ptr() == self.z.data_ptr(), self.qn.data_ptr() == self.q.data_ptr()))
+        return out
 
-    monkeypatch.setattr(kernels._Setup, "__init__", spy)
+    monkeypatch.setattr(kernels._Setup, "carve", spy)
     x, y, wi, wp = _step_inputs(30, 4, 12, 12, seed=35, device=device, dtype=torch.float32)
     copa_fast.copa_loss(x, y, wi.requires_grad_(True), wp, backend=backend).backward()
     z, q = x @ wi.detach().t(), x[:4] @ wp.t()
@@ -1021,6 +1022,77 @@ def test_triton_over_column_groups(monkeypatch, splits, rg, cg, sg, cs, dtype):
                                    (x, p))
     assert torch.isnan(gxb[2]).all() and torch.isfinite(torch.cat([gxb[:2], gxb[3:]])).all()
     assert torch.isnan(gpb).all()
+
+
+def test_triton_scratch_layout():
+    """A Triton launch's scratch is views of ONE allocation (``_carve``): each at least its size,
+    starting at a multiple of ``_ALIGN`` entries (Triton's 16-byte pointer specialisation holds),
+    disjoint and in order; int32 tickets fit the entries ``_int32_entries`` gives in either dtype."""
+    from copa_fast.triton import symmetric_ce as kernels
+
+    for dt in (torch.float32, torch.float64):
+        sizes = [0, 1, 63, 64, 65, 1000, 3, 0, 129]
+        views = kernels._carve(torch.device("cpu"), dt, sizes)
+        base = views[0]._base
+        assert base is not None and all(v._base is base for v in views)
+        starts = [v.storage_offset() for v in views]
+        assert all(s % kernels._ALIGN == 0 for s in starts)
+        assert all(v.numel() >= k for v, k in zip(views, sizes, strict=True))
+        ends = [s + v.numel() for s, v in zip(starts, views, strict=True)]
+        assert starts[0] == 0 and ends[:-1] == starts[1:] and ends[-1] == base.numel()   # tiled, in order
+        assert base.numel() < sum(sizes) + len(sizes) * kernels._ALIGN
+        for k in (1, 2, 3, 17):
+            t = kernels._carve(torch.device("cpu"), dt, [kernels._int32_entries(k, dt)])[0]
+            assert t.view(torch.int32)[:k].numel() == k and kernels._int32_entries(k, dt) * dt.itemsize >= 4 * k
+
+
+@pytest.mark.skipif(not TRITON_DEVICES, reason="triton needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_triton_launches_write_their_scratch_before_reading_it(monkeypatch, dtype):
+    """With each launch's one scratch allocation filled with NaN beforehand (uninitialised memory's
+    worst case; the int32 tickets over it read as garbage counts), the outputs are the same bits as
+    without: no kernel reads a scratch entry it did not write, and the tickets are zeroed in full.
+    A plan with every optional buffer (the class ranges' partials, row and class column groups, score
+    groups, column-statistics ranges), for symmetric_ce (its own zn, qn) and the copa_loss step (the
+    rows normalised over its z and q)."""
+    from copa_fast.triton import symmetric_ce as kernels
+
+    device = TRITON_DEVICES[0]
+    bn, _, bd, _ = kernels._launch_config(kernels.INTERPRETED, dtype)
+    n, c, d = 5 * bn + 3, 7, 3 * bd + 5
+    real_cs = kernels._colstats_splits
+    monkeypatch.setattr(kernels, "_grads_plan", lambda n_, c_, d_, bn_, *a: (2, 3 * bn_, 2, 2))
+    monkeypatch.setattr(kernels, "_scores_groups", lambda *a: 3)
+    monkeypatch.setattr(kernels, "_colstats_splits", lambda n_, c_, bn_, bc_, slots: real_cs(n_, 1, bn_, 1, 3))
+    x, p, y = _inputs((n, c, d, 2), dtype, device, seed=71)
+    wi = torch.randn(d, d, dtype=dtype, generator=torch.Generator().manual_seed(72)).to(device) / d ** 0.5
+    w = torch.rand(n, dtype=dtype, generator=torch.Generator().manual_seed(73)).to(device)
+
+    def run():   # per-sample losses (a forward, then a weighted launch for the backward) and a step
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, p, wi)]
+        losses = copa_fast.symmetric_ce(leaves[0], leaves[1], y, 2.5, backend="triton", reduction="none")
+        step = copa_fast.copa_loss(x, y, leaves[2], leaves[2], 2.5, backend="triton")
+        return [losses, step, *torch.autograd.grad((losses * w).sum() + step, leaves)]
+
+    sizes = []
+    real = kernels._carve
+
+    def filled(dev, dt, sizes_):
+        views = real(dev, dt, sizes_)
+        for v in views:   # together the whole allocation (views made inside an op keep no _base)
+            v.fill_(float("nan"))
+        sizes.append(sizes_)
+        return views
+
+    clean = run()
+    assert all(torch.isfinite(t).all() for t in clean)
+    monkeypatch.setattr(kernels, "_carve", filled)
+    dirty = run()
+    # every optional buffer (the last four) in use by symmetric_ce's backward launch (zn and qn of
+    # its own: 16 buffers) and by the step's (written over z and q: 14)
+    assert len(sizes) == 3 and sorted(len(k) for k in sizes if min(k[-4:]) > 0) == [14, 16], sizes
+    for a, b in zip(clean, dirty, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_float_tau_tensor_is_made_once_and_never_where_it_must_be_fresh():

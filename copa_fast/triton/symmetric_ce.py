@@ -804,9 +804,30 @@ def _check_device(name, t):
                          f"before copa_fast first runs them), got a tensor on {t.device}")
 
 
+# Each scratch buffer of a launch starts at a multiple of this many entries of the working dtype
+# (256 B in float32): Triton specialises pointer arguments on 16-byte alignment, which separate
+# allocations always had.
+_ALIGN = 64
+
+
+def _carve(dev, dt, sizes):
+    """Views into ONE allocation of dtype ``dt`` on ``dev``, one per entry of ``sizes``, each at
+    least that many entries long and starting at a multiple of ``_ALIGN`` entries: a launch's scratch
+    in one trip through torch's allocator instead of one a buffer (up to 16 a step). The kernels take
+    the views as pointers only; int32 tickets take ``_int32_entries`` of them and a ``.view``."""
+    padded = [_cdiv(k, _ALIGN) * _ALIGN for k in sizes]
+    return torch.empty(sum(padded), device=dev, dtype=dt).split_with_sizes(padded)
+
+
+def _int32_entries(k, dt):
+    """Entries of dtype ``dt`` that hold k int32 values."""
+    return _cdiv(4 * k, dt.itemsize)
+
+
 class _Setup:
-    """What both launchers share: contiguous inputs, dtypes, tile sizes and the per-row and
-    per-class workspace (normalised rows and their norms, class counts, row and column LSE)."""
+    """What both launchers share: contiguous inputs, dtypes, tile sizes, the outputs, and (``carve``)
+    the per-row and per-class scratch (normalised rows and their norms, class counts, row and column
+    LSE) in one allocation with the launcher's own."""
 
     def __init__(self, z, q, labels, precision, fused_grad, zero_outputs, batched=False, scratch=False):
         if z.dtype not in (torch.float32, torch.float64):
@@ -820,11 +841,8 @@ class _Setup:
         self.acc = tl.float64 if self.dt == torch.float64 else tl.float32
         self.prec = _precision(self.dt, precision)
         self.bn, self.bc, self.bd, self.warps = _launch_config(INTERPRETED, self.dt, batched, self.prec, d=self.d)
-        vec = lambda k: torch.empty(k, device=self.dev, dtype=self.dt)  # noqa: E731
         # scratch: z and q are the caller's own, and the normalised rows are written over them
-        self.zn, self.qn = (self.z, self.q) if scratch else (torch.empty_like(self.z), torch.empty_like(self.q))
-        self.znorm, self.qnorm, self.cnt, self.wsum = vec(self.n), vec(self.c), vec(self.c), vec(self.c)
-        self.R, self.L = vec(2 * self.n), vec(2 * self.c)   # log-sum-exps as (max, log sum) pairs
+        self.scratch = scratch
         fill = torch.zeros if zero_outputs else torch.empty   # zero: rows no episode owns
         self.pred = fill(self.n, device=self.dev, dtype=torch.int64)
         self.losses = fill(self.n, device=self.dev, dtype=self.dt)
@@ -833,6 +851,20 @@ class _Setup:
             self.dz, self.dq = like(self.z), like(self.q)
         else:
             self.dz, self.dq = z.new_empty(0), z.new_empty(0)
+
+    def carve(self, extra):
+        """The shared scratch — zn and qn (unless written over z and q), znorm, qnorm, cnt, wsum, R
+        and L (log-sum-exps as (max, log sum) pairs) — and the launcher's ``extra`` buffers (entries of
+        the working dtype) from one allocation; returns the extra buffers' views."""
+        n, c = self.n, self.c
+        own = [] if self.scratch else [self.z.numel(), self.q.numel()]
+        views = _carve(self.dev, self.dt, own + [n, c, c, c, 2 * n, 2 * c, *extra])
+        if self.scratch:
+            self.zn, self.qn = self.z, self.q
+        else:
+            self.zn, self.qn, views = views[0], views[1], views[2:]
+        self.znorm, self.qnorm, self.cnt, self.wsum, self.R, self.L = views[:6]
+        return views[6:]
 
 
 def symmetric_ce(z, q, labels, tau, weights, fused_grad, precision="ieee", scratch=False):
@@ -846,18 +878,11 @@ def symmetric_ce(z, q, labels, tau, weights, fused_grad, precision="ieee", scrat
     tau_t = tau.reshape(1).to(device=dev, dtype=dt)
     w = None if weights is None else weights.to(device=dev, dtype=dt).contiguous()
     nbz, nbq, nbc = _cdiv(n, bn), _cdiv(c, bn), _cdiv(c, bc)
-    zn, qn, znorm, qnorm, cnt, wsum, R, L = st.zn, st.qn, st.znorm, st.qnorm, st.cnt, st.wsum, st.R, st.L
-    S = torch.empty(n, c, device=dev, dtype=dt)
     pred, losses, dz, dq = st.pred, st.losses, st.dz, st.dq
-    ploss = torch.empty(nbz, device=dev, dtype=dt)
-    pdtau = torch.empty(nbz, device=dev, dtype=dt)
     loss, dtau = torch.empty((), device=dev, dtype=dt), torch.empty((), device=dev, dtype=dt)
     slots = _slots(dev)
     splits, rows_per, rg, cg = _grads_plan(n, c, d, bn, bc, bd, dt, slots) if fused_grad else (1, n, 1, 1)
     cls_split = splits * cg > 1
-    # the class ranges' partial sums past the first (which sums in dq's own rows); never read when empty
-    part = torch.empty((splits - 1) * nbc * bc * d, device=dev, dtype=dt) if cls_split and splits > 1 else dq
-    pdot = torch.empty(rg * n, device=dev, dtype=dt) if rg > 1 else ploss
     # completion counters, zeroed by _prep: [0] the loss total; [1 + b] class block b's programs;
     # [row_t0 + b] row block b's column groups
     row_t0 = 1 + (nbc if cls_split else 0)
@@ -867,15 +892,25 @@ def symmetric_ce(z, q, labels, tau, weights, fused_grad, precision="ieee", scrat
     bng = bn_parts if sg > 1 else bn
     cs, crows = _colstats_splits(n, c, bn, bc, slots)
     col_t0 = row_t0 + (nbz if rg > 1 else 0)   # [col_t0 + b]: class block b's row ranges
-    ticket = torch.empty(col_t0 + (nbc if cs > 1 else 0), device=dev, dtype=torch.int32)
-    c_part = torch.empty(cs * 2 * c, device=dev, dtype=dt) if cs > 1 else L
-    s_part = torch.empty(sg * n * c, device=dev, dtype=dt) if sg > 1 else S
+    n_tickets = col_t0 + (nbc if cs > 1 else 0)
+    # S, the row blocks' loss and dloss/dtau partials, the tickets, then what only some plans use:
+    # the class ranges' partial sums past the first (which sums in dq's own rows), the column groups'
+    # shares of <zn, dz>, the column statistics' row-range pairs, the score groups' partial products
+    has_part, has_pdot = cls_split and splits > 1, rg > 1
+    S, ploss, pdtau, ticket, part, pdot, c_part, s_part = st.carve([
+        n * c, nbz, nbz, _int32_entries(n_tickets, dt), (splits - 1) * nbc * bc * d if has_part else 0,
+        rg * n if has_pdot else 0, cs * 2 * c if cs > 1 else 0, sg * n * c if sg > 1 else 0])
+    ticket = ticket.view(torch.int32)
+    zn, qn, znorm, qnorm, cnt, wsum, R, L = st.zn, st.qn, st.znorm, st.qnorm, st.cnt, st.wsum, st.R, st.L
+    # a plan without a buffer passes one it never reads
+    part, pdot = part if has_part else dq, pdot if has_pdot else ploss
+    c_part, s_part = c_part if cs > 1 else L, s_part if sg > 1 else S
     chunk_cols = lambda g: _cdiv(_cdiv(d, bd), g) * bd   # noqa: E731
     w_arg = w if w is not None else z  # never read when HAS_W is False
 
     with _LAUNCHES:
         _prep[(nbz + nbq + nbc,)](z, q, zn, qn, znorm, qnorm, labels, w_arg, cnt, wsum, ticket, n, c, d, w is not None,
-                                  nbz, nbq, ticket.numel(), BR=bn, BD=bd, BI=max(bn, 16), BC=bc, ACC=acc)
+                                  nbz, nbq, n_tickets, BR=bn, BD=bd, BI=max(bn, 16), BC=bc, ACC=acc)
         _scores[(_cdiv(n, bng) * sg,)](zn, qn, cnt, tau_t, S, R, pred, s_part, n, c, d, sg, chunk_cols(sg),
                                        GROUPED=sg > 1, BN=bng, BC=bc, BD=bd, ACC=acc, PREC=prec, num_warps=st.warps)
         nbr = nbz if sg > 1 else 0   # row programs that sum the score groups first
@@ -974,7 +1009,7 @@ def episodes_sce(z, q, labels, rows, classes, s_off, s_total, tau, fused_grad, p
     no episode owns are zero), dtau (E,)."""
     st = _Setup(z, q, labels, precision, fused_grad, zero_outputs=True, batched=True)
     e, dev, dt = rows.shape[0], st.dev, st.dt
-    S = torch.empty(max(s_total, 1), device=dev, dtype=dt)
+    (S,) = st.carve([max(s_total, 1)])
     loss, dtau = torch.empty(e, device=dev, dtype=dt), torch.empty(e, device=dev, dtype=dt)
     with _LAUNCHES:
         _episodes[(e,)](st.z, st.q, st.labels, rows.contiguous(), classes.contiguous(), s_off.contiguous(),
