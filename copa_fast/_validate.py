@@ -211,6 +211,50 @@ def _values_by_ops(yd: torch.Tensor, k: int, tau_t, tensors: list):
     return lo_v, hi_v, present_v, rest
 
 
+def episodes_values(items: list) -> list[int] | None:
+    """Each episode's C (its largest support label + 1) when, in every (support, support_labels,
+    query or None, query_labels or None) of ``items`` (one device; types, shapes and devices
+    checked): the support labels are 0..C-1 with every class present, the features are finite and
+    the query labels lie in 0..C-1; else None. Formed on the device for all the episodes together —
+    a few operators over the concatenated labels, one aminmax a feature tensor — and read back in
+    ONE transfer, after one copy of the episodes' sizes to the device: checked one by one, each
+    episode took ~35 operators and 9 reads (5,400 synchronisations for 600 episodes on a GPU)."""
+    dev = items[0][0].device
+    e = len(items)
+    ns = [p[1].shape[0] for p in items]
+    with_q = [k for k, p in enumerate(items) if p[3] is not None]
+    offs = [0] * e
+    for k in range(1, e):
+        offs[k] = offs[k - 1] + ns[k - 1]
+    meta = torch.tensor(ns + offs + with_q + [items[k][3].shape[0] for k in with_q], dtype=torch.int64).to(dev)
+    n_t, off_t, qk_t, qn_t = meta.split([e, e, len(with_q), len(with_q)])
+    y = torch.cat([p[1] for p in items]).long()
+    total = y.shape[0]
+    ep = torch.repeat_interleave(torch.arange(e, device=dev), n_t, output_size=total)
+    hi = torch.zeros(e, dtype=torch.int64, device=dev).scatter_reduce_(0, ep, y, "amax", include_self=False)
+    # distinct labels among each episode's 0..N-1: presence bins laid out as its rows (a label
+    # outside them lands in an end bin; the minimum and the count below then reject it), counted
+    # by a prefix sum (integer: exact, deterministic)
+    key = off_t.index_select(0, ep) + torch.minimum(y.clamp_min(0), n_t.index_select(0, ep) - 1)
+    seen = torch.zeros(total, dtype=torch.int64, device=dev).index_fill_(0, key, 1)
+    upto = torch.nn.functional.pad(seen.cumsum(0), (1, 0))
+    distinct = upto.index_select(0, off_t + n_t) - upto.index_select(0, off_t)
+    ok = [(y.min() >= 0).reshape(1), distinct == hi + 1]
+    if with_q:
+        qy = torch.cat([items[k][3] for k in with_q]).long()
+        qep = torch.repeat_interleave(qk_t, qn_t, output_size=qy.shape[0])
+        ok += [(qy.min() >= 0).reshape(1), qy <= hi.index_select(0, qep)]
+    # a tensor's min and max are finite iff all its entries are (NaN propagates, +-Inf shows)
+    ends: dict = {}
+    for p in items:
+        for t in (p[0], p[2]):
+            if t is not None:
+                ends.setdefault(t.dtype, []).extend(torch.aminmax(t.detach()))
+    ok += [torch.stack(v).isfinite() for v in ends.values()]
+    out = torch.cat([hi.double(), torch.cat(ok).all().double().reshape(1)]).tolist()
+    return [int(h) + 1 for h in out[:-1]] if out[-1] == 1.0 else None
+
+
 def tau(t, *, check_values: bool) -> None:
     if isinstance(t, bool):
         raise TypeError("tau: expected a float or a 1-element floating tensor, got bool")

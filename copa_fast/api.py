@@ -421,9 +421,41 @@ def _check_episode(support, support_labels, query, query_labels):
     return c
 
 
+def _check_episode_form(support, support_labels, query, query_labels) -> None:
+    """``_check_episode``'s checks that read no data: types, ranks, shapes, devices."""
+    V.tensor("support", support, 2)
+    V.label_tensor("support_labels", support_labels, support.shape[0], support, None)
+    if (query is None) != (query_labels is None):
+        raise ValueError("query, query_labels: give both or neither")
+    if query is not None:
+        V.tensor("query", query, 2)
+        V.same_device("query", query, "support", support)
+        V.columns("query", query, support.shape[1], "support")
+        V.label_tensor("query_labels", query_labels, query.shape[0], query, None)
+
+
+def _episode_classes(items: list) -> Optional[list]:
+    """Each episode's number of classes when every check of ``_check_episode`` passes on every
+    episode of ``items``, with the data read once for them all (``V.episodes_values``), else None:
+    the caller then runs ``_check_episode`` one episode at a time, which raises what fails, in order."""
+    try:
+        for parts in items:
+            _check_episode_form(*parts)
+    except (TypeError, ValueError):
+        return None
+    if any(p[0].device != items[0][0].device for p in items):
+        return None
+    return V.episodes_values(items)
+
+
 def _check_episodes(indexed) -> list:
-    """Checks (index, (support, support_labels, query, query_labels)) pairs in order; returns each
-    episode's number of classes. An error names the episode: ``episodes[index]: ...``."""
+    """Checks (index, (support, support_labels, query, query_labels)) pairs; returns each episode's
+    number of classes. All at once when they pass (``_episode_classes``), else one at a time in
+    order: an error names the first bad episode, ``episodes[index]: ...``, as ``adapt`` words it."""
+    indexed = list(indexed)
+    classes = _episode_classes([parts for _, parts in indexed]) if indexed else []
+    if classes is not None:
+        return classes
     classes = []
     for k, parts in indexed:
         try:
@@ -455,7 +487,8 @@ def adapt(support: torch.Tensor, support_labels: torch.Tensor, query: Optional[t
     w_proto, losses (one per step), query_accuracy or None). Float16 / bfloat16 features are adapted
     in float32 on every backend (the adapters come back in float32).
     """
-    c = _check_episode(support, support_labels, query, query_labels)
+    parts = (support, support_labels, query, query_labels)
+    c = (_episode_classes([parts]) or [_check_episode(*parts)])[0]
     _check_hparams(steps, lr, weight_decay, tau)
     return _adapt_one(support, support_labels, query, query_labels, c, steps=steps, lr=lr,
                       weight_decay=weight_decay, tau=tau, backend=_backends.resolve(backend, support.device))

@@ -413,13 +413,15 @@ def test_adapt_many_checks_every_episode_before_adapting_any(monkeypatch):
     assert calls == []
     with pytest.raises(TypeError, match="episodes: expected a list"):
         copa_fast.adapt_many(eps[0], steps=2)
-    # the good list: each episode checked once (here), then adapted as adapt adapts it, unchecked there
-    checked = []
-    real_check = copa_fast.api._check_episode
-    monkeypatch.setattr(copa_fast.api, "_check_episode", lambda *a: checked.append(a[0]) or real_check(*a))
+    # the good list: its data read once for all the episodes (here), then each adapted as adapt
+    # adapts it, unchecked there
+    checked, one_by_one = [], []
+    real_values = copa_fast.api.V.episodes_values
+    monkeypatch.setattr(copa_fast.api.V, "episodes_values", lambda items: checked.append(items) or real_values(items))
+    monkeypatch.setattr(copa_fast.api, "_check_episode", lambda *a: one_by_one.append(a))
     copa_fast.adapt_many(eps, steps=2, backend="cpu")
     assert len(calls) == 3 and [c[4] for c in calls] == [int(e[1].max()) + 1 for e in eps]
-    assert [id(t) for t in checked] == [id(e[0]) for e in eps]
+    assert len(checked) == 1 and [id(p[0]) for p in checked[0]] == [id(e[0]) for e in eps] and not one_by_one
     with pytest.raises(TypeError, match="episodes\\[1\\]: expected a .* tuple, got a Tensor"):
         copa_fast.adapt_many([eps[0], sup], steps=2)
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import copa_fast
 from copa_fast import reference as ref
-from conftest import TOL, device_for, tied_one_class_problem
+from conftest import DEVICES, TOL, device_for, tied_one_class_problem
 
 BACKENDS = [b for b in copa_fast.available_backends() if b in ("cpu", "triton", "cuda")]
 
@@ -188,3 +188,86 @@ def test_copa_loss_matches_reference(backend, prob):
         got = got.cpu()
         assert torch.isfinite(got).all()
         assert (got - exp).norm() <= 1e-8 * max(exp.norm().item(), scale)
+
+
+def _checked_one_by_one(items):
+    """What adapt_many's checks answer when each episode is checked in turn: the classes, or the
+    first error as (type, message)."""
+    out = []
+    for k, parts in enumerate(items):
+        try:
+            out.append(copa_fast.api._check_episode(*parts))
+        except (TypeError, ValueError) as e:
+            return type(e), f"episodes[{k}]: {e}"
+    return out
+
+
+@st.composite
+def episode_lists(draw):
+    """Lists of 1-5 small episodes, each with at most one defect of data (a negative label, an
+    empty class, a label past the rows, NaN / +-Inf in support or query, a query label outside the
+    support's classes) or of form (float labels, a wrong width, query labels without a query), int32
+    or int64 labels, float32 / float64 / float16 features, with or without a query set."""
+    items = []
+    for _ in range(draw(st.integers(1, 5))):
+        c = draw(st.integers(1, 6))
+        n = draw(st.integers(c, 14))
+        g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+        y = torch.cat([torch.arange(c), torch.randint(0, c, (n - c,), generator=g)])[torch.randperm(n, generator=g)]
+        dt = draw(st.sampled_from([torch.float32, torch.float64, torch.float16]))
+        sup = torch.randn(n, 6, generator=g).to(dt)
+        qry, qy = None, None
+        if draw(st.booleans()):
+            m = draw(st.integers(1, 5))
+            qry, qy = torch.randn(m, 6, generator=g).to(dt), torch.randint(0, c, (m,), generator=g)
+        if draw(st.booleans()):
+            y = y.int()
+        defect = draw(st.sampled_from(["none"] * 6 + ["negative", "empty class", "past the rows", "nan support",
+                                                       "inf query", "query label", "float labels", "width",
+                                                       "query labels alone"]))
+        at = draw(st.integers(0, n - 1))
+        if defect == "negative":
+            y = y.clone()
+            y[at] = -1
+        elif defect == "empty class":
+            y = y + 1
+        elif defect == "past the rows":
+            y = y.clone()
+            y[at] = n + draw(st.integers(0, 3))
+        elif defect == "nan support":
+            sup = sup.clone()
+            sup[at, 0] = float("nan")
+        elif defect == "inf query" and qry is not None:
+            qry = qry.clone()
+            qry[0, -1] = draw(st.sampled_from([float("inf"), -float("inf")]))
+        elif defect == "query label" and qy is not None:
+            qy = qy.clone()
+            qy[-1] = draw(st.sampled_from([-1, c, c + 5]))
+        elif defect == "float labels":
+            y = y.float()
+        elif defect == "width" and qry is not None:
+            qry = torch.randn(qry.shape[0], 7).to(dt)
+        elif defect == "query labels alone":
+            qry, qy = None, torch.zeros(2, dtype=torch.int64)
+        items.append((sup, y, qry, qy))
+    return items
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=300, deadline=None)
+@given(items=episode_lists())
+def test_episodes_checked_at_once_answer_as_one_by_one(device, items):
+    """adapt_many checks every episode with one read of their data (``_validate.episodes_values``)
+    and falls back to checking them in turn only when something fails: the classes, or the first
+    bad episode's error word for word, are those of the checks one episode at a time; and the
+    one-read pass accepts exactly the lists those checks accept."""
+    items = [tuple(None if t is None else t.to(device) for t in parts) for parts in items]
+    want = _checked_one_by_one(items)
+    if isinstance(want, list):
+        assert copa_fast.api._check_episodes(enumerate(items)) == want
+        assert copa_fast.api._episode_classes(items) == want
+    else:
+        with pytest.raises(want[0]) as got:
+            copa_fast.api._check_episodes(enumerate(items))
+        assert str(got.value) == want[1]
+        assert copa_fast.api._episode_classes(items) is None
