@@ -404,20 +404,17 @@ class CoPAHead(nn.Module):
 
 
 def _check_episode(support, support_labels, query, query_labels):
-    V.tensor("support", support, 2)
+    """One episode's checks, its form (``_check_episode_form``) then its data; returns its number
+    of classes."""
+    _check_episode_form(support, support_labels, query, query_labels)
     c = V.labels("support_labels", support_labels, support.shape[0], support, None, check_values=True)
     V.finite("support", support)
-    if (query is None) != (query_labels is None):
-        raise ValueError("query, query_labels: give both or neither")
     if query is not None:
-        V.tensor("query", query, 2)
-        V.same_device("query", query, "support", support)
-        V.columns("query", query, support.shape[1], "support")
         V.finite("query", query)   # a NaN row's cosines would still give a prediction, counted in the accuracy
-        V.labels("query_labels", query_labels, query.shape[0], query, c, check_values=False)
-        if int(query_labels.min()) < 0 or int(query_labels.max()) >= c:
+        lo, hi = (int(v) for v in torch.aminmax(query_labels))
+        if lo < 0 or hi >= c:
             raise ValueError(f"query_labels: expected class indices in 0..{c - 1} (the support's classes), "
-                             f"got {int(query_labels.min())}..{int(query_labels.max())}")
+                             f"got {lo}..{hi}")
     return c
 
 

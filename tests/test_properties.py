@@ -18,6 +18,19 @@ from conftest import DEVICES, TOL, device_for, tied_one_class_problem
 BACKENDS = [b for b in copa_fast.available_backends() if b in ("cpu", "triton", "cuda")]
 
 
+def _every_class_labels(n, c, g):
+    """n labels in 0..c-1, each class present, in random order."""
+    return torch.cat([torch.arange(c), torch.randint(0, c, (n - c,), generator=g)])[torch.randperm(n, generator=g)]
+
+
+def _draw_episode_labels(draw, most_c, most_n):
+    """An episode's C (1..most_c), N (C..most_n), a seeded generator and its N labels."""
+    c = draw(st.integers(1, most_c))
+    n = draw(st.integers(c, most_n))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    return c, n, g, _every_class_labels(n, c, g)
+
+
 @st.composite
 def problems(draw):
     c = draw(st.integers(1, 12))
@@ -25,8 +38,7 @@ def problems(draw):
     d = draw(st.integers(1, 40))
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
-    labels = torch.cat([torch.arange(c), torch.randint(0, c, (n - c,), generator=g)])
-    labels = labels[torch.randperm(n, generator=g)]
+    labels = _every_class_labels(n, c, g)
     x = torch.randn(n, d, generator=g, dtype=torch.float64)
     p = torch.randn(c, d, generator=g, dtype=torch.float64)
     x = x * 10.0 ** draw(st.integers(-20, 20))
@@ -97,10 +109,7 @@ def episode_batches(draw):
     d = draw(st.integers(1, 24))
     eps = []
     for _ in range(draw(st.integers(1, 4))):
-        c = draw(st.integers(1, 8))
-        n = draw(st.integers(c, 30))
-        g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-        y = torch.cat([torch.arange(c), torch.randint(0, c, (n - c,), generator=g)])[torch.randperm(n, generator=g)]
+        c, n, g, y = _draw_episode_labels(draw, 8, 30)
         scale = 10.0 ** draw(st.integers(-10, 10))
         eps.append((scale * torch.randn(n, d, generator=g, dtype=torch.float64),
                     scale * torch.randn(c, d, generator=g, dtype=torch.float64), y, draw(st.floats(0.0, 10.0))))
@@ -147,8 +156,7 @@ def copa_steps(draw):
     e = draw(st.sampled_from([d, max(1, d - 3), d + 2]))   # square and non-square adapters
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
-    labels = torch.cat([torch.arange(c), torch.randint(0, c, (n - c,), generator=g)])
-    labels = labels[torch.randperm(n, generator=g)]
+    labels = _every_class_labels(n, c, g)
     x = torch.randn(n, d, generator=g, dtype=torch.float64) * 10.0 ** draw(st.integers(-6, 6))
     pf = x + 0.5 * x.abs().mean() * torch.randn(n, d, generator=g, dtype=torch.float64) if draw(st.booleans()) else None
     wi = torch.eye(e, d, dtype=torch.float64) + 0.3 * torch.randn(e, d, generator=g, dtype=torch.float64)
@@ -210,10 +218,7 @@ def episode_lists(draw):
     or int64 labels, float32 / float64 / float16 features, with or without a query set."""
     items = []
     for _ in range(draw(st.integers(1, 5))):
-        c = draw(st.integers(1, 6))
-        n = draw(st.integers(c, 14))
-        g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-        y = torch.cat([torch.arange(c), torch.randint(0, c, (n - c,), generator=g)])[torch.randperm(n, generator=g)]
+        c, n, g, y = _draw_episode_labels(draw, 6, 14)
         dt = draw(st.sampled_from([torch.float32, torch.float64, torch.float16]))
         sup = torch.randn(n, 6, generator=g).to(dt)
         qry, qy = None, None
