@@ -329,13 +329,16 @@ def _device(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="copa-fast", description=__doc__.split("\n\n")[0])
+    # every command runs where the user's tensors would: the GPU when one is visible
+    gpu_or_cpu = "cuda" if torch.cuda.is_available() else "cpu"
+    device_help = f"cpu, cuda or cuda:K (default: cuda where a GPU is visible, else cpu; here {gpu_or_cpu})"
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("eval", help="CoPA vs PA vs nearest centroid on sampled episodes")
     e.add_argument("--features", help=".npz or .pt with 'features' [M, D] and 'labels' [M] (default: embedded digits)")
     e.add_argument("--episodes", type=int, default=600, help="episodes sampled (default: 600)")
     e.add_argument("--steps", type=int, default=50, help="CoPA's Adam steps per episode (default: 50)")
     e.add_argument("--backend", default=None, help=f"one of {', '.join(_backends.BACKENDS)} (default: fastest)")
-    e.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:K (default: cpu)")
+    e.add_argument("--device", type=_device, default=gpu_or_cpu, help=device_help)
     e.add_argument("--methods", default="copa,pa,ncc", help="comma-separated subset of copa,pa,ncc (default: all)")
     e.add_argument("--dataset", default="default", choices=sorted(ref.DATASET_PRESETS),
                    help="published lr / weight-decay preset")
@@ -345,8 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the table")
     b = sub.add_parser("bench", help="time and memory of one CoPA step vs N: markdown, JSON and PNG")
     b.add_argument("--out", default="copa-fast-bench", help="output folder (default: ./copa-fast-bench)")
-    b.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda or cuda:K")
+    b.add_argument("--device", type=_device, default=gpu_or_cpu, help=device_help)
     b.add_argument("--max-n", type=int, default=1 << 30, help="largest N of the sweep")
     b.add_argument("--d", type=int, default=512, help="feature dimension D")
     b.add_argument("--impls", default=None, help="comma-separated subset of the implementations")
@@ -354,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="synthetic episodes: fastest backend vs the reference loop")
     d.add_argument("--episodes", type=int, default=8, help="episodes sampled (default: 8)")
     d.add_argument("--backend", default=None, help=f"one of {', '.join(_backends.BACKENDS)} (default: fastest)")
-    d.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:K (default: cpu)")
+    d.add_argument("--device", type=_device, default=gpu_or_cpu, help=device_help)
     d.add_argument("--seed", type=int, default=0, help="episode sampling seed (default: 0)")
     return p
 

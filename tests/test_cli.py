@@ -88,7 +88,7 @@ def test_demo_and_bench_errors_are_one_line(tmp_path, capsys):
 
 
 def test_eval_unavailable_backend(capsys):
-    rc = cli.main(["eval", "--episodes", "1", "--backend", "cuda"])
+    rc = cli.main(["eval", "--episodes", "1", "--backend", "cuda", "--device", "cpu"])
     assert rc == 2 and "--backend" in capsys.readouterr().err
 
 
@@ -127,7 +127,7 @@ def test_eval_under_torchrun_equals_single_process(tmp_path):
     import os
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    args = ["eval", "--episodes", "5", "--steps", "3", "--check-episodes", "3", "--json"]
+    args = ["eval", "--episodes", "5", "--steps", "3", "--check-episodes", "3", "--json", "--device", "cpu"]
     single = _eval_json(["-m", "copa_fast", *args], env)
     multi = _eval_json(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
                         "-m", "copa_fast", *args], env)
@@ -172,6 +172,19 @@ def test_eval_batched_backend_equals_per_episode_backend(tmp_path, capsys):
         out[backend] = json.loads(capsys.readouterr().out)["methods"]["copa"]
     assert out["triton"]["accuracy"] == out["cpu"]["accuracy"]
     assert out["triton"]["max_abs_dev_vs_float64_reference"]["adapter_entries"] < 1e-4
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_every_command_defaults_to_the_gpu_where_one_is_visible(monkeypatch, capsys, gpu):
+    """eval, demo and bench run on the GPU when one is visible (a user's `copa-fast eval` on a GPU
+    machine measures the GPU), else on the CPU; the help says which."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    want = "cuda" if gpu else "cpu"
+    for command in ("eval", "demo", "bench"):
+        assert cli.build_parser().parse_args([command]).device == want
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        assert f"else cpu; here {want})" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize("argv,fragment", [
