@@ -138,11 +138,16 @@ def labels(name: str, y, n: int, ref: torch.Tensor, num_classes: int | None, *, 
     c = hi + 1 if num_classes is None else int(num_classes)
     if hi >= c:
         raise ValueError(f"{name}: expected class indices in 0..{c - 1}, got {hi}")
-    counts = torch.bincount(y.long(), minlength=c)
-    empty = (counts == 0).nonzero().flatten()
-    if empty.numel():
+    if c <= n:
+        empty = (torch.bincount(y.long(), minlength=c) == 0).nonzero().flatten()
+        first, n_empty = (int(empty[0]), empty.numel()) if empty.numel() else (None, 0)
+    else:   # more classes than rows: some are empty, found without c bins (raw ids such as 10**12 make c huge)
+        present = torch.unique(y).tolist()   # sorted, all in 0..c-1
+        first = next((i for i, v in enumerate(present) if v != i), len(present))
+        n_empty = c - len(present)
+    if n_empty:
         raise ValueError(f"{name}: every class in 0..{c - 1} needs at least one sample; "
-                         f"class {int(empty[0])} has none ({empty.numel()} empty in all); labels are class "
+                         f"class {first} has none ({n_empty} empty in all); labels are class "
                          f"indices 0..C-1: remap others with torch.unique(labels, return_inverse=True)[1]")
     return c
 
@@ -170,6 +175,8 @@ def _values_pass(y: torch.Tensor, n: int, num_classes: int | None, tau_arg, tens
     device-to-host read."""
     yd = y.detach()
     k = n if num_classes is None else int(num_classes)   # with every class present, max label < N
+    if k > n:
+        return None   # more classes than rows: some are empty (and k bins could be far too many to make)
     tau_here = isinstance(tau_arg, torch.Tensor) and tau_arg.device == yd.device
     if isinstance(tau_arg, torch.Tensor) and not tau_here and not -math.inf < float(tau_arg.detach()) <= 80.0:
         return None   # on another device (a CPU scalar beside CUDA labels): read there

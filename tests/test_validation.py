@@ -81,6 +81,12 @@ def test_symmetric_ce_bad_input(arg, exc, override, backend):
     ("labels", ValueError, dict(labels=torch.arange(20) % 4 * (torch.arange(20) % 4 != 2))),   # class 2 empty
     ("labels", ValueError, dict(num_classes=5)),                                      # class 4 empty
     ("labels", ValueError, dict(labels=torch.where(torch.arange(20) == 7, 25, torch.arange(20) % 4))),  # >= N
+    # raw class ids: C read as the largest label + 1 would be 10**12 or 2**63 bins (an allocator error
+    # or an overflow before, instead of the empty classes named)
+    ("labels: every class .* class 4 has none", ValueError,
+     dict(labels=torch.where(torch.arange(20) == 7, 10**12, torch.arange(20) % 4))),
+    ("labels: every class", ValueError, dict(labels=torch.where(torch.arange(20) == 7, 2**63 - 1, torch.arange(20) % 4))),
+    ("labels: every class .* class 4 has none", ValueError, dict(num_classes=10**15)),
     ("features", ValueError, dict(features=torch.randn(20, 8).index_fill_(0, torch.tensor([5]), float("nan")))),
     ("prototype_features", ValueError,
      dict(prototype_features=torch.randn(20, 8).index_fill_(1, torch.tensor([2]), -float("inf")))),
@@ -336,6 +342,11 @@ def test_one_read_checks_agree_with_the_detailed_ones(monkeypatch, one_op):
     (lambda x, y: copa_fast.class_means(x, y + 1, int(y.max()) + 1), "labels"),
     (lambda x, y: copa_fast.class_means(x, y - 1), "labels"),
     (lambda x, y: copa_fast.class_means(x, y, int(y.max()) + 2), "labels: every class"),
+    (lambda x, y: copa_fast.class_means(x, torch.where(y == 1, 10**12, y)), "labels: every class .* class 1 has none"),
+    (lambda x, y: copa_fast.adapt(x, torch.where(y == 0, 2**62, y)), "support_labels: every class .* class 0 has none"),
+    (lambda x, y: copa_fast.adapt_many([(x, y, None, None), (x, torch.where(y == 2, 10**12, y), None, None)]),
+     r"episodes\[1\]: support_labels: every class .* class 2 has none"),
+    (lambda x, y: copa_fast.CoPAHead(x.shape[1]).predict(x, x, y * 10**11), "support_labels: every class"),
     (lambda x, y: copa_fast.class_means(x, y, 0), "num_classes"),
     (lambda x, y: copa_fast.class_means(x, y, check_inputs=False), "num_classes"),
     (lambda x, y: copa_fast.CoPAHead(0), "dim"),
