@@ -365,7 +365,9 @@ class CoPAHead(nn.Module):
 
     ``forward(features, labels)`` returns the CoPA loss; ``predict(query, support, support_labels)``
     returns (M,) class indices of the query rows (cosine to the adapted support class means).
-    ``learn_tau=True`` makes tau a parameter.
+    ``tau``: a float or a one-element tensor, whose value the head copies (a tensor that requires
+    grad, another head's learned tau for one, is read without a warning and stays the caller's);
+    ``learn_tau=True`` makes the head's tau a parameter of its own.
     """
 
     def __init__(self, dim: int, tau: float = 2.0, *, learn_tau: bool = False, backend: Optional[str] = None):
@@ -375,7 +377,8 @@ class CoPAHead(nn.Module):
         V.tau(tau, check_values=True)
         self.w_img = nn.Parameter(torch.eye(dim))
         self.w_proto = nn.Parameter(torch.eye(dim))
-        self.tau = nn.Parameter(torch.tensor(float(tau))) if learn_tau else float(tau)
+        tau_v = float(tau.detach()) if isinstance(tau, torch.Tensor) else float(tau)
+        self.tau = nn.Parameter(torch.tensor(tau_v)) if learn_tau else tau_v
         self.backend = backend
 
     def extra_repr(self) -> str:

@@ -339,6 +339,17 @@ def test_head_predict_and_training_step():
     assert torch.equal(pred, expect.argmax(1))
     assert repr(head).startswith("CoPAHead(dim=32, tau=learned, backend=None)")
     assert "dim=16, tau=3.0, backend='cpu'" in repr(copa_fast.CoPAHead(16, tau=3.0, backend="cpu"))
+    # another head's learned tau as the initial value: copied, without a warning, the caller's own
+    import warnings
+
+    learned = copa_fast.CoPAHead(8, tau=2.25, learn_tau=True).tau
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = copa_fast.CoPAHead(32, tau=learned, learn_tau=True)
+        frozen = copa_fast.CoPAHead(32, tau=learned)
+    assert second.tau.item() == frozen.tau == 2.25 and second.tau is not learned
+    second.tau.data += 1.0
+    assert learned.item() == 2.25
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
