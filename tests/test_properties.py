@@ -215,7 +215,7 @@ def episode_lists(draw):
     """Lists of 1-5 small episodes, each with at most one defect of data (a negative label, an
     empty class, a label past the rows, NaN / +-Inf in support or query, a query label outside the
     support's classes) or of form (float labels, a wrong width, query labels without a query), int32
-    or int64 labels, float32 / float64 / float16 features, with or without a query set."""
+    or int64 labels on either side, float32 / float64 / float16 features, with or without a query set."""
     items = []
     for _ in range(draw(st.integers(1, 5))):
         c, n, g, y = _draw_episode_labels(draw, 6, 14)
@@ -225,6 +225,7 @@ def episode_lists(draw):
         if draw(st.booleans()):
             m = draw(st.integers(1, 5))
             qry, qy = torch.randn(m, 6, generator=g).to(dt), torch.randint(0, c, (m,), generator=g)
+            qy = qy.int() if draw(st.booleans()) else qy
         if draw(st.booleans()):
             y = y.int()
         defect = draw(st.sampled_from(["none"] * 6 + ["negative", "empty class", "past the rows", "nan support",
