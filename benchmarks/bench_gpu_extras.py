@@ -8,7 +8,8 @@
 2. 132 ragged episodes (N 25-500) in ONE batched launch of the episodes op: time per episode-step
    against a single-episode call of the same backend (target: >= 10x lower);
 3. adapt_many over 600 sampled episodes x 50 steps, against the published per-episode loop timed on
-   a few episodes and scaled to 600 (stated as such), and where its time goes (torch.profiler);
+   a few episodes and scaled to 600 (stated as such), its checks of the episodes' data (one read
+   for all against one episode at a time), and where its time goes (torch.profiler);
 4. the Triton kernels under each candidate launch configuration (tiles, warps): the default (no
    register spills, see benchmarks/triton_aot.py) against the tiles it replaced, and the class
    gradient split over row ranges (the default) against one program per class block; and the
@@ -203,6 +204,30 @@ def adapt_many_run(device, count, steps, d, ref_episodes):
               f"(mean query accuracy {100 * acc:.1f} %) |")
 
 
+def episode_checks(device, count, d, reps):
+    """adapt_many's checks of its episodes' data before any is adapted: all at once with one read
+    (what adapt_many runs) against one episode at a time (9 reads an episode, the path it takes
+    only to name a bad episode), on the same episodes."""
+    from copa_fast import api
+
+    print(f"\n### Episode checks: {count} sampled episodes, D={d} (median of {reps})\n")
+    print("| checks | total | per episode |\n|---|---|---|")
+    feats, labels = synthetic_features(dim=d, seed=0)
+    items = api._episode_items([e.to(device) for e in sample_episodes(feats, labels, count, seed=0)])
+    for name, fn in (("all at once, one read (adapt_many)", lambda: api._check_episodes(enumerate(items))),
+                     ("one episode at a time", lambda: [api._check_episode(*p) for p in items])):
+        fn()
+        times = []
+        for _ in range(reps):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        t = statistics.median(times)
+        print(f"| {name} | {_fmt(t)} | {_fmt(t / count)} |")
+
+
 def adapt_many_split(device, count, steps, d):
     """Where adapt_many's time goes: one run under torch.profiler, the device time of the kernels
     with the most of it, and the wall time against the device total (the rest is host work that
@@ -356,6 +381,7 @@ def main():
         kernel_split(device, 120, 12, 32, 2)
         batched_episodes(device, 6, 32, 25, 60, 2)
         adapt_many_run(device, 4, 3, 32, 2)
+        episode_checks(device, 6, 32, 2)
         adapt_many_split(device, 4, 2, 32)
         triton_configs(device, 60, 32, 3, 2, large=(120, 12))
         triton_precisions(device, 60, 32, 2, large=(120, 12))
@@ -366,6 +392,7 @@ def main():
         kernel_split(device, 16384, 1000, 512, 5)
         batched_episodes(device, 132, 512, 25, 500, 20)
         adapt_many_run(device, 600, 50, 512, 5)
+        episode_checks(device, 600, 512, 5)
         adapt_many_split(device, 600, 10, 512)
         triton_configs(device, 500, 512, 132, 20, large=(16384, 1000))
         triton_precisions(device, 500, 512, 20, large=(16384, 1000))
