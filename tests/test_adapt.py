@@ -352,6 +352,24 @@ def test_head_predict_and_training_step():
     assert learned.item() == 2.25
 
 
+def test_head_predict_reads_its_inputs_once(monkeypatch):
+    """CoPAHead.predict checks its data as an episode's checks are run (one read for the labels and
+    both feature tensors) and gives what the one-by-one checks give; those run only to name a fault."""
+    from copa_fast import _validate as V
+
+    xs, ys, xq, _ = _split(60, 20, 4, 16, seed=6)
+    head = copa_fast.CoPAHead(16)
+    head.w_img.data += 0.05 * torch.randn(16, 16, generator=torch.Generator().manual_seed(7))
+    detailed = []
+    for name in ("labels", "finite"):
+        real = getattr(V, name)
+        monkeypatch.setattr(V, name, lambda *a, real=real, **k: detailed.append(a[0]) or real(*a, **k))
+    fast = head.predict(xq, xs, ys)
+    assert detailed == []
+    monkeypatch.setattr(V, "episodes_values", lambda items: None)
+    assert torch.equal(head.predict(xq, xs, ys), fast) and detailed == ["support_labels", "support", "query"]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
 def test_class_means_against_the_reference(dtype):
     """The public class means: the reference's (float64) on unequal classes, C read or given, a
