@@ -158,12 +158,14 @@ def values(name: str, y: torch.Tensor, n: int, ref: torch.Tensor, num_classes: i
     finite and at most 80, each (name, tensor) of ``tensors`` finite — formed on the device and
     read back in ONE transfer (one synchronisation on a GPU instead of one or two per check);
     returns C. When any fails, the checks run one by one, in the API's order, and raise what they
-    find. The types and shapes are checked before (``label_tensor``, ``tau``)."""
+    find. The types and shapes are checked before (``label_tensor``, ``tau``); ``tau_arg`` None:
+    no tau to check."""
     c = _values_pass(y, n, num_classes, tau_arg, [t for _, t in tensors])
     if c is not None:
         return c
     c = labels(name, y, n, ref, num_classes, check_values=True)
-    tau(tau_arg, check_values=True)
+    if tau_arg is not None:
+        tau(tau_arg, check_values=True)
     for tname, t in tensors:
         finite(tname, t)
     return c   # not reached unless the one-read form and the detailed checks disagree
@@ -177,6 +179,8 @@ def _values_pass(y: torch.Tensor, n: int, num_classes: int | None, tau_arg, tens
     k = n if num_classes is None else int(num_classes)   # with every class present, max label < N
     if k > n:
         return None   # more classes than rows: some are empty (and k bins could be far too many to make)
+    if any(t.device != yd.device for t in tensors):
+        return None   # read where each lies, one by one
     tau_here = isinstance(tau_arg, torch.Tensor) and tau_arg.device == yd.device
     if isinstance(tau_arg, torch.Tensor) and not tau_here and not -math.inf < float(tau_arg.detach()) <= 80.0:
         return None   # on another device (a CPU scalar beside CUDA labels): read there

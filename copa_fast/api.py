@@ -399,15 +399,9 @@ class CoPAHead(nn.Module):
         for name, t in (("query", query), ("support", support)):
             V.columns(name, t, self.w_img.shape[1], "w_img")
         V.label_tensor("support_labels", support_labels, support.shape[0], support, None)
-        # the data checks in one read (as an episode's); one by one only to name what fails
-        one_read = V.episodes_values([(support, support_labels, query, None)]) if query.device == support.device \
-            else None
-        if one_read is not None:
-            c = one_read[0]
-        else:
-            c = V.labels("support_labels", support_labels, support.shape[0], support, None, check_values=True)
-            V.finite("support", support)   # NaN rows would still give predictions, silently wrong
-            V.finite("query", query)
+        # the data checks in one read (NaN rows would still give predictions, silently wrong)
+        c = V.values("support_labels", support_labels, support.shape[0], support, None, None,
+                     [("support", support), ("query", query)])
         w_img, w_proto = self.w_img.to(query.dtype), self.w_proto.to(support.dtype)
         protos = _composite.class_means(support, support_labels, c) @ w_proto.t()
         return _cosine_predict(query @ w_img.t(), protos.to(query.dtype))

@@ -353,7 +353,7 @@ def test_head_predict_and_training_step():
 
 
 def test_head_predict_reads_its_inputs_once(monkeypatch):
-    """CoPAHead.predict checks its data as an episode's checks are run (one read for the labels and
+    """CoPAHead.predict checks its data as copa_loss does (``V.values``: one read for the labels and
     both feature tensors) and gives what the one-by-one checks give; those run only to name a fault."""
     from copa_fast import _validate as V
 
@@ -366,7 +366,7 @@ def test_head_predict_reads_its_inputs_once(monkeypatch):
         monkeypatch.setattr(V, name, lambda *a, real=real, **k: detailed.append(a[0]) or real(*a, **k))
     fast = head.predict(xq, xs, ys)
     assert detailed == []
-    monkeypatch.setattr(V, "episodes_values", lambda items: None)
+    monkeypatch.setattr(V, "_values_pass", lambda *a: None)
     assert torch.equal(head.predict(xq, xs, ys), fast) and detailed == ["support_labels", "support", "query"]
 
 

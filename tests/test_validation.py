@@ -322,6 +322,17 @@ def test_one_read_checks_agree_with_the_detailed_ones(monkeypatch, one_op):
         assert V._values_pass(y, n, c, tau, [feats]) == want, (y.tolist(), c, tau)
 
 
+def test_one_read_checks_leave_a_tensor_on_another_device_to_the_detailed_ones():
+    """The one-read form reads tensors on the labels' device only: one elsewhere (a query on
+    another device than the support, in CoPAHead.predict) goes to the checks one by one, instead of
+    an error from the one-read op that names none of the caller's arguments."""
+    from copa_fast import _validate as V
+
+    y = torch.arange(6) % 3
+    assert V._values_pass(y, 6, None, None, [torch.randn(6, 4), torch.empty(2, 4, device="meta")]) is None
+    assert V._values_pass(y, 6, None, None, [torch.randn(6, 4)]) == 3
+
+
 @pytest.mark.parametrize("call,arg", [
     (lambda x, y: copa_fast.adapt(x, y, steps=-1), "steps"),
     (lambda x, y: copa_fast.adapt(x, y, lr=float("nan")), "lr"),
