@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ from torch import nn
 from . import _validate as V
 from . import backends as _backends
 from . import reference
+from ._transfer import to_device as _to_device
 from .ops import composite as _composite
 from .ops import symmetric_ce as _ops
 from .reference import AdaptResult
@@ -656,53 +657,95 @@ def _adapt_checked(items: list, classes: list, *, steps: int, lr: float, weight_
         return [_adapt_one(sup, lab, qry, qlab, c, steps=steps, lr=lr, weight_decay=weight_decay, tau=tau, backend=b)
                 for (sup, lab, qry, qlab), c in zip(items, classes, strict=True)]
     order = sorted(range(len(items)), key=lambda k: -items[k][0].shape[0])   # similar sizes share a group
-    out = [None] * len(items)
-    for g0 in range(0, len(order), group_size):
-        group = order[g0:g0 + group_size]
-        results = _adapt_group([items[k] for k in group], [classes[k] for k in group], steps, lr, weight_decay, tau,
-                               _ops.episodes_call(b))
-        for k, r in zip(group, results, strict=True):
-            out[k] = r
+    groups = [order[g0:g0 + group_size] for g0 in range(0, len(order), group_size)]
+    # every group queued before anything is read: the host sets up the next group while the device
+    # runs the previous one, and the losses and query counts of all groups come back in ONE read
+    runs = [_adapt_group([items[k] for k in group], [classes[k] for k in group], steps, lr, weight_decay, tau,
+                         _ops.episodes_call(b)) for group in groups]
+    read = torch.cat([t.reshape(-1).double() for run in runs for t in (run.losses, run.hits)]).tolist()
+    out: list = [None] * len(items)
+    at = 0
+    for group, run in zip(groups, runs, strict=True):
+        e = len(group)
+        loss_rows = [read[at + k * steps:at + (k + 1) * steps] for k in range(e)]
+        at += e * steps
+        hits = dict(zip(run.with_query, read[at:at + len(run.with_query)], strict=True))
+        at += len(run.with_query)
+        for j, k in enumerate(group):
+            query, query_labels = items[k][2], items[k][3]
+            acc = None   # as reference.fraction_correct: a ratio of counts, NaN for an empty query set
+            if query is not None:
+                acc = int(hits[j]) / query_labels.numel() if j in hits else float("nan")
+            out[k] = AdaptResult(run.w_img[j], run.w_proto[j], loss_rows[j], acc, run.prototypes[j])
     return out
 
 
-def _group_query_hits(items, classes, adapted, w_img, work) -> dict:
-    """Episode -> correct query predictions (cosine to the adapted class means ``adapted``, as
-    ``adapt``), for the group's episodes with a query set, in batched ops and one read-back."""
+class _GroupRun(NamedTuple):
+    """One group's adaptation as queued on the device, nothing read back: each episode's adapters
+    and adapted prototypes (tensors of their own), the losses (E, steps), and the correct query
+    predictions (hits) of the episodes listed in with_query (their indices in the group)."""
+    w_img: list
+    w_proto: list
+    prototypes: list
+    losses: torch.Tensor
+    with_query: list
+    hits: torch.Tensor
+
+
+def _padded(parts: list, width: int, dtype: torch.dtype, fill=0) -> torch.Tensor:
+    """(E, width, ...) of ``dtype``: part k in slot k's first rows, ``fill`` after them. One
+    multi-tensor copy into the slots (a few launches on CUDA whatever E; pad_sequence copies part by
+    part: ~2,400 launches a call of adapt_many on 600 episodes)."""
+    out = parts[0].new_full((len(parts), width, *parts[0].shape[1:]), fill, dtype=dtype)
+    torch._foreach_copy_([out[k, :p.shape[0]] for k, p in enumerate(parts)], parts)
+    return out
+
+
+def _own_copies(views: list) -> list:
+    """A tensor with storage of its own for each of ``views`` (slices of a group's stacked
+    tensors: a view would keep, and torch.save would write, the whole stack): one multi-tensor
+    copy (a few launches on CUDA) instead of a clone each."""
+    outs = [torch.empty(v.shape, dtype=v.dtype, device=v.device) for v in views]
+    torch._foreach_copy_(outs, views)
+    return outs
+
+
+def _group_query_hits(items, class_counts, adapted, w_img, work) -> tuple:
+    """(with_query, hits): the group's episodes with a query set (indices) and their correct query
+    predictions (cosine to the adapted class means ``adapted``, as ``adapt``), on the device."""
     with_query = [k for k, p in enumerate(items) if p[2] is not None and p[3].numel()]
-    if not with_query:
-        return {}
-    pad = torch.nn.utils.rnn.pad_sequence
     dev = adapted.device
-    sel = torch.tensor(with_query, device=dev)
-    with torch.no_grad():
-        zq = torch.bmm(pad([items[k][2].to(work) for k in with_query], batch_first=True), w_img[sel].transpose(1, 2))
-        scores = reference.cosine_scores(zq, adapted[sel])   # (E', M, C): classes past an episode's own masked off
-        absent = torch.arange(adapted.shape[1], device=dev)[None, :] >= torch.tensor(
-            [classes[k] for k in with_query], device=dev)[:, None]
-        pred = scores.masked_fill(absent[:, None, :], -math.inf).argmax(2)
-        labels = pad([items[k][3].long() for k in with_query], batch_first=True, padding_value=-1)
-        hits = pred.eq(labels).sum(1).tolist()
-    return dict(zip(with_query, hits, strict=True))
+    if not with_query:
+        return with_query, torch.zeros(0, dtype=torch.int64, device=dev)
+    if len(with_query) < len(items):   # the episodes with a query set picked out
+        sel = _to_device(torch.tensor(with_query), dev)
+        w_img, adapted, class_counts = w_img[sel], adapted[sel], class_counts[sel]
+    m = max(items[k][2].shape[0] for k in with_query)
+    zq = torch.bmm(_padded([items[k][2] for k in with_query], m, work), w_img.transpose(1, 2))
+    scores = reference.cosine_scores(zq, adapted)   # (E', M, C): classes past an episode's own masked off
+    absent = torch.arange(adapted.shape[1], device=dev)[None, :] >= class_counts[:, None]
+    pred = scores.masked_fill(absent[:, None, :], -math.inf).argmax(2)
+    labels = _padded([items[k][3] for k in with_query], m, torch.int64, fill=-1)
+    return with_query, pred.eq(labels).sum(1)
 
 
-def _adapt_group(items, classes, steps, lr, weight_decay, tau, op):
-    """The batched engine: episodes padded to the group's largest N and C, adapters stacked (E, D, D)."""
+def _adapt_group(items, classes, steps, lr, weight_decay, tau, op) -> _GroupRun:
+    """The batched engine: episodes padded to the group's largest N and C, adapters stacked (E, D, D).
+    Queues the group's work and returns it (``_GroupRun``) without reading anything back."""
     x0 = items[0][0]
     dev, work = x0.device, _working_dtype(x0.dtype)
     e, d = len(items), x0.shape[1]
     ns = [p[0].shape[0] for p in items]
     n_max, c_max = max(ns), max(classes)
+    rows, cls, s_off, s_total = _ops.episode_layout(ns, classes, dev, row_stride=n_max, class_stride=c_max)
     # the group stacked in a few ops whatever its size (a loop over the episodes made ~5 small ops an
-    # episode: ~25 ms of host work a 128-episode group on a GPU host): rows padded with zeros, labels
-    # with -1 (no class), class means as a one-hot batched GEMM (deterministic on every device)
-    pad = torch.nn.utils.rnn.pad_sequence
-    x = pad([p[0].detach().to(work) for p in items], batch_first=True)   # constants of the loop (with_autograd)
-    y_pad = pad([p[1].long() for p in items], batch_first=True, padding_value=-1)
+    # episode): rows padded with zeros, labels with -1 (no class), class means as a one-hot batched
+    # GEMM (deterministic on every device)
+    x = _padded([p[0].detach() for p in items], n_max, work)   # constants of the loop (with_autograd)
+    y_pad = _padded([p[1] for p in items], n_max, torch.int64, fill=-1)
     onehot = (y_pad[:, None, :] == torch.arange(c_max, device=dev)[None, :, None]).to(work)   # (E, C, N)
     protos = torch.bmm(onehot, x) / onehot.sum(2).clamp_min(1)[:, :, None]   # a class with no row: 0
     y = y_pad.clamp_min(0)   # padding rows belong to no episode (rows below): their label is never read
-    rows, cls, s_off, s_total = _ops.episode_layout(ns, classes, dev, row_stride=n_max, class_stride=c_max)
     tau_t = torch.full((e,), float(tau), dtype=work, device=dev)
     eye = torch.eye(d, dtype=work, device=dev)
     w_img, w_proto = eye.repeat(e, 1, 1), eye.repeat(e, 1, 1)
@@ -724,13 +767,7 @@ def _adapt_group(items, classes, steps, lr, weight_decay, tau, op):
             opt.step()
             losses.append(loss)
         adapted = torch.bmm(protos, w_proto.transpose(1, 2))   # (E, C, D): each episode's adapted prototypes
-    counts = _group_query_hits(items, classes, adapted, w_img, work)
-    loss_rows = torch.stack(losses, 1).tolist() if losses else [[] for _ in range(e)]
-    results = []
-    for k, (_, _, query, query_labels) in enumerate(items):
-        acc = None   # as reference.fraction_correct: a ratio of counts, NaN for an empty query set
-        if query is not None:
-            acc = counts[k] / query_labels.numel() if k in counts else float("nan")
-        results.append(AdaptResult(w_img[k].detach().clone(), w_proto[k].detach().clone(), loss_rows[k], acc,
-                                   adapted[k, :classes[k]].clone()))
-    return results
+        with_query, hits = _group_query_hits(items, cls[:, 1], adapted, w_img, work)
+        copies = _own_copies([*w_img.unbind(0), *w_proto.unbind(0), *(adapted[k, :classes[k]] for k in range(e))])
+    return _GroupRun(copies[:e], copies[e:2 * e], copies[2 * e:],
+                     torch.stack(losses, 1) if losses else adapted.new_zeros(e, 0), with_query, hits)

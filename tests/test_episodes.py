@@ -219,6 +219,56 @@ def test_adapt_many_batched_query_sets_of_every_kind():
 
 
 @needs_triton
+def test_adapt_many_batched_reads_once_and_launches_per_group(monkeypatch):
+    """The batched engine queues every group before reading anything: one read-back for the checks
+    and ONE for the results (losses and query counts of every group), no item / nonzero; its
+    computing operators do not grow with the number of episodes in a group (only views and the
+    results' allocations do: the padding, the finiteness check and the results' copies are one
+    multi-tensor call each); each result owns its storage (not a view of the group's stack)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def episodes(count):
+        eps = []
+        for k in range(count):
+            x, y = make_episode(20, 4, 12, seed=60 + k)
+            q = (None, None) if k == 1 else (x[:9] + 0.1, y[:9].int())
+            eps.append(tuple(None if t is None else t.to(DEVICE) for t in (x, y, *q)))
+        return eps
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    free = {"view", "select", "slice", "detach", "unbind", "transpose", "t", "unsqueeze", "expand", "alias",
+            "as_strided", "split", "split_with_sizes", "reshape", "_unsafe_view", "empty", "empty_like", "lift_fresh"}
+    counts = {}
+    for count in (3, 6):
+        eps = episodes(count)
+        copa_fast.adapt_many(eps, steps=2, backend="triton")   # compiled / warmed
+        with Count() as mode:
+            copa_fast.adapt_many(eps, steps=2, backend="triton")
+        counts[count] = sorted(op for op in mode.ops if op not in free)
+        assert not {"item", "_local_scalar_dense", "nonzero"} & set(mode.ops)
+    assert counts[3] == counts[6]
+    reads = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self.numel()) or real(self))
+    eps = episodes(7)
+    got = copa_fast.adapt_many(eps, steps=3, backend="triton", group_size=2)   # four groups
+    assert len(reads) == 2, reads
+    for r, e in zip(got, eps, strict=True):
+        for t in (r.w_img, r.w_proto, r.prototypes):
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size() and t.is_contiguous()
+        assert (r.query_accuracy is None) == (e[2] is None) and len(r.losses) == 3
+    assert got[1].query_accuracy is None and 0 <= got[0].query_accuracy <= 1
+
+
+@needs_triton
 def test_adapt_many_batched_float64_follows_reference():
     eps = []
     for k, (n, c) in enumerate([(30, 5), (12, 3), (25, 25)]):

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from .. import _extension
+from .._transfer import to_device
 from . import composite as _composite
 
 SCE_CPP = "copa_fast::symmetric_ce"
@@ -284,9 +285,12 @@ def episode_layout(rows_per_episode, classes_per_episode, device, *, row_stride=
         return torch.tensor([0] + counts[:-1], dtype=torch.int64).cumsum(0)
 
     sizes = [n * c for n, c in zip(ns, cs, strict=True)]
-    rows = torch.stack([starts(ns, row_stride), torch.tensor(ns, dtype=torch.int64)], 1).to(device)
-    classes = torch.stack([starts(cs, class_stride), torch.tensor(cs, dtype=torch.int64)], 1).to(device)
-    return rows, classes, starts(sizes, None).to(device), sum(sizes)
+    host = torch.cat([torch.stack([starts(ns, row_stride), torch.tensor(ns, dtype=torch.int64)], 1).reshape(-1),
+                      torch.stack([starts(cs, class_stride), torch.tensor(cs, dtype=torch.int64)], 1).reshape(-1),
+                      starts(sizes, None)])
+    # one copy, queued without waiting for the device (to_device)
+    rows, classes, s_off = to_device(host, torch.device(device)).split([2 * len(ns), 2 * len(cs), len(sizes)])
+    return rows.view(-1, 2), classes.view(-1, 2), s_off, sum(sizes)
 
 
 def episodes_op(backend: str = "triton"):
