@@ -90,6 +90,29 @@ def backend_device_pairs():
     return out
 
 
+class CudaSyncs:
+    """Counts the host synchronisations with the GPU (a blocking copy either way, item, nonzero,
+    a stream synchronise) that torch's sync debug mode reports inside the ``with`` block."""
+
+    def __enter__(self):
+        import warnings
+
+        torch.cuda.synchronize()
+        self._record = warnings.catch_warnings(record=True)
+        self._seen = self._record.__enter__()
+        warnings.simplefilter("always")
+        self._mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode(self._mode)
+        self._record.__exit__(*exc)
+        self.messages = [str(w.message) for w in self._seen if "synchroniz" in str(w.message)]
+        self.count = len(self.messages)
+        return False
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     denom = e.norm().item()

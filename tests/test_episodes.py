@@ -268,6 +268,26 @@ def test_adapt_many_batched_reads_once_and_launches_per_group(monkeypatch):
     assert got[1].query_accuracy is None and 0 <= got[0].query_accuracy <= 1
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("backend", [b for b in ("triton", "cuda") if b in AVAILABLE])
+def test_adapt_many_on_a_gpu_synchronises_twice(backend):
+    """On CUDA tensors adapt_many waits for the device twice in all: the checks' one read and the
+    results' one read (torch's sync debug mode counts every blocking copy, item and nonzero; the
+    episodes' sizes and offsets go to the device from pinned memory, queued)."""
+    from conftest import CudaSyncs
+    from copa_fast.episodes import sample_episodes, synthetic_features
+
+    feats, labels = synthetic_features(n_classes=16, per_class=30, dim=32, seed=4)
+    eps = [e.to("cuda") for e in sample_episodes(feats, labels, 7, seed=4, max_ways=10, max_support=80)]
+    eps[3] = type(eps[3])(eps[3].support, eps[3].support_labels, None, None)
+    copa_fast.adapt_many(eps, steps=2, backend=backend, group_size=3)   # compiled / warmed
+    with CudaSyncs() as syncs:
+        got = copa_fast.adapt_many(eps, steps=3, backend=backend, group_size=3)   # three groups
+    assert syncs.count == 2, syncs.messages
+    assert got[3].query_accuracy is None and all(len(r.losses) == 3 for r in got)
+
+
 @needs_triton
 def test_adapt_many_batched_float64_follows_reference():
     eps = []

@@ -675,6 +675,24 @@ def test_cuda_graph_capture_replays_a_training_step(backend, device):
         torch.testing.assert_close(w_img.grad, wi.grad)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend,device", [p for p in PAIRS if p.values[1] == "cuda"])
+def test_a_gpu_step_synchronises_only_for_its_checks(backend, device):
+    """A training step (copa_loss forward and backward) on CUDA tensors never waits for the device
+    with check_inputs=False, and once with the checks on (their one read)."""
+    from conftest import CudaSyncs
+
+    x, y = make_episode(120, 12, 64, seed=17, device=device)
+    w_img = torch.eye(64, device=device, requires_grad=True)
+    w_proto = torch.eye(64, device=device, requires_grad=True)
+    for check, want in ((False, 0), (True, 1)):
+        copa_fast.copa_loss(x, y, w_img, w_proto, num_classes=12, backend=backend, check_inputs=check).backward()
+        with CudaSyncs() as syncs:
+            loss = copa_fast.copa_loss(x, y, w_img, w_proto, num_classes=12, backend=backend, check_inputs=check)
+            loss.backward()
+        assert syncs.count == want, (check, syncs.messages)
+
+
 # --- the fused CoPA step ops: copa_fast::copa_loss (cpu, cuda) and copa_loss_triton -------------------
 def _step_op(backend):
     from copa_fast.ops import symmetric_ce as ops
