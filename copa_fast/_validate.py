@@ -228,7 +228,7 @@ def episodes_values(items: list) -> list[int] | None:
     query or None, query_labels or None) of ``items`` (one device; types, shapes and devices
     checked): the support labels are 0..C-1 with every class present, the features are finite and
     the query labels lie in 0..C-1; else None. Formed on the device for all the episodes together —
-    a few operators over the concatenated labels, one foreach norm a feature dtype — and read back in
+    a few operators over the concatenated labels, two foreach norms a feature dtype — and read back in
     ONE transfer, after one copy of the episodes' sizes to the device: checked one by one, each
     episode took ~35 operators and 9 reads (5,400 synchronisations for 600 episodes on a GPU)."""
     dev = items[0][0].device
@@ -256,16 +256,17 @@ def episodes_values(items: list) -> list[int] | None:
         qy = torch.cat([items[k][3] for k in with_q]).long()
         qep = torch.repeat_interleave(qk_t, qn_t, output_size=qy.shape[0])
         ok += [(qy.min() >= 0).reshape(1), qy <= hi.index_select(0, qep)]
-    # finite features: each tensor's 2-norm is finite iff its entries are and their squares' sum
-    # does not overflow (NaN and Inf propagate through any order of the sum) — one foreach call a
-    # dtype (one multi-tensor launch or a few on CUDA, not an aminmax a tensor); an overflow of
-    # finite data (entries ~1e17 and up in float32) fails here and the one-by-one checks decide
+    # finite features, two foreach norms a dtype (a few multi-tensor launches on CUDA, not a
+    # reduction a tensor): an Inf entry makes the max-norm Inf (a max never overflows), a NaN entry
+    # makes the 2-norm NaN (a sum of squares propagates NaN in any order, and is never NaN
+    # otherwise: finite squares that overflow give +Inf, which is allowed here)
     by_dtype: dict = {}
     for p in items:
         for t in (p[0], p[2]):
             if t is not None:
                 by_dtype.setdefault(t.dtype, []).append(t.detach())
-    ok += [torch.stack(torch._foreach_norm(v, 2)).isfinite() for v in by_dtype.values()]
+    for v in by_dtype.values():
+        ok += [torch.stack(torch._foreach_norm(v, math.inf)).isfinite(), ~torch.stack(torch._foreach_norm(v, 2)).isnan()]
     out = torch.cat([hi.double(), torch.cat(ok).all().double().reshape(1)]).tolist()
     return [int(h) + 1 for h in out[:-1]] if out[-1] == 1.0 else None
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import copa_fast
-from conftest import assert_rel, backend_device_pairs, empty_class_problem, make_episode
+from conftest import DEVICES, assert_rel, backend_device_pairs, empty_class_problem, make_episode
 
 PAIRS = backend_device_pairs()
 
@@ -331,6 +331,34 @@ def test_one_read_checks_leave_a_tensor_on_another_device_to_the_detailed_ones()
     y = torch.arange(6) % 3
     assert V._values_pass(y, 6, None, None, [torch.randn(6, 4), torch.empty(2, 4, device="meta")]) is None
     assert V._values_pass(y, 6, None, None, [torch.randn(6, 4)]) == 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,magnitude", [(torch.float32, 1e30), (torch.float16, 6e4), (torch.bfloat16, 1e38),
+                                             (torch.float64, 1e300)], ids=str)
+def test_episode_checks_take_extreme_finite_features_in_their_one_read(device, dtype, magnitude):
+    """adapt_many's one-read episode checks (``episodes_values``) pass finite features of any
+    magnitude (here their 2-norms overflow) and refuse a NaN or an Inf anywhere, in support or
+    query, alone or together."""
+    from copa_fast import _validate as V
+
+    g = torch.Generator().manual_seed(11)
+    big = (torch.randn(40, 8, generator=g, dtype=torch.float64) * magnitude).clamp(-torch.finfo(dtype).max,
+                                                                                torch.finfo(dtype).max)
+    x = big.to(dtype).to(device)
+    y = (torch.arange(40) % 4).to(device)
+    q = x[:6].flip(0).contiguous()
+    assert torch.isfinite(x).all() and torch.isinf(torch._foreach_norm([x], 2)[0])   # its 2-norm overflows
+    assert V.episodes_values([(x, y, q, y[:6]), (x[:20], y[:20], None, None)]) == [4, 4]
+    for where in ("support", "query", "both"):
+        for bad in ([math.nan], [math.inf], [-math.inf], [math.nan, math.inf]):
+            xs, qs = x.clone(), q.clone()
+            for k, v in enumerate(bad):
+                if where in ("support", "both"):
+                    xs[7 + k, 3] = v
+                if where in ("query", "both"):
+                    qs[2, k] = v
+            assert V.episodes_values([(x, y, q, y[:6]), (xs, y, qs, y[:6])]) is None, (where, bad)
 
 
 @pytest.mark.parametrize("call,arg", [
