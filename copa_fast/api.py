@@ -536,14 +536,17 @@ def _adapt_one(support, support_labels, query, query_labels, c: int, *, steps: i
             loss.backward()
             opt.step()
             losses.append(loss.detach())
-    acc = None
     with torch.no_grad():
         adapted = protos @ w_proto.t()
-        if query is not None and query_labels is not None:
+        read = [torch.stack(losses).double()] if losses else []
+        if query is not None and query_labels is not None:   # the correct predictions, read with the losses
             pred = reference.adapted_scores(query, w_img, adapted).argmax(dim=1)
-            acc = reference.fraction_correct(pred, query_labels)
-    loss_list = torch.stack(losses).tolist() if losses else []
-    return AdaptResult(w_img.detach(), w_proto.detach(), loss_list, acc, adapted)
+            read.append(pred.eq(query_labels).sum().double().reshape(1))
+        values = torch.cat(read).tolist() if read else []   # one read-back (one synchronisation on a GPU)
+    acc = None   # as reference.fraction_correct: a ratio of counts, NaN for an empty query set
+    if query is not None and query_labels is not None:
+        acc = int(values.pop()) / query_labels.numel() if query_labels.numel() else float("nan")
+    return AdaptResult(w_img.detach(), w_proto.detach(), values, acc, adapted)
 
 
 class _FusedAdam:

@@ -352,6 +352,26 @@ def test_head_predict_and_training_step():
     assert learned.item() == 2.25
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_adapt_reads_the_device_twice(monkeypatch, backend):
+    """adapt reads its results back at once, whatever the number of steps: its checks' one read,
+    and the losses with the query's correct predictions in one more (on a GPU two synchronisations
+    in all: test_episodes counts them there; on CPU tensors the C++ op's tau and the fused CPU Adam's
+    step counts are read as scalars, host memory either way); the accuracy is the reference's ratio
+    of counts."""
+    device = device_for(backend)
+    xs, ys, xq, yq = (t.to(device) for t in _split(60, 20, 4, 16, seed=8))
+    reads = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self.numel()) or real(self))
+    got = copa_fast.adapt(xs, ys, xq, yq, steps=3, backend=backend)
+    assert reads == [2, 3 + 1], reads
+    pred = ref.adapted_scores(xq, got.w_img, got.prototypes).argmax(1)
+    assert got.query_accuracy == ref.fraction_correct(pred, yq) and len(got.losses) == 3
+    reads.clear()
+    assert copa_fast.adapt(xs, ys, steps=2, backend=backend).query_accuracy is None and len(reads) == 2
+
+
 def test_head_predict_reads_its_inputs_once(monkeypatch):
     """CoPAHead.predict checks its data as copa_loss does (``V.values``: one read for the labels and
     both feature tensors) and gives what the one-by-one checks give; those run only to name a fault."""

@@ -272,9 +272,9 @@ def test_adapt_many_batched_reads_once_and_launches_per_group(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("backend", [b for b in ("triton", "cuda") if b in AVAILABLE])
 def test_adapt_many_on_a_gpu_synchronises_twice(backend):
-    """On CUDA tensors adapt_many waits for the device twice in all: the checks' one read and the
-    results' one read (torch's sync debug mode counts every blocking copy, item and nonzero; the
-    episodes' sizes and offsets go to the device from pinned memory, queued)."""
+    """On CUDA tensors adapt_many (and adapt) waits for the device twice in all: the checks' one
+    read and the results' one read (torch's sync debug mode counts every blocking copy, item and
+    nonzero; the episodes' sizes and offsets go to the device from pinned memory, queued)."""
     from conftest import CudaSyncs
     from copa_fast.episodes import sample_episodes, synthetic_features
 
@@ -286,6 +286,10 @@ def test_adapt_many_on_a_gpu_synchronises_twice(backend):
         got = copa_fast.adapt_many(eps, steps=3, backend=backend, group_size=3)   # three groups
     assert syncs.count == 2, syncs.messages
     assert got[3].query_accuracy is None and all(len(r.losses) == 3 for r in got)
+    with CudaSyncs() as syncs:   # one episode by adapt: its checks, then its results
+        one = copa_fast.adapt(eps[0].support, eps[0].support_labels, eps[0].query, eps[0].query_labels, steps=3,
+                              backend=backend)
+    assert syncs.count == 2 and one.query_accuracy is not None, syncs.messages
 
 
 @needs_triton
