@@ -223,12 +223,26 @@ def _values_by_ops(yd: torch.Tensor, k: int, tau_t, tensors: list):
     return lo_v, hi_v, present_v, rest
 
 
+def finite_flags(tensors: list, *, multi_tensor: bool) -> torch.Tensor:
+    """Boolean flags, all True iff every entry of ``tensors`` (one dtype, non-empty) is finite.
+    ``multi_tensor`` (for CUDA): two foreach norms, a few multi-tensor launches for the lot instead
+    of a reduction a tensor — an Inf entry makes the max-norm Inf (a max never overflows); a NaN entry
+    makes the 2-norm NaN (a sum of squares propagates NaN in any order and is never NaN otherwise:
+    finite squares that overflow give +Inf, allowed here), whether or not the max-norm's reduction,
+    made of comparisons, keeps the NaN. Else one aminmax a tensor (finite iff its min and max are),
+    which on a CPU, with no launch to save, is ~13x faster than the max-norm."""
+    if multi_tensor:
+        return torch.cat([torch.stack(torch._foreach_norm(tensors, math.inf)).isfinite(),
+                          ~torch.stack(torch._foreach_norm(tensors, 2)).isnan()])
+    return torch.stack([m for t in tensors for m in torch.aminmax(t)]).isfinite()
+
+
 def episodes_values(items: list) -> list[int] | None:
     """Each episode's C (its largest support label + 1) when, in every (support, support_labels,
     query or None, query_labels or None) of ``items`` (one device; types, shapes and devices
     checked): the support labels are 0..C-1 with every class present, the features are finite and
     the query labels lie in 0..C-1; else None. Formed on the device for all the episodes together —
-    a few operators over the concatenated labels, two foreach norms a feature dtype — and read back in
+    a few operators over the concatenated labels, the features' finiteness (``finite_flags``) — and read back in
     ONE transfer, after one copy of the episodes' sizes to the device: checked one by one, each
     episode took ~35 operators and 9 reads (5,400 synchronisations for 600 episodes on a GPU)."""
     dev = items[0][0].device
@@ -256,17 +270,12 @@ def episodes_values(items: list) -> list[int] | None:
         qy = torch.cat([items[k][3] for k in with_q]).long()
         qep = torch.repeat_interleave(qk_t, qn_t, output_size=qy.shape[0])
         ok += [(qy.min() >= 0).reshape(1), qy <= hi.index_select(0, qep)]
-    # finite features, two foreach norms a dtype (a few multi-tensor launches on CUDA, not a
-    # reduction a tensor): an Inf entry makes the max-norm Inf (a max never overflows), a NaN entry
-    # makes the 2-norm NaN (a sum of squares propagates NaN in any order, and is never NaN
-    # otherwise: finite squares that overflow give +Inf, which is allowed here)
     by_dtype: dict = {}
     for p in items:
         for t in (p[0], p[2]):
-            if t is not None:
+            if t is not None and t.numel():
                 by_dtype.setdefault(t.dtype, []).append(t.detach())
-    for v in by_dtype.values():
-        ok += [torch.stack(torch._foreach_norm(v, math.inf)).isfinite(), ~torch.stack(torch._foreach_norm(v, 2)).isnan()]
+    ok += [finite_flags(v, multi_tensor=dev.type == "cuda") for v in by_dtype.values()]
     out = torch.cat([hi.double(), torch.cat(ok).all().double().reshape(1)]).tolist()
     return [int(h) + 1 for h in out[:-1]] if out[-1] == 1.0 else None
 

@@ -224,8 +224,14 @@ def test_adapt_many_batched_reads_once_and_launches_per_group(monkeypatch):
     and ONE for the results (losses and query counts of every group), no item / nonzero; its
     computing operators do not grow with the number of episodes in a group (only views and the
     results' allocations do: the padding, the finiteness check and the results' copies are one
-    multi-tensor call each); each result owns its storage (not a view of the group's stack)."""
+    multi-tensor call each — the finiteness check in its CUDA form, which a CPU trades for one
+    aminmax a tensor); each result owns its storage (not a view of the group's stack)."""
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    from copa_fast import _validate as V
+
+    real = V.finite_flags
+    monkeypatch.setattr(V, "finite_flags", lambda tensors, **_: real(tensors, multi_tensor=True))
 
     def episodes(count):
         eps = []

@@ -334,14 +334,19 @@ def test_one_read_checks_leave_a_tensor_on_another_device_to_the_detailed_ones()
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("multi_tensor", [True, False], ids=["foreach-norms", "aminmax"])
 @pytest.mark.parametrize("dtype,magnitude", [(torch.float32, 1e30), (torch.float16, 6e4), (torch.bfloat16, 1e38),
                                              (torch.float64, 1e300)], ids=str)
-def test_episode_checks_take_extreme_finite_features_in_their_one_read(device, dtype, magnitude):
+def test_episode_checks_take_extreme_finite_features_in_their_one_read(monkeypatch, device, multi_tensor, dtype,
+                                                                       magnitude):
     """adapt_many's one-read episode checks (``episodes_values``) pass finite features of any
     magnitude (here their 2-norms overflow) and refuse a NaN or an Inf anywhere, in support or
-    query, alone or together."""
+    query, alone or together — in both forms of the finiteness check (CUDA's foreach norms, run
+    on every device here, and the per-tensor aminmax)."""
     from copa_fast import _validate as V
 
+    real = V.finite_flags
+    monkeypatch.setattr(V, "finite_flags", lambda tensors, **_: real(tensors, multi_tensor=multi_tensor))
     g = torch.Generator().manual_seed(11)
     big = (torch.randn(40, 8, generator=g, dtype=torch.float64) * magnitude).clamp(-torch.finfo(dtype).max,
                                                                                 torch.finfo(dtype).max)
