@@ -230,8 +230,8 @@ def test_adapt_many_batched_reads_once_and_launches_per_group(monkeypatch):
 
     from copa_fast import _validate as V
 
-    real = V.finite_flags
-    monkeypatch.setattr(V, "finite_flags", lambda tensors, **_: real(tensors, multi_tensor=True))
+    flags = V.finite_flags
+    monkeypatch.setattr(V, "finite_flags", lambda tensors, **_: flags(tensors, multi_tensor=True))
 
     def episodes(count):
         eps = []
