@@ -242,9 +242,10 @@ def episodes_values(items: list) -> list[int] | None:
     query or None, query_labels or None) of ``items`` (one device; types, shapes and devices
     checked): the support labels are 0..C-1 with every class present, the features are finite and
     the query labels lie in 0..C-1; else None. Formed on the device for all the episodes together —
-    a few operators over the concatenated labels, the features' finiteness (``finite_flags``) — and read back in
-    ONE transfer, after one copy of the episodes' sizes to the device: checked one by one, each
-    episode took ~35 operators and 9 reads (5,400 synchronisations for 600 episodes on a GPU)."""
+    a few operators over the concatenated labels, the features' finiteness (``finite_flags``) —
+    and read back in ONE transfer, after one copy of the episodes' sizes to the device: checked one
+    by one, each episode took ~35 operators and 9 reads (5,400 synchronisations for 600 episodes on
+    a GPU)."""
     dev = items[0][0].device
     e = len(items)
     ns = [p[1].shape[0] for p in items]
