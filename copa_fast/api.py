@@ -543,9 +543,9 @@ def _adapt_one(support, support_labels, query, query_labels, c: int, *, steps: i
             pred = reference.adapted_scores(query, w_img, adapted).argmax(dim=1)
             read.append(pred.eq(query_labels).sum().double().reshape(1))
         values = torch.cat(read).tolist() if read else []   # one read-back (one synchronisation on a GPU)
-    acc = None   # as reference.fraction_correct: a ratio of counts, NaN for an empty query set
+    acc = None
     if query is not None and query_labels is not None:
-        acc = int(values.pop()) / query_labels.numel() if query_labels.numel() else float("nan")
+        acc = reference.count_ratio(values.pop(), query_labels.numel())
     return AdaptResult(w_img.detach(), w_proto.detach(), values, acc, adapted)
 
 
@@ -676,9 +676,9 @@ def _adapt_checked(items: list, classes: list, *, steps: int, lr: float, weight_
         at += len(run.with_query)
         for j, k in enumerate(group):
             query, query_labels = items[k][2], items[k][3]
-            acc = None   # as reference.fraction_correct: a ratio of counts, NaN for an empty query set
+            acc = None   # an empty query set has no hits read: NaN
             if query is not None:
-                acc = int(hits[j]) / query_labels.numel() if j in hits else float("nan")
+                acc = reference.count_ratio(hits.get(j, 0), query_labels.numel())
             out[k] = AdaptResult(run.w_img[j], run.w_proto[j], loss_rows[j], acc, run.prototypes[j])
     return out
 

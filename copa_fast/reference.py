@@ -95,8 +95,13 @@ def fraction_correct(pred: torch.Tensor, labels: torch.Tensor) -> float:
     """Share of ``pred`` equal to ``labels`` as the ratio of two integers, so that every device
     gives the same float (a float32 mean on a GPU can differ in the last bit: 14/15 once read
     0.93333340 there and 0.93333334 on the CPU). NaN when there are no labels."""
-    n = labels.numel()
-    return int(pred.eq(labels).sum()) / n if n else float("nan")
+    return count_ratio(pred.eq(labels).sum(), labels.numel())
+
+
+def count_ratio(hits, n: int) -> float:
+    """``hits`` (an int, or a number or tensor holding one) out of ``n``, as ``fraction_correct``
+    forms it: the ratio of two integers; NaN for n = 0 (``hits`` is then not read)."""
+    return int(hits) / n if n else float("nan")
 
 
 def cosine_scores(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
