@@ -90,6 +90,24 @@ def backend_device_pairs():
     return out
 
 
+def count_tolist_reads(monkeypatch) -> list:
+    """From here on in the test, the size of each tensor read back with ``tolist`` (one device read
+    each: one synchronisation on a GPU), in order."""
+    reads: list = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self.numel()) or real(self))
+    return reads
+
+
+def finiteness_check_form(monkeypatch, *, multi_tensor: bool) -> None:
+    """Makes the episode checks' finiteness (``_validate.finite_flags``) take one form on every
+    device: CUDA's foreach norms (True) or one aminmax a tensor (False)."""
+    from copa_fast import _validate as V
+
+    real = V.finite_flags
+    monkeypatch.setattr(V, "finite_flags", lambda tensors, **_: real(tensors, multi_tensor=multi_tensor))
+
+
 class CudaSyncs:
     """Counts the host synchronisations with the GPU (a blocking copy either way, item, nonzero,
     a stream synchronise) that torch's sync debug mode reports inside the ``with`` block."""

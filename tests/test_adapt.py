@@ -8,7 +8,7 @@ import torch
 
 import copa_fast
 from copa_fast import reference as ref
-from conftest import KERNEL_BACKENDS, device_for, make_episode, rel_err
+from conftest import KERNEL_BACKENDS, count_tolist_reads, device_for, make_episode, rel_err
 
 CPU_KERNELS = [b for b in KERNEL_BACKENDS if b in ("cpu", "triton")]
 
@@ -361,9 +361,7 @@ def test_adapt_reads_the_device_twice(monkeypatch, backend):
     of counts."""
     device = device_for(backend)
     xs, ys, xq, yq = (t.to(device) for t in _split(60, 20, 4, 16, seed=8))
-    reads = []
-    real = torch.Tensor.tolist
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self.numel()) or real(self))
+    reads = count_tolist_reads(monkeypatch)
     got = copa_fast.adapt(xs, ys, xq, yq, steps=3, backend=backend)
     assert reads == [2, 3 + 1], reads
     pred = ref.adapted_scores(xq, got.w_img, got.prototypes).argmax(1)

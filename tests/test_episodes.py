@@ -9,7 +9,8 @@ import torch
 
 import copa_fast
 from copa_fast import reference as ref
-from conftest import TOL, assert_rel, device_for, make_episode, rel_err
+from conftest import (TOL, assert_rel, count_tolist_reads, device_for, finiteness_check_form, make_episode,
+                      rel_err)
 
 AVAILABLE = copa_fast.available_backends()
 HAS_TRITON = "triton" in AVAILABLE
@@ -228,10 +229,7 @@ def test_adapt_many_batched_reads_once_and_launches_per_group(monkeypatch):
     aminmax a tensor); each result owns its storage (not a view of the group's stack)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from copa_fast import _validate as V
-
-    flags = V.finite_flags
-    monkeypatch.setattr(V, "finite_flags", lambda tensors, **_: flags(tensors, multi_tensor=True))
+    finiteness_check_form(monkeypatch, multi_tensor=True)
 
     def episodes(count):
         eps = []
@@ -261,9 +259,7 @@ def test_adapt_many_batched_reads_once_and_launches_per_group(monkeypatch):
         counts[count] = sorted(op for op in mode.ops if op not in free)
         assert not {"item", "_local_scalar_dense", "nonzero"} & set(mode.ops)
     assert counts[3] == counts[6]
-    reads = []
-    real = torch.Tensor.tolist
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self.numel()) or real(self))
+    reads = count_tolist_reads(monkeypatch)
     eps = episodes(7)
     got = copa_fast.adapt_many(eps, steps=3, backend="triton", group_size=2)   # four groups
     assert len(reads) == 2, reads

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import copa_fast
-from conftest import DEVICES, assert_rel, backend_device_pairs, empty_class_problem, make_episode
+from conftest import (DEVICES, assert_rel, backend_device_pairs, count_tolist_reads, empty_class_problem,
+                      finiteness_check_form, make_episode)
 
 PAIRS = backend_device_pairs()
 
@@ -265,9 +266,7 @@ def test_value_checks_read_the_device_once(monkeypatch, one_op):
         pytest.skip("needs the C++ extension")
     if not one_op:
         monkeypatch.setattr(copa_fast._extension, "value_summary_on", lambda device_type: False)
-    reads = []
-    real = torch.Tensor.tolist
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self.numel()) or real(self))
+    reads = count_tolist_reads(monkeypatch)
     x, p, y = _good()
     tau = torch.tensor(2.0)
     calls = [lambda: copa_fast.symmetric_ce(x, p, y, tau, backend="reference"),
@@ -345,8 +344,7 @@ def test_episode_checks_take_extreme_finite_features_in_their_one_read(monkeypat
     on every device here, and the per-tensor aminmax)."""
     from copa_fast import _validate as V
 
-    real = V.finite_flags
-    monkeypatch.setattr(V, "finite_flags", lambda tensors, **_: real(tensors, multi_tensor=multi_tensor))
+    finiteness_check_form(monkeypatch, multi_tensor=multi_tensor)
     g = torch.Generator().manual_seed(11)
     big = (torch.randn(40, 8, generator=g, dtype=torch.float64) * magnitude).clamp(-torch.finfo(dtype).max,
                                                                                 torch.finfo(dtype).max)
